@@ -1,0 +1,71 @@
+"""flo_coord: keep streaming LLM answers alive across backend failures and worker crashes.
+
+Every in-flight request's state lives in Redis, so any worker replica can take a
+request over and finish it from the exact prefix already generated, exactly once.
+"""
+
+from flo_coord.core import AppendAck
+from flo_coord.errors import (
+    ConfigError,
+    ContentPolicyError,
+    CoordinatorUnavailableError,
+    CorruptStateError,
+    FloCoordError,
+    GenerationError,
+    LeaseLostError,
+    RequestFailedError,
+    ValidationError,
+)
+from flo_coord.manager import AsyncFailoverManager, FailoverManager
+from flo_coord.models import (
+    ChatMessage,
+    FailoverAttempt,
+    FailoverConfig,
+    FailoverRequest,
+    FailoverResult,
+    FailoverStats,
+    PrivacyTier,
+    RequestOutcome,
+    ServingBackend,
+    StreamingContext,
+    StreamState,
+    Takeover,
+)
+from flo_coord.ownership import AsyncReaper, HeartbeatTask, HeartbeatThread, Reaper
+from flo_coord.retry import RetryPolicy
+from flo_coord.validation import Limits
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AppendAck",
+    "AsyncFailoverManager",
+    "AsyncReaper",
+    "ChatMessage",
+    "ConfigError",
+    "ContentPolicyError",
+    "CoordinatorUnavailableError",
+    "CorruptStateError",
+    "FailoverAttempt",
+    "FailoverConfig",
+    "FailoverManager",
+    "FailoverRequest",
+    "FailoverResult",
+    "FailoverStats",
+    "FloCoordError",
+    "GenerationError",
+    "HeartbeatTask",
+    "HeartbeatThread",
+    "LeaseLostError",
+    "Limits",
+    "PrivacyTier",
+    "Reaper",
+    "RequestFailedError",
+    "RequestOutcome",
+    "RetryPolicy",
+    "ServingBackend",
+    "StreamState",
+    "StreamingContext",
+    "Takeover",
+    "ValidationError",
+]

@@ -1,0 +1,549 @@
+"""The sans-I/O core of the failover protocol.
+
+Every operation is a generator: it validates its input eagerly (so bad input raises
+before any I/O), then yields batches of Redis calls and receives their replies. The
+sync and async shells (``flo_coord.shell``) only execute batches, so the logic exists
+once. A batch is sent as one pipeline: one round trip on a single Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+
+from flo_coord import defaults, validation
+from flo_coord.codec import (
+    attempt_result_counts,
+    decode_context,
+    decode_history,
+    decode_outcome,
+    encode_history,
+    encode_messages,
+    pairs,
+    text,
+)
+from flo_coord.errors import CorruptStateError, LeaseLostError, ValidationError
+from flo_coord.keys import Keys, RequestKeys
+from flo_coord.models import (
+    ChatMessage,
+    FailoverAttempt,
+    FailoverConfig,
+    FailoverRequest,
+    FailoverStats,
+    HistoryEntry,
+    RequestOutcome,
+    ServingBackend,
+    StreamingContext,
+    StreamState,
+    Takeover,
+    count_tokens,
+)
+from flo_coord.scripts import (
+    APPEND,
+    CLAIM,
+    FINISH,
+    FOLLOW_READ,
+    HEARTBEAT,
+    INDEX_TOUCH,
+    LEASE_STATUS,
+    ORPHAN_CANDIDATES,
+    READ,
+    START,
+    UPDATE,
+    Script,
+)
+
+T = TypeVar("T")
+
+# ------------------------------------------------------------------------ calls
+
+
+@dataclass(frozen=True, slots=True)
+class Eval:
+    """Run a registered script by SHA (the shell loads it on NOSCRIPT)."""
+
+    script: Script
+    keys: tuple[str, ...]
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Cmd:
+    """A plain Redis command."""
+
+    args: tuple[Any, ...]
+
+
+Call = Eval | Cmd
+#: An operation yields batches of calls and gets back one reply per call; a reply that
+#: is an error arrives as the exception instance (check it with ``ok``).
+Operation = Generator[list[Call], list[Any], T]
+
+
+class AppendAck(msgspec.Struct, frozen=True):
+    """Redis acknowledged an append: the text up to ``length`` bytes is committed."""
+
+    applied: bool  #: False when ``seq`` was already applied (a retried append)
+    seq: int
+    length: int
+    token_count: int
+
+
+@dataclass(slots=True)
+class Holding:
+    """What this worker holds of one request: its fencing epoch and next append seq."""
+
+    epoch: int
+    next_seq: int = 1
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def ok(reply: Any, request_id: str | None = None) -> Any:
+    """Raise the error a reply carries (foreign data becomes CorruptStateError)."""
+    if isinstance(reply, BaseException):
+        message = str(reply)
+        if request_id is not None and ("FLOCORRUPT" in message or "WRONGTYPE" in message):
+            raise CorruptStateError(request_id, message.split("script:")[0].strip()) from None
+        raise reply
+    return reply
+
+
+def _status(reply: Any, request_id: str) -> tuple[str, list[Any]]:
+    reply = ok(reply, request_id)
+    if not isinstance(reply, list) or not reply:
+        raise CorruptStateError(request_id, f"unexpected script reply {reply!r:.80}")
+    return text(reply[0]), reply
+
+
+class FailoverCore:
+    """Protocol state and operations of one worker in one namespace (no I/O)."""
+
+    def __init__(
+        self,
+        config: FailoverConfig | None,
+        *,
+        namespace: str,
+        worker_id: str | None,
+        lease_ttl: float,
+        max_age: float = defaults.MAX_AGE,
+        retention: float = defaults.RETENTION,
+        limits: validation.Limits | None = None,
+    ) -> None:
+        if config is not None and not isinstance(config, FailoverConfig):
+            raise ValidationError(f"config must be a FailoverConfig, got {type(config).__name__}")
+        self.config = config or FailoverConfig()
+        self.limits = limits or validation.Limits()
+        self.keys = Keys(validation.namespace(namespace))
+        self.worker_id = validation.worker_id(worker_id if worker_id is not None else default_worker_id(), self.limits)
+        self.lease_ttl = validation.positive_seconds("lease_ttl", lease_ttl)
+        self.max_age = validation.positive_seconds("max_age", max_age)
+        self.retention = validation.positive_seconds("retention", retention)
+        self._held: dict[str, Holding] = {}
+        self._held_lock = threading.Lock()
+
+    # ------------------------------------------------------------ ownership table
+
+    def holding(self, request_id: str) -> Holding | None:
+        return self._held.get(request_id)
+
+    def held_ids(self) -> list[str]:
+        with self._held_lock:
+            return list(self._held)
+
+    def _hold(self, request_id: str, epoch: int, last_seq: int) -> None:
+        with self._held_lock:
+            self._held[request_id] = Holding(epoch=epoch, next_seq=last_seq + 1)
+
+    def _drop(self, request_id: str, epoch: int | None = None) -> None:
+        with self._held_lock:
+            held = self._held.get(request_id)
+            if held is not None and (epoch is None or held.epoch == epoch):
+                del self._held[request_id]
+
+    def _lost(self, request_id: str, held_epoch: int, reply: list[Any]) -> LeaseLostError:
+        self._drop(request_id, held_epoch)
+        if text(reply[0]) == "GONE":
+            return LeaseLostError(request_id, held_epoch=held_epoch)
+        return LeaseLostError(
+            request_id,
+            held_epoch=held_epoch,
+            current_owner=text(reply[1]) or None,
+            current_epoch=int(reply[2]),
+            completed=len(reply) > 3 and int(reply[3]) == 1,
+        )
+
+    def _ms(self, seconds: float) -> int:
+        return max(1, int(seconds * 1000))
+
+    def _rid(self, request_id: Any) -> tuple[str, RequestKeys]:
+        rid = validation.request_id(request_id, self.limits)
+        return rid, self.keys.request(rid)
+
+    def _fenced(self, script: Script, rk: RequestKeys, rid: str, *args: Any) -> tuple[Eval, int]:
+        held = self._held.get(rid)
+        epoch = held.epoch if held else 0  # epoch 0 never matches: a non-holder is fenced out
+        return Eval(script, astuple(rk), (self.worker_id, epoch, *args)), epoch
+
+    # ------------------------------------------------------------------ tracking
+
+    def start_tracking(
+        self,
+        request_id: Any,
+        prompt: Any,
+        backend: ServingBackend | str | None = None,
+        *,
+        messages: Any = None,
+        max_tokens: int | None = None,
+    ) -> Operation[StreamingContext]:
+        rid, rk = self._rid(request_id)
+        msgs = validation.messages(messages, self.limits) if messages is not None else None
+        if msgs is not None and prompt is None:
+            prompt = render_messages(msgs)
+        prompt = validation.prompt(prompt, self.limits)
+        primary = self._backend_name(backend)
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValidationError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        return self._start(rid, rk, prompt, primary, msgs, max_tokens)
+
+    def _backend_name(self, backend: ServingBackend | str | None) -> str:
+        if backend is None:
+            return self.config.fallback_order[0].value
+        if isinstance(backend, ServingBackend):
+            return backend.value
+        if isinstance(backend, str):
+            return ServingBackend.parse(backend).value
+        raise ValidationError(f"backend must be a ServingBackend, got {type(backend).__name__}")
+
+    def _start(
+        self, rid: str, rk: RequestKeys, prompt: str, primary: str, msgs: list[ChatMessage] | None, max_tokens: int | None
+    ) -> Operation[StreamingContext]:
+        ttl = self._ms(self.lease_ttl)
+        args = (rid, prompt, primary, self.worker_id, ttl, self._ms(self.max_age), encode_messages(msgs), max_tokens or "")
+        # The index hint goes first: a live request is never missing from the index.
+        replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid)), Eval(START, astuple(rk), args)]
+        ok(replies[0])
+        _, reply = _status(replies[1], rid)
+        epoch, lease, now = int(reply[1]), int(reply[2]), int(reply[3])
+        self._hold(rid, epoch, 0)
+        return StreamingContext(
+            prompt=prompt,
+            request_id=rid,
+            primary_backend=primary,
+            messages=msgs,
+            max_tokens=max_tokens,
+            owner=self.worker_id,
+            epoch=epoch,
+            lease_deadline=lease / 1000,
+            created_at=now / 1000,
+        )
+
+    def append_tokens(self, request_id: Any, tokens: Any, *, seq: Any = None) -> Operation[AppendAck | None]:
+        rid, rk = self._rid(request_id)
+        chunk = validation.chunk(tokens, self.limits)
+        return self._append(rid, rk, [chunk], validation.seq(seq))
+
+    def append_many(self, request_id: str, chunks: list[str]) -> Operation[AppendAck | None]:
+        """Commit several already-validated chunks as one append (the batcher's path)."""
+        rid, rk = self._rid(request_id)
+        return self._append(rid, rk, chunks, None)
+
+    def _append(self, rid: str, rk: RequestKeys, chunks: list[str], seq: int | None) -> Operation[AppendAck | None]:
+        held = self._held.get(rid)
+        number = seq if seq is not None else (held.next_seq if held else 1)
+        tokens = sum(count_tokens(c) for c in chunks)
+        call, epoch = self._fenced(APPEND, rk, rid, number, "".join(chunks), tokens)
+        (reply,) = yield [call]
+        status, reply = _status(reply, rid)
+        if status in ("OK", "DUP"):
+            if held is not None:
+                held.next_seq = max(held.next_seq, number + 1, int(reply[1]) + 1)
+            return AppendAck(applied=status == "OK", seq=number, length=int(reply[2]), token_count=int(reply[3]))
+        if status == "GONE" and held is None:
+            return None  # the original: appending to an unknown request is a no-op
+        raise self._lost(rid, epoch, reply)
+
+    def update_state(self, request_id: Any, state: StreamState) -> Operation[None]:
+        rid, rk = self._rid(request_id)
+        if not isinstance(state, StreamState):
+            raise ValidationError(f"state must be a StreamState, got {type(state).__name__}")
+        return self._update(rid, rk, "state", state.name, "state_reason", state.message or "")
+
+    def mark_backend_failed(self, request_id: Any, backend: ServingBackend | str) -> Operation[None]:
+        rid, rk = self._rid(request_id)
+        return self._update(rid, rk, "+failed", self._backend_name(backend))
+
+    def set_current_backend(self, request_id: Any, backend: ServingBackend | str) -> Operation[None]:
+        rid, rk = self._rid(request_id)
+        return self._update(rid, rk, "current_backend", self._backend_name(backend))
+
+    def _update(self, rid: str, rk: RequestKeys, *pairs_: str) -> Operation[None]:
+        call, epoch = self._fenced(UPDATE, rk, rid, *pairs_)
+        (reply,) = yield [call]
+        status, reply = _status(reply, rid)
+        if status != "OK":
+            raise self._lost(rid, epoch, reply)
+
+    def complete(
+        self, request_id: Any, *, backend: str | None = None, model: str | None = None
+    ) -> Operation[bool]:
+        rid, rk = self._rid(request_id)
+        return self._finish(rid, rk, "Completed", "", "", backend or "", model or "")
+
+    def fail(self, request_id: Any, reason: Any, *, kind: str = "GenerationError") -> Operation[bool]:
+        rid, rk = self._rid(request_id)
+        reason = validation.text("reason", reason, self.limits.max_chunk_bytes)
+        return self._finish(rid, rk, "Failed", reason, kind, "", "")
+
+    def _finish(self, rid: str, rk: RequestKeys, state: str, *args: str) -> Operation[bool]:
+        call, epoch = self._fenced(FINISH, rk, rid, state, *args[:4], self._ms(self.retention))
+        replies = yield [call, Cmd(("ZREM", self.keys.active, rid))]
+        status, reply = _status(replies[0], rid)
+        ok(replies[1])
+        if status == "OK":
+            self._drop(rid, epoch)
+            return True
+        if status == "GONE" and epoch == 0:
+            return False  # the original: completing an unknown request is a no-op
+        raise self._lost(rid, epoch, reply)
+
+    def release(self, request_id: Any) -> Operation[None]:
+        """Hand a request back: its lease ends now, so another worker claims it at once."""
+        rid, rk = self._rid(request_id)
+        yield from self._update(rid, rk, "lease", "0")
+        replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (0, "add", rid))]
+        ok(replies[0])
+        self._drop(rid)
+
+    # ------------------------------------------------------------------- reading
+
+    def get_context(self, request_id: Any) -> Operation[StreamingContext | None]:
+        rid, rk = self._rid(request_id)
+        return self._read(rid, rk)
+
+    def _read(self, rid: str, rk: RequestKeys) -> Operation[StreamingContext | None]:
+        (reply,) = yield [Eval(READ, astuple(rk), ())]
+        status, reply = _status(reply, rid)
+        if status == "GONE":
+            return None
+        return decode_context(rid, reply[2], reply[3])
+
+    def outcome(self, request_id: Any) -> Operation[RequestOutcome | None]:
+        rid, rk = self._rid(request_id)
+        (reply,) = yield [Cmd(("HGETALL", rk.result))]
+        return decode_outcome(rid, ok(reply, rid))
+
+    def should_failover(self, request_id: Any) -> Operation[bool]:
+        ctx = yield from self.get_context(request_id)
+        return ctx is not None and ctx.worth_recovering(self.config.min_tokens_for_recovery)
+
+    def next_backend(self, failed_backend: ServingBackend) -> ServingBackend | None:
+        """The original single step: the first backend in the fallback order that is not ``failed_backend``."""
+        if not isinstance(failed_backend, ServingBackend):
+            failed_backend = ServingBackend.parse(failed_backend)
+        return next((b for b in self.config.fallback_order if b != failed_backend), None)
+
+    def next_backend_for_context(self, ctx: StreamingContext) -> ServingBackend | None:
+        failed = set(ctx.failed_backends)
+        return next((b for b in self.config.fallback_order if b.value not in failed), None)
+
+    def next_backend_for(self, request_id: Any) -> Operation[ServingBackend | None]:
+        """The first backend in the fallback order that has not failed for this request."""
+        ctx = yield from self.get_context(request_id)
+        return None if ctx is None else self.next_backend_for_context(ctx)
+
+    def prepare_failover(self, request_id: Any) -> Operation[FailoverRequest | None]:
+        ctx = yield from self.get_context(request_id)
+        if ctx is None:
+            return None
+        return FailoverRequest(
+            request_id=ctx.request_id,
+            prompt=ctx.continuation_prompt() if self.config.include_prefix else ctx.prompt,
+            generated_prefix=ctx.generated_prefix,
+            token_count=ctx.token_count,
+            messages=ctx.messages,
+            next_backend=self.next_backend_for_context(ctx),
+        )
+
+    # ------------------------------------------------------------------- history
+
+    def record_attempt(self, attempt: FailoverAttempt) -> Operation[None]:
+        if not isinstance(attempt, FailoverAttempt):
+            raise ValidationError(f"attempt must be a FailoverAttempt, got {type(attempt).__name__}")
+        if attempt.request_id is not None:
+            validation.request_id(attempt.request_id, self.limits)
+        if attempt.worker_id is None:
+            attempt = msgspec.structs.replace(attempt, worker_id=self.worker_id)
+        return self._record(attempt)
+
+    def _record(self, attempt: FailoverAttempt) -> Operation[None]:
+        (reply,) = yield [self._history_add(attempt)]
+        ok(reply)
+        rid = attempt.request_id
+        if rid is not None and attempt.result is not None and attempt.result.is_failure() and rid in self._held:
+            yield from self._update(rid, self.keys.request(rid), "+failed", attempt.backend.value)
+
+    def _history_add(self, entry: HistoryEntry) -> Cmd:
+        return Cmd(("XADD", self.keys.history, "MAXLEN", defaults.HISTORY_MAXLEN, "*", "e", encode_history(entry)))
+
+    def history(self, count: int = defaults.HISTORY_MAXLEN) -> Operation[list[HistoryEntry]]:
+        count = validation.limit(count)
+        return self._history(count)
+
+    def _history(self, count: int) -> Operation[list[HistoryEntry]]:
+        (reply,) = yield [Cmd(("XREVRANGE", self.keys.history, "+", "-", "COUNT", count))]
+        entries = [decode_history(pairs(fields).get("e", "")) for _, fields in reversed(ok(reply))]
+        return [e for e in entries if e is not None]
+
+    def stats(self) -> Operation[FailoverStats]:
+        history_cmd = Cmd(("XRANGE", self.keys.history, "-", "+", "COUNT", defaults.HISTORY_MAXLEN))
+        replies = yield [history_cmd, Cmd(("ZCARD", self.keys.active))]
+        entries = [decode_history(pairs(fields).get("e", "")) for _, fields in ok(replies[0])]
+        attempts, successes, timeouts, takeovers = attempt_result_counts([e for e in entries if e is not None])
+        return FailoverStats(
+            total_attempts=attempts,
+            successful=successes,
+            timeouts=timeouts,
+            active_contexts=int(ok(replies[1])),
+            takeovers=takeovers,
+        )
+
+    # ---------------------------------------------------------------- ownership
+
+    def heartbeat(self) -> Operation[int]:
+        """Renew every lease this worker holds; returns how many were renewed."""
+        held = [(rid, h.epoch) for rid, h in list(self._held.items())]
+        if not held:
+            return 0
+        ttl = self._ms(self.lease_ttl)
+        calls: list[Call] = [
+            Eval(HEARTBEAT, astuple(self.keys.request(rid)), (self.worker_id, epoch, ttl)) for rid, epoch in held
+        ]
+        replies = yield calls
+        renewed = []
+        for (rid, epoch), reply in zip(held, replies, strict=True):
+            try:
+                status, _ = _status(reply, rid)
+            except CorruptStateError:
+                status = "CORRUPT"
+            if status == "OK":
+                renewed.append(rid)
+            else:
+                self._drop(rid, epoch)
+        if renewed:
+            (touched,) = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", *renewed))]
+            ok(touched)
+        return len(renewed)
+
+    def orphans(self, limit: int = 100) -> Operation[list[str]]:
+        """Requests whose lease expired. Cost grows with expired leases, not active ones."""
+        return self._orphans(validation.limit(limit))
+
+    def _orphans(self, limit: int) -> Operation[list[str]]:
+        (reply,) = yield [Eval(ORPHAN_CANDIDATES, (self.keys.active,), (limit,))]
+        candidates = [text(c) for c in ok(reply)[1]]
+        if not candidates:
+            return []
+        # The index is a hint: confirm each candidate in its own hash.
+        replies = yield [Eval(LEASE_STATUS, astuple(self.keys.request(c)), ()) for c in candidates]
+        orphans, gone, rescore = [], [], []
+        for rid, status_reply in zip(candidates, replies, strict=True):
+            try:
+                status, r = _status(status_reply, rid)
+            except CorruptStateError:
+                continue  # a corrupt request is reported by its own calls, not here
+            if status == "GONE":
+                gone.append(rid)
+            elif int(r[2]) > int(r[1]):
+                rescore.extend((int(r[2]), rid))
+            else:
+                orphans.append(rid)
+        fixes: list[Call] = []
+        if gone:
+            fixes.append(Cmd(("ZREM", self.keys.active, *gone)))
+        if rescore:
+            fixes.append(Cmd(("ZADD", self.keys.active, "XX", *rescore)))
+        if fixes:
+            for r in (yield fixes):
+                ok(r)
+        return orphans
+
+    def claim(self, request_id: Any) -> Operation[StreamingContext | None]:
+        rid, rk = self._rid(request_id)
+        return self._claim(rid, rk, uuid.uuid4().hex)
+
+    def _claim(self, rid: str, rk: RequestKeys, nonce: str) -> Operation[StreamingContext | None]:
+        ttl = self._ms(self.lease_ttl)
+        (reply,) = yield [Eval(CLAIM, astuple(rk), (self.worker_id, ttl, nonce, self._ms(self.max_age)))]
+        status, reply = _status(reply, rid)
+        if status != "OK":
+            if status == "GONE":
+                yield [Cmd(("ZREM", self.keys.active, rid))]
+            return None
+        ctx = decode_context(rid, reply[3], reply[4])
+        self._hold(rid, ctx.epoch, ctx.last_seq)
+        takeover = Takeover(
+            request_id=rid,
+            old_owner=text(reply[1]) or None,
+            new_owner=self.worker_id,
+            epoch=ctx.epoch,
+            at=int(reply[2]) / 1000,
+            prefix_chars=len(ctx.generated_prefix),
+        )
+        replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid)), self._history_add(takeover)]
+        for r in replies:
+            ok(r)
+        return ctx
+
+    def claim_orphans(self, limit: int = 100) -> Operation[list[StreamingContext]]:
+        return self._claim_orphans(validation.limit(limit))
+
+    def _claim_orphans(self, limit: int) -> Operation[list[StreamingContext]]:
+        won = []
+        for rid in (yield from self._orphans(limit)):
+            ctx = yield from self._claim(rid, self.keys.request(rid), uuid.uuid4().hex)
+            if ctx is not None:
+                won.append(ctx)
+        return won
+
+    def active_requests(self, limit: int = 1000) -> Operation[list[tuple[str, float]]]:
+        """(request id, indexed lease deadline) of active requests, for ``top``."""
+        limit = validation.limit(limit)
+        (reply,) = yield [Cmd(("ZRANGE", self.keys.active, 0, limit - 1, "WITHSCORES"))]
+        flat = ok(reply)
+        if flat and isinstance(flat[0], list | tuple):  # RESP3 pairs
+            return [(text(r), float(s) / 1000) for r, s in flat]
+        return [(text(flat[i]), float(flat[i + 1]) / 1000) for i in range(0, len(flat), 2)]
+
+    # ------------------------------------------------------------------ delivery
+
+    def follow_read(self, request_id: str, from_byte: int) -> Operation[tuple[str, bytes, RequestOutcome | None] | None]:
+        """(feed id to block on, committed bytes from ``from_byte``, outcome if finished)."""
+        rid, rk = self._rid(request_id)
+        (reply,) = yield [Eval(FOLLOW_READ, astuple(rk), (from_byte, self._ms(defaults.FEED_TTL)))]
+        status, reply = _status(reply, rid)
+        if status == "GONE":
+            return None
+        chunk = reply[2] if isinstance(reply[2], bytes) else text(reply[2]).encode()
+        return text(reply[1]), chunk, decode_outcome(rid, reply[3])
+
+
+def astuple(rk: RequestKeys) -> tuple[str, str, str, str]:
+    """A request's keys in the order every per-request script takes them."""
+    return (rk.ctx, rk.result, rk.text, rk.feed)
+
+
+def render_messages(messages: list[ChatMessage]) -> str:
+    """The plain-text form of chat messages kept in ``StreamingContext.prompt``."""
+    return "".join(f"{m.role}: {m.content}\n" for m in messages)
+

@@ -1,0 +1,89 @@
+"""Typed errors. Every error flo_coord raises on purpose derives from FloCoordError."""
+
+from __future__ import annotations
+
+
+class FloCoordError(Exception):
+    """Base class of every error raised by flo_coord."""
+
+
+class ValidationError(FloCoordError, ValueError):
+    """Bad input from the caller. Raised before anything touches Redis."""
+
+
+class ConfigError(ValidationError):
+    """An invalid configuration value or file."""
+
+
+class LeaseLostError(FloCoordError):
+    """This worker no longer owns the request: its write changed nothing.
+
+    ``current_owner``/``current_epoch`` describe who holds the request now (None when
+    the request is gone); ``completed`` is True when the new owner already finished it.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        *,
+        held_epoch: int,
+        current_owner: str | None = None,
+        current_epoch: int | None = None,
+        completed: bool = False,
+    ) -> None:
+        self.request_id = request_id
+        self.held_epoch = held_epoch
+        self.current_owner = current_owner
+        self.current_epoch = current_epoch
+        self.completed = completed
+        if completed:
+            what = f"was completed by {current_owner!r} at epoch {current_epoch}"
+        elif current_owner is None:
+            what = "no longer exists"
+        else:
+            what = f"is now owned by {current_owner!r} at epoch {current_epoch}"
+        super().__init__(f"lease lost on request {request_id!r} (held epoch {held_epoch}): it {what}")
+
+
+class CorruptStateError(FloCoordError):
+    """A key of one request holds data flo_coord did not write (wrong type or undecodable)."""
+
+    def __init__(self, request_id: str, detail: str) -> None:
+        self.request_id = request_id
+        self.detail = detail
+        super().__init__(f"request {request_id!r} has corrupt or foreign data in Redis: {detail}")
+
+
+class CoordinatorUnavailableError(FloCoordError):
+    """Redis could not be reached within the configured deadline."""
+
+    def __init__(self, operation: str, request_id: str | None, cause: BaseException | None) -> None:
+        self.operation = operation
+        self.request_id = request_id
+        self.cause = cause
+        where = f" for request {request_id!r}" if request_id else ""
+        super().__init__(f"Redis unavailable during {operation}{where}: {cause!r}")
+
+
+class GenerationError(FloCoordError):
+    """A stream could not be finished: every eligible backend failed or the budget ran out.
+
+    ``attempts`` lists the FailoverAttempt records of this request, in order.
+    """
+
+    def __init__(self, request_id: str, message: str, attempts: list | None = None) -> None:
+        self.request_id = request_id
+        self.attempts = list(attempts or [])
+        super().__init__(message)
+
+
+class ContentPolicyError(GenerationError):
+    """A provider refused the request on content policy; it is not retried anywhere."""
+
+    def __init__(self, request_id: str, reason: str, attempts: list | None = None) -> None:
+        self.reason = reason
+        super().__init__(request_id, f"content policy rejection: {reason}", attempts)
+
+
+class RequestFailedError(GenerationError):
+    """A followed request ended with an error recorded by the worker that ran it."""

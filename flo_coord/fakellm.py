@@ -1,0 +1,908 @@
+"""A deterministic fake LLM server (stdlib asyncio only) for tests and demos.
+
+Speaks OpenAI's /v1/completions and /v1/chat/completions (SSE) and Ollama's /api/generate
+and /api/chat (NDJSON). The answer to a prompt is a fixed function of it, and a prompt that
+ends with a prefix of its own answer is continued from there, so a client that fails over
+mid-stream can check it got exactly the rest. Faults (resets, 5xx, 429, cuts, stalls,
+garbage, 4xx kinds) are set per model at start-up, at runtime via ``POST /_faults``, or per
+request with the ``X-Fake-Fault`` header. Every request is recorded at ``GET /_requests``.
+
+Fault syntax: ``kind[:args][*times]``; without ``*times`` a fault hits every request, except
+``http5xx:N`` (the first N requests) and ``rate429`` (the first request).
+
+    refuse                reset the connection before any response byte
+    http5xx[:N[:STATUS]]  STATUS (default 503) for the first N requests (every request without N)
+    rate429[:SECONDS]     429, with ``Retry-After: SECONDS`` when given
+    cut:K                 K tokens, then a clean close with no terminator
+    die_after:K           K tokens, then a hard reset (RST)
+    stall:K:SECONDS       K tokens, then silence for SECONDS, then the rest
+    slow_first:SECONDS    headers at once, first token after SECONDS
+    malformed:K           K tokens, a garbage ``data: {not json`` line, then the rest
+    stream_error:K        K tokens, then an in-stream error object and close
+    no_done               the whole answer and finish_reason, but no ``[DONE]``
+    context_length        400 ``context_length_exceeded``
+    content_policy        400 ``content_policy_violation`` with a reason
+    reject_prefill        400 when the last chat message is from the assistant
+
+Run: ``python -m flo_coord.fakellm --port 8001 --fault model=cut:5 --token-delay 0.05``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import http
+import json
+import random
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_TOKENS",
+    "HEAD_TOKEN",
+    "FakeLLMServer",
+    "FakeLLMServerThread",
+    "Fault",
+    "full_answer",
+    "full_answer_text",
+    "main",
+    "parse_fault",
+    "render_messages",
+    "serve",
+    "split_continuation",
+]
+
+HEAD_TOKEN = "<|answer|>"  # starts every answer; distinctive so prompts never look like continuations
+DEFAULT_TOKENS = 48
+DEFAULT_MODEL = "fake"
+_VOCAB = (  # noqa: SIM905 - a word list reads best as one string
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu river stone cloud ember lattice "
+    "quorum epoch lease fence token stream replica shard café naïve Zürich 東京 señor"
+).split()
+_MAX_BODY = 16 * 1024 * 1024
+
+# --------------------------------------------------------------------------- answers
+
+
+def full_answer(prompt: str, n_tokens: int = DEFAULT_TOKENS) -> list[str]:
+    """The answer tokens for ``prompt``: HEAD_TOKEN then words with a leading space."""
+    rng = random.Random(int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest(), "big"))
+    return [HEAD_TOKEN] + [" " + rng.choice(_VOCAB) for _ in range(max(0, n_tokens - 1))]
+
+
+def full_answer_text(prompt: str, n_tokens: int = DEFAULT_TOKENS) -> str:
+    return "".join(full_answer(prompt, n_tokens))
+
+
+def render_messages(messages: Iterable[Any]) -> str:
+    """The fixed plain rendering of chat messages ("role: content\\n" each): the chat "prompt"."""
+    return "".join(f"{_field(m, 'role')}: {_field(m, 'content')}\n" for m in messages)
+
+
+def _field(message: Any, name: str) -> str:
+    value = message.get(name, "") if isinstance(message, Mapping) else getattr(message, name, "")
+    if isinstance(value, list):  # OpenAI content parts
+        return "".join(p.get("text", "") for p in value if isinstance(p, Mapping))
+    return str(value)
+
+
+def split_continuation(text: str, n_tokens: int = DEFAULT_TOKENS) -> tuple[str, str]:
+    """(original prompt, already generated prefix) of a completions prompt; prefix "" if fresh."""
+    at = text.rfind(HEAD_TOKEN)
+    while at >= 0:
+        head, tail = text[:at], text[at:]
+        if full_answer_text(head, n_tokens).startswith(tail):
+            return head, tail
+        at = text.rfind(HEAD_TOKEN, 0, at)
+    return text, ""
+
+
+def _chat_split(messages: Sequence[Any], n_tokens: int) -> tuple[str, str]:
+    """A final assistant message that begins the answer is a prefill to continue."""
+    if messages and _field(messages[-1], "role") == "assistant":
+        base = render_messages(messages[:-1])
+        prefix = _field(messages[-1], "content")
+        if full_answer_text(base, n_tokens).startswith(prefix):
+            return base, prefix
+    return render_messages(messages), ""
+
+
+def _remaining(base: str, prefix: str, n_tokens: int, max_tokens: int | None) -> tuple[list[str], str]:
+    """The chunks still to send after ``prefix`` (split at token boundaries) and the finish reason."""
+    chunks: list[str] = []
+    at = 0
+    for token in full_answer(base, n_tokens):
+        end = at + len(token)
+        if end > len(prefix):
+            chunks.append(token[max(0, len(prefix) - at) :])
+        at = end
+    if max_tokens is not None and len(chunks) > max_tokens:
+        return chunks[:max_tokens], "length"
+    return chunks, "stop"
+
+
+# ---------------------------------------------------------------------------- faults
+
+_COUNTED = {"http5xx"}
+_ONCE_BY_DEFAULT = {"rate429"}
+_POSITIONAL = {"cut", "die_after", "stall", "malformed", "stream_error"}
+_PLAIN = {"refuse", "no_done", "context_length", "content_policy", "reject_prefill"}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A parsed fault spec. ``tokens``: K of the positional kinds; ``times``: None = every request."""
+
+    kind: str
+    spec: str
+    tokens: int | None = None
+    seconds: float | None = None
+    status: int = 503
+    times: int | None = None
+
+
+def parse_fault(spec: str) -> Fault:
+    """Parse ``kind[:args][*times]`` (see the module doc); ValueError when invalid."""
+    body, star, times_text = spec.strip().partition("*")
+    kind, *args = body.split(":")
+    times = _int(times_text, spec) if star else None
+    if kind in _PLAIN and not args:
+        return Fault(kind, spec, times=times)
+    if kind in _POSITIONAL and kind != "stall" and len(args) == 1:
+        return Fault(kind, spec, tokens=_int(args[0], spec), times=times)
+    if kind == "stall" and len(args) == 2:
+        return Fault(kind, spec, tokens=_int(args[0], spec), seconds=_seconds(args[1], spec), times=times)
+    if kind == "slow_first" and len(args) == 1:
+        return Fault(kind, spec, seconds=_seconds(args[0], spec), times=times)
+    if kind == "rate429" and len(args) <= 1:
+        seconds = _seconds(args[0], spec) if args else None
+        return Fault(kind, spec, seconds=seconds, times=1 if times is None else times)
+    if kind == "http5xx" and len(args) <= 2 and not star:
+        count = _int(args[0], spec) if args else None
+        status = _int(args[1], spec) if len(args) == 2 else 503
+        if not 500 <= status <= 599:
+            raise ValueError(f"bad fault {spec!r}: status must be 5xx")
+        return Fault(kind, spec, status=status, times=count)
+    raise ValueError(f"bad fault {spec!r}")
+
+
+def _int(text: str, spec: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"bad fault {spec!r}: {text!r} is not a count")
+    return int(text)
+
+
+def _seconds(text: str, spec: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"bad fault {spec!r}: {text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"bad fault {spec!r}: seconds must be >= 0")
+    return value
+
+
+@dataclass
+class _FaultState:
+    fault: Fault
+    remaining: int | None
+
+
+# ------------------------------------------------------------------------------ HTTP
+
+
+class _BadRequestError(Exception):
+    """A request the fake cannot parse; answered with 400."""
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial.strip():
+            raise _BadRequestError("incomplete request head") from None
+        return None  # client connected and left
+    except asyncio.LimitOverrunError:
+        raise _BadRequestError("request head too large") from None
+    request_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3:
+        raise _BadRequestError("bad request line")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        raise _BadRequestError("chunked request bodies are not supported")
+    length = headers.get("content-length", "0")
+    if not length.isdigit() or int(length) > _MAX_BODY:
+        raise _BadRequestError("bad content-length")
+    body = await reader.readexactly(int(length)) if int(length) else b""
+    return _Request(parts[0].upper(), parts[1].split("?", 1)[0], headers, body)
+
+
+class _Conn:
+    """One client connection. Responses are close-delimited (``Connection: close``)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._gone: asyncio.Task[None] | None = None
+
+    def watch(self) -> None:
+        """Start noticing a hang-up; only once the request is read (one reader at a time)."""
+        self._gone = asyncio.get_running_loop().create_task(self._watch(self.reader))
+
+    @staticmethod
+    async def _watch(reader: asyncio.StreamReader) -> None:
+        # the client sends nothing after its request, so EOF here means it hung up
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(4096):
+                pass
+
+    @property
+    def disconnected(self) -> bool:
+        return self._gone is not None and self._gone.done()
+
+    async def send_head(self, status: int, headers: Mapping[str, str]) -> None:
+        lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        await self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+    async def send_json(self, status: int, obj: Any, headers: Mapping[str, str] | None = None) -> None:
+        body = json.dumps(obj).encode()
+        head = {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
+        await self.send_head(status, head)
+        await self.write(body)
+
+    async def write(self, data: bytes) -> None:
+        if self.disconnected:
+            raise ConnectionResetError("client disconnected")
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep, but wake early (raising) when the client hangs up meanwhile."""
+        if seconds > 0 and self._gone is not None:
+            await asyncio.wait([self._gone], timeout=seconds)
+        elif seconds > 0:
+            await asyncio.sleep(seconds)
+        if self.disconnected:
+            raise ConnectionResetError("client disconnected")
+
+    def reset(self) -> None:
+        """Hard close: SO_LINGER 0 makes the kernel send RST instead of FIN."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+    async def close(self) -> None:
+        if self._gone is not None:
+            self._gone.cancel()
+        if not self.writer.is_closing():
+            self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+# ----------------------------------------------------------------------- wire formats
+
+
+class _Wire:
+    """How one API frames a stream: OpenAI SSE (completions/chat) or Ollama NDJSON (generate/chat)."""
+
+    content_type = "text/event-stream"
+
+    def __init__(self, model: str, chat: bool, include_usage: bool) -> None:
+        self.model = model
+        self.chat = chat
+        self.include_usage = include_usage
+        self.id = f"fake-{random.getrandbits(48):012x}"
+        self.created = int(time.time())
+
+    def _frame(self, obj: Any) -> bytes:
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+    def preamble(self) -> bytes:
+        # a comment line exercises the client's SSE comment handling; chat opens with a role-only delta
+        start = b": fakellm\n\n"
+        return start + (self._frame(self._chunk({"role": "assistant", "content": ""}, None)) if self.chat else b"")
+
+    def _chunk(self, delta: dict[str, str] | str, finish: str | None) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+        choice.update({"delta": delta} if self.chat else {"text": delta, "logprobs": None})
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+
+    def token(self, text: str) -> bytes:
+        return self._frame(self._chunk({"content": text} if self.chat else text, None))
+
+    def finish(self, reason: str, usage: dict[str, int], done: bool) -> bytes:
+        out = self._frame(self._chunk({} if self.chat else "", reason))
+        if self.include_usage:
+            out += self._frame({"id": self.id, "object": "chunk", "model": self.model, "choices": [], "usage": usage})
+        return out + (b"data: [DONE]\n\n" if done else b"")
+
+    def garbage(self) -> bytes:
+        return b"data: {not json\n\n"
+
+    def error(self, message: str) -> bytes:
+        return self._frame({"error": {"message": message, "type": "server_error", "code": 500}})
+
+    def whole(self, text: str, reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+        choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
+        return {"id": self.id, "object": "completion", "model": self.model, "choices": [choice], "usage": usage}
+
+    def error_body(self, message: str, code: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+        return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+class _OllamaWire(_Wire):
+    content_type = "application/x-ndjson"
+
+    def _line(self, obj: dict[str, Any]) -> bytes:
+        return json.dumps({"model": self.model, "created_at": _now_iso(), **obj}).encode() + b"\n"
+
+    def _text(self, text: str) -> dict[str, Any]:
+        return {"message": {"role": "assistant", "content": text}} if self.chat else {"response": text}
+
+    def preamble(self) -> bytes:
+        return b""
+
+    def token(self, text: str) -> bytes:
+        return self._line({**self._text(text), "done": False})
+
+    def finish(self, reason: str, usage: dict[str, int], done: bool) -> bytes:
+        return self._line(self.whole("", reason, usage))
+
+    def garbage(self) -> bytes:
+        return b"{not json\n"
+
+    def error(self, message: str) -> bytes:
+        return self._line({"error": message})
+
+    def whole(self, text: str, reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        counts = {"prompt_eval_count": usage["prompt_tokens"], "eval_count": usage["completion_tokens"]}
+        return {"model": self.model, **self._text(text), "done": True, "done_reason": reason, **counts}
+
+    def error_body(self, message: str, code: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+        return {"error": message}
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+_ERRORS = {
+    "context_length": (
+        400,
+        "This model's maximum context length is 4096 tokens. However, your request exceeds it (fake).",
+        "context_length_exceeded",
+    ),
+    "content_policy": (
+        400,
+        "Your request was rejected by the fake content policy: the prompt asks for forbidden content.",
+        "content_policy_violation",
+    ),
+    "reject_prefill": (
+        400,
+        "assistant prefill is not supported: the final message must be from the user (fake)",
+        "prefill_not_supported",
+    ),
+}
+
+# ---------------------------------------------------------------------------- server
+
+
+@dataclass
+class _Generation:
+    """One parsed generation request, before faults and planning."""
+
+    api: str
+    model: str
+    chat: bool
+    prompt: str | None
+    messages: list[Any] | None
+    stream: bool
+    max_tokens: int | None
+    include_usage: bool
+    entry: dict[str, Any] = field(default_factory=dict)
+
+
+_ROUTES = {
+    "/v1/completions": ("openai", False),
+    "/completions": ("openai", False),
+    "/v1/chat/completions": ("openai", True),
+    "/chat/completions": ("openai", True),
+    "/api/generate": ("ollama", False),
+    "/api/chat": ("ollama", True),
+}
+
+
+class FakeLLMServer:
+    """The fake server on the current event loop. ``faults`` maps a model (or "*") to a fault spec."""
+
+    def __init__(
+        self,
+        *,
+        faults: Mapping[str, str] | None = None,
+        token_delay: float = 0.0,
+        model_delays: Mapping[str, float] | None = None,
+        n_tokens: int = DEFAULT_TOKENS,
+    ) -> None:
+        self.token_delay = token_delay
+        self.model_delays: dict[str, float] = dict(model_delays or {})
+        self.n_tokens = n_tokens
+        self._faults: dict[str, _FaultState] = {}
+        for model, spec in (faults or {}).items():
+            self.set_fault(model, spec)
+        self._requests: list[dict[str, Any]] = []
+        self._models: set[str] = {DEFAULT_MODEL}
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.port = 0
+        self.host = "127.0.0.1"
+
+    # -------------------------------------------------------------- control
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Copies of the request log entries, oldest first."""
+        return [dict(entry) for entry in self._requests]
+
+    def clear_requests(self) -> None:
+        self._requests.clear()
+
+    def set_fault(self, model: str, fault: str | None) -> None:
+        """Set (or with None clear) the fault of ``model``; "*" applies to models without their own."""
+        if fault is None:
+            self._faults.pop(model, None)
+            return
+        parsed = parse_fault(fault)
+        self._faults[model] = _FaultState(parsed, parsed.times)
+        self._models.add(model)
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
+    def set_token_delay(self, seconds: float, model: str | None = None) -> None:
+        if model is None:
+            self.token_delay = seconds
+        else:
+            self.model_delays[model] = seconds
+
+    def expected_answer(self, prompt: str) -> str:
+        return full_answer_text(prompt, self.n_tokens)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._on_connect, host, port)
+        self.host, self.port = self._server.sockets[0].getsockname()[:2]
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()  # a stalled stream must not hold up shutdown
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> FakeLLMServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -------------------------------------------------------------- routing
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        conn = _Conn(reader, writer)
+        try:
+            request = await _read_request(reader)
+            if request is not None:
+                conn.watch()
+                await self._route(conn, request)
+        except _BadRequestError as exc:
+            with contextlib.suppress(ConnectionError):
+                await conn.send_json(400, {"error": {"message": str(exc), "type": "invalid_request_error"}})
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            await conn.close()
+            self._tasks.discard(task)
+
+    async def _route(self, conn: _Conn, request: _Request) -> None:
+        if request.method == "POST" and request.path in _ROUTES:
+            api, chat = _ROUTES[request.path]
+            await self._generate(conn, request, api, chat)
+            return
+        handler = self._admin.get((request.method, request.path))
+        if handler is None:
+            await conn.send_json(404, {"error": {"message": f"no route {request.method} {request.path}"}})
+            return
+        status, body = handler(request)
+        await conn.send_json(status, body)
+
+    @property
+    def _admin(self) -> dict[tuple[str, str], Callable[[_Request], tuple[int, Any]]]:
+        return {
+            ("GET", "/health"): lambda _: (200, {"status": "ok"}),
+            ("GET", "/v1/models"): self._get_models,
+            ("GET", "/models"): self._get_models,
+            ("GET", "/api/tags"): lambda _: (200, {"models": [{"name": m, "model": m} for m in sorted(self._models)]}),
+            ("GET", "/_requests"): lambda _: (200, self.requests),
+            ("DELETE", "/_requests"): self._delete_requests,
+            ("GET", "/_faults"): lambda _: (200, {m: s.fault.spec for m, s in self._faults.items()}),
+            ("POST", "/_faults"): self._post_fault,
+            ("DELETE", "/_faults"): self._delete_faults,
+        }
+
+    def _get_models(self, _: _Request) -> tuple[int, Any]:
+        return 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in sorted(self._models)]}
+
+    def _delete_requests(self, _: _Request) -> tuple[int, Any]:
+        self.clear_requests()
+        return 200, {"cleared": True}
+
+    def _delete_faults(self, _: _Request) -> tuple[int, Any]:
+        self.clear_faults()
+        return 200, {"cleared": True}
+
+    def _post_fault(self, request: _Request) -> tuple[int, Any]:
+        try:
+            body = json.loads(request.body or b"{}")
+            model = body["model"]
+            if "fault" in body:
+                self.set_fault(model, body["fault"])
+            if "token_delay" in body:
+                self.set_token_delay(float(body["token_delay"]), model)
+        except (ValueError, KeyError, TypeError) as exc:
+            return 400, {"error": {"message": f"bad fault request: {exc}"}}
+        return 200, {"model": model, "fault": body.get("fault"), "token_delay": body.get("token_delay")}
+
+    # ----------------------------------------------------------- generation
+
+    def _take_fault(self, model: str, header: str | None) -> Fault | None:
+        """The fault for this request: the header's, else the model's (or "*"), consuming one use."""
+        if header:
+            try:
+                return parse_fault(header)
+            except ValueError as exc:
+                raise _BadRequestError(str(exc)) from None
+        key = model if model in self._faults else "*" if "*" in self._faults else None
+        if key is None:
+            return None
+        state = self._faults[key]
+        if state.remaining is not None:
+            state.remaining -= 1
+            if state.remaining <= 0:
+                del self._faults[key]
+        return state.fault
+
+    def _parse_generation(self, request: _Request, api: str, chat: bool) -> _Generation:
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            raise _BadRequestError("body is not JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            raise _BadRequestError("body must be an object with a model")
+        prompt, messages = body.get("prompt"), body.get("messages")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if chat and not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+            raise _BadRequestError("messages must be a non-empty list of objects")
+        if not chat and not isinstance(prompt, str):
+            raise _BadRequestError("prompt must be a string")
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", options.get("num_predict")))
+        stream_options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+        return _Generation(
+            api=api,
+            model=body["model"],
+            chat=chat,
+            prompt=None if chat else prompt,
+            messages=messages if chat else None,
+            stream=bool(body.get("stream", api == "ollama")),  # Ollama streams unless told not to
+            max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
+            include_usage=bool(stream_options.get("include_usage")),
+        )
+
+    def _record(self, request: _Request, gen: _Generation, fault: Fault | None) -> dict[str, Any]:
+        entry = {
+            "id": len(self._requests) + 1,
+            "method": request.method,
+            "path": request.path,
+            "model": gen.model,
+            "prompt": gen.prompt,
+            "messages": gen.messages,
+            "stream": gen.stream,
+            "max_tokens": gen.max_tokens,
+            "fault": fault.spec if fault else None,
+            "authorization": request.headers.get("authorization"),
+            "outcome": "started",
+            "tokens_sent": 0,
+            "at": time.time(),
+        }
+        self._requests.append(entry)
+        self._models.add(gen.model)
+        return entry
+
+    async def _generate(self, conn: _Conn, request: _Request, api: str, chat: bool) -> None:
+        gen = self._parse_generation(request, api, chat)
+        fault = self._take_fault(gen.model, request.headers.get("x-fake-fault"))
+        gen.entry = entry = self._record(request, gen, fault)
+        wire = (_OllamaWire if api == "ollama" else _Wire)(gen.model, chat, gen.include_usage)
+        try:
+            if fault is not None and await self._refuse_early(conn, gen, wire, fault):
+                return
+            base, prefix = _chat_split(gen.messages, self.n_tokens) if chat else split_continuation(gen.prompt or "")
+            chunks, reason = _remaining(base, prefix, self.n_tokens, gen.max_tokens)
+            prompt_words = len((render_messages(gen.messages) if chat else gen.prompt or "").split())
+            if not gen.stream:
+                usage = _usage(prompt_words, len(chunks))
+                await conn.send_json(200, wire.whole("".join(chunks), reason, usage))
+                entry.update(outcome="completed", tokens_sent=len(chunks))
+                return
+            await self._stream(conn, gen, wire, fault, chunks, reason, prompt_words)
+        except ConnectionError:
+            entry["outcome"] = "client_disconnected"
+            raise
+
+    async def _refuse_early(self, conn: _Conn, gen: _Generation, wire: _Wire, fault: Fault) -> bool:
+        """Apply a fault that replaces the whole response; True when one did."""
+        entry = gen.entry
+        if fault.kind == "refuse":
+            conn.reset()
+            entry["outcome"] = "refused"
+            return True
+        if fault.kind == "http5xx":
+            body = wire.error_body("The fake server is overloaded", "service_unavailable", "server_error")
+            await conn.send_json(fault.status, body)
+        elif fault.kind == "rate429":
+            headers = {} if fault.seconds is None else {"Retry-After": f"{fault.seconds:g}"}
+            body = wire.error_body("Rate limit reached (fake)", "rate_limit_exceeded", "requests")
+            await conn.send_json(429, body, headers)
+        elif fault.kind in ("context_length", "content_policy") or (fault.kind == "reject_prefill" and _prefill(gen)):
+            status, message, code = _ERRORS[fault.kind]
+            await conn.send_json(status, wire.error_body(message, code))
+        else:
+            return False
+        entry["outcome"] = f"error:{fault.kind}"
+        return True
+
+    async def _stream(
+        self,
+        conn: _Conn,
+        gen: _Generation,
+        wire: _Wire,
+        fault: Fault | None,
+        chunks: list[str],
+        reason: str,
+        prompt_words: int,
+    ) -> None:
+        entry = gen.entry
+        delay = self.model_delays.get(gen.model, self.token_delay)
+        await conn.send_head(200, {"Content-Type": wire.content_type, "Cache-Control": "no-cache"})
+        await conn.write(wire.preamble())
+        if fault is not None and fault.kind == "slow_first":
+            await conn.pause(fault.seconds or 0.0)
+        at = min(fault.tokens or 0, len(chunks)) if fault is not None and fault.kind in _POSITIONAL else None
+        for i in range(len(chunks) + 1):
+            if i == at and fault is not None and await self._fault_at(conn, wire, fault, entry):
+                return
+            if i == len(chunks):
+                break
+            if i and delay:
+                await conn.pause(delay)
+            await conn.write(wire.token(chunks[i]))
+            entry["tokens_sent"] = i + 1
+        done = fault is None or fault.kind != "no_done"
+        await conn.write(wire.finish(reason, _usage(prompt_words, len(chunks)), done))
+        entry["outcome"] = "completed"
+
+    async def _fault_at(self, conn: _Conn, wire: _Wire, fault: Fault, entry: dict[str, Any]) -> bool:
+        """Apply a positional fault after K tokens; True when the response ends here."""
+        if fault.kind == "stall":
+            await conn.pause(fault.seconds or 0.0)
+            return False
+        if fault.kind == "malformed":
+            await conn.write(wire.garbage())
+            return False
+        if fault.kind == "stream_error":
+            await conn.write(wire.error("fake internal error while generating"))
+        elif fault.kind == "die_after":
+            # let the tokens already written reach the client before the reset
+            await asyncio.sleep(0.05)
+            conn.reset()
+        entry["outcome"] = fault.kind
+        return True  # cut: the caller's finally closes cleanly (FIN, no terminator)
+
+
+def _prefill(gen: _Generation) -> bool:
+    return bool(gen.chat and gen.messages and _field(gen.messages[-1], "role") == "assistant")
+
+
+def _usage(prompt_words: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_words, "completion_tokens": completion, "total_tokens": prompt_words + completion}
+
+
+# ------------------------------------------------------------------------ thread helper
+
+
+class FakeLLMServerThread:
+    """A FakeLLMServer on its own event loop in a daemon thread (for sync tests and scripts)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, **server_kwargs: Any) -> None:
+        self.server = FakeLLMServer(**server_kwargs)
+        self._address = (host, port)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return self.call(lambda: self.server.requests)
+
+    def set_fault(self, model: str, fault: str | None) -> None:
+        self.call(lambda: self.server.set_fault(model, fault))
+
+    def clear_faults(self) -> None:
+        self.call(self.server.clear_faults)
+
+    def start(self) -> FakeLLMServerThread:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(ready, failure), name="fakellm", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+        return self
+
+    def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self.server.start(*self._address))
+        except BaseException as exc:  # handed to the starting thread
+            failure.append(exc)
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self.server.stop())
+            loop.close()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the server's loop (its state belongs to that thread) and return its result."""
+        assert self._loop is not None, "server thread not started"
+
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop = self._thread = None
+
+    def __enter__(self) -> FakeLLMServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------- process
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    faults: Mapping[str, str] | None = None,
+    token_delay: float = 0.0,
+    *,
+    model_delays: Mapping[str, float] | None = None,
+    n_tokens: int = DEFAULT_TOKENS,
+) -> None:
+    """Run the fake server until SIGINT/SIGTERM."""
+    asyncio.run(_serve(host, port, faults, token_delay, model_delays, n_tokens))
+
+
+async def _serve(
+    host: str,
+    port: int,
+    faults: Mapping[str, str] | None,
+    token_delay: float,
+    model_delays: Mapping[str, float] | None,
+    n_tokens: int,
+) -> None:
+    server = FakeLLMServer(faults=faults, token_delay=token_delay, model_delays=model_delays, n_tokens=n_tokens)
+    await server.start(host, port)
+    print(f"fakellm listening on {server.base_url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{what} must look like MODEL=VALUE, got {value!r}")
+        out[key] = rest
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flo_coord.fakellm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--fault", action="append", default=[], metavar="MODEL=SPEC", help='MODEL may be "*"')
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens")
+    parser.add_argument("--model-delay", action="append", default=[], metavar="MODEL=SECONDS")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="answer length in tokens")
+    args = parser.parse_args(argv)
+    try:
+        faults = _pairs(args.fault, "--fault")
+        for spec in faults.values():
+            parse_fault(spec)
+        delays = {m: float(s) for m, s in _pairs(args.model_delay, "--model-delay").items()}
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        parser.error(str(exc))
+    serve(args.host, args.port, faults, args.token_delay, model_delays=delays, n_tokens=args.tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""The schema: pure data types of the failover protocol. No I/O here.
+
+Names mirror batuta's ``serve::failover`` (and ``serve::backends::ServingBackend``).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+from flo_coord.errors import ConfigError
+
+# --------------------------------------------------------------------------- backends
+
+
+class ServingBackend(str, enum.Enum):
+    """Where a model is served. Serialised as the exact Rust variant name."""
+
+    # local
+    Realizar = "Realizar"
+    Ollama = "Ollama"
+    LlamaCpp = "LlamaCpp"
+    Llamafile = "Llamafile"
+    Candle = "Candle"
+    Vllm = "Vllm"
+    Tgi = "Tgi"
+    LocalAI = "LocalAI"
+    # remote
+    HuggingFace = "HuggingFace"
+    Together = "Together"
+    Replicate = "Replicate"
+    Anyscale = "Anyscale"
+    Modal = "Modal"
+    Fireworks = "Fireworks"
+    Groq = "Groq"
+    OpenAI = "OpenAI"
+    Anthropic = "Anthropic"
+    AzureOpenAI = "AzureOpenAI"
+    AwsBedrock = "AwsBedrock"
+    GoogleVertex = "GoogleVertex"
+    # serverless
+    AwsLambda = "AwsLambda"
+    CloudflareWorkers = "CloudflareWorkers"
+
+    def is_local(self) -> bool:
+        return self in _LOCAL
+
+    def is_remote(self) -> bool:
+        return not self.is_local()
+
+    def is_serverless(self) -> bool:
+        return self in _SERVERLESS
+
+    def api_host(self) -> str | None:
+        return _API_HOSTS.get(self)
+
+    @classmethod
+    def parse(cls, name: str) -> ServingBackend:
+        """The variant called ``name``; ConfigError for an unknown name."""
+        try:
+            return cls(name)
+        except ValueError:
+            raise ConfigError(f"unknown backend {name!r}; expected one of {', '.join(b.value for b in cls)}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_B = ServingBackend
+_LOCAL = frozenset({_B.Realizar, _B.Ollama, _B.LlamaCpp, _B.Llamafile, _B.Candle, _B.Vllm, _B.Tgi, _B.LocalAI})
+_SERVERLESS = frozenset({_B.AwsLambda, _B.CloudflareWorkers, _B.Modal})
+_API_HOSTS: dict[ServingBackend, str] = {
+    _B.HuggingFace: "api-inference.huggingface.co",
+    _B.Together: "api.together.xyz",
+    _B.Replicate: "api.replicate.com",
+    _B.Anyscale: "api.endpoints.anyscale.com",
+    _B.Modal: "modal.com",
+    _B.Fireworks: "api.fireworks.ai",
+    _B.Groq: "api.groq.com",
+    _B.OpenAI: "api.openai.com",
+    _B.Anthropic: "api.anthropic.com",
+    _B.AzureOpenAI: "openai.azure.com",
+    _B.AwsBedrock: "bedrock-runtime.amazonaws.com",
+    _B.GoogleVertex: "aiplatform.googleapis.com",
+    _B.AwsLambda: "lambda.amazonaws.com",
+    _B.CloudflareWorkers: "workers.cloudflare.com",
+}
+
+
+class PrivacyTier(str, enum.Enum):
+    """Which backends a request may use (batuta's PrivacyTier)."""
+
+    Sovereign = "Sovereign"
+    Private = "Private"
+    Standard = "Standard"
+
+    def allows(self, backend: ServingBackend) -> bool:
+        if self is PrivacyTier.Standard:
+            return True
+        if self is PrivacyTier.Sovereign:
+            return backend.is_local()
+        return backend.is_local() or backend in _PRIVATE_CLOUD
+
+
+_PRIVATE_CLOUD = frozenset({_B.AzureOpenAI, _B.AwsBedrock, _B.GoogleVertex, _B.AwsLambda})
+
+# ------------------------------------------------------------ tagged values (Rust enums)
+
+
+class _Variant:
+    """A Rust-style enum value: a name, and for one variant a message. Equal by value."""
+
+    __slots__ = ("name", "message")
+    _WITH_MESSAGE: ClassVar[str]
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        self.name = name
+        self.message = message
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and (self.name, self.message) == (other.name, other.message)  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.name, self.message))
+
+    def __repr__(self) -> str:
+        if self.message is None:
+            return f"{type(self).__name__}.{self.name}"
+        return f"{type(self).__name__}.{self.name}({self.message!r})"
+
+    def to_wire(self) -> str | dict[str, str]:
+        """serde's external tagging: ``"Success"`` or ``{"BackendError": "msg"}``."""
+        return self.name if self.message is None else {self.name: self.message}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in cls._UNIT_NAMES:  # type: ignore[attr-defined]
+            return getattr(cls, value)
+        if isinstance(value, dict) and len(value) == 1:
+            ((name, message),) = value.items()
+            if name == cls._WITH_MESSAGE and isinstance(message, str):
+                return cls(name, message)
+        raise ValueError(f"not a {cls.__name__}: {value!r}")
+
+
+class StreamState(_Variant):
+    """State of a streaming response: Pending, Streaming, Completed, Failed(msg), Recovered."""
+
+    _WITH_MESSAGE = "Failed"
+    _UNIT_NAMES = ("Pending", "Streaming", "Completed", "Recovered")
+    Pending: ClassVar[StreamState]
+    Streaming: ClassVar[StreamState]
+    Completed: ClassVar[StreamState]
+    Recovered: ClassVar[StreamState]
+
+    @classmethod
+    def Failed(cls, message: str) -> StreamState:  # noqa: N802 - mirrors the Rust variant
+        return cls("Failed", str(message))
+
+
+class FailoverResult(_Variant):
+    """Result of a failover attempt: Success, Timeout, BackendError(msg), NoBackendsAvailable."""
+
+    _WITH_MESSAGE = "BackendError"
+    _UNIT_NAMES = ("Success", "Timeout", "NoBackendsAvailable")
+    Success: ClassVar[FailoverResult]
+    Timeout: ClassVar[FailoverResult]
+    NoBackendsAvailable: ClassVar[FailoverResult]
+
+    @classmethod
+    def BackendError(cls, message: str) -> FailoverResult:  # noqa: N802 - mirrors the Rust variant
+        return cls("BackendError", str(message))
+
+    def is_failure(self) -> bool:
+        return self.name != "Success"
+
+
+for _cls in (StreamState, FailoverResult):
+    for _name in _cls._UNIT_NAMES:
+        setattr(_cls, _name, _cls(_name))
+
+# ------------------------------------------------------------------------ the context
+
+
+def count_tokens(text: str) -> int:
+    """The original's rough estimate: whitespace-separated words, at least 1 per append."""
+    return max(1, len(text.split()))
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class StreamingContext(msgspec.Struct, kw_only=True):
+    """Everything needed to resume one request on any worker.
+
+    The first five fields are the original's; the rest default so the original
+    five-field JSON still decodes.
+    """
+
+    prompt: str = ""
+    generated_prefix: str = ""
+    token_count: int = 0
+    primary_backend: str = ""
+    request_id: str = ""
+    # chat requests keep their messages; ``prompt`` then holds their plain rendering
+    messages: list[ChatMessage] | None = None
+    max_tokens: int | None = None
+    # ownership (fencing): owner worker id, epoch bumped on every change of owner,
+    # lease deadline from the Redis server clock (epoch seconds)
+    owner: str | None = None
+    epoch: int = 0
+    lease_deadline: float | None = None
+    last_seq: int = 0
+    state: str = "Pending"
+    state_reason: str | None = None
+    failed_backends: list[str] = msgspec.field(default_factory=list)
+    current_backend: str | None = None
+    created_at: float | None = None
+    takeovers: int = 0
+
+    @classmethod
+    def new(cls, prompt: str, request_id: str) -> StreamingContext:
+        return cls(prompt=prompt, request_id=request_id)
+
+    def append(self, tokens: str) -> None:
+        self.generated_prefix += tokens
+        self.token_count += count_tokens(tokens)
+
+    def continuation_prompt(self) -> str:
+        return self.prompt + self.generated_prefix if self.generated_prefix else self.prompt
+
+    def worth_recovering(self, min_tokens: int = 5) -> bool:
+        """True once ``min_tokens`` tokens exist (the original hard-coded 5)."""
+        return self.token_count >= min_tokens
+
+    @property
+    def stream_state(self) -> StreamState:
+        if self.state == "Failed":
+            return StreamState.Failed(self.state_reason or "")
+        return getattr(StreamState, self.state, StreamState.Pending)
+
+    def lease_remaining(self, now: float) -> float | None:
+        return None if self.lease_deadline is None else self.lease_deadline - now
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _default_fallback_order() -> list[ServingBackend]:
+    return [ServingBackend.Realizar, ServingBackend.Ollama, ServingBackend.Together, ServingBackend.Groq]
+
+
+class FailoverConfig(msgspec.Struct, kw_only=True):
+    """Failover policy; the original's fields and defaults (failover_timeout in seconds)."""
+
+    max_retries: int = 2
+    failover_timeout: float = 30.0
+    min_tokens_for_recovery: int = 5
+    include_prefix: bool = True
+    fallback_order: list[ServingBackend] = msgspec.field(default_factory=_default_fallback_order)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ConfigError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
+        if isinstance(self.failover_timeout, bool) or not isinstance(self.failover_timeout, int | float):
+            raise ConfigError(f"failover_timeout must be a number of seconds, got {self.failover_timeout!r}")
+        if not self.failover_timeout > 0 or self.failover_timeout == float("inf"):
+            raise ConfigError(f"failover_timeout must be a finite number > 0, got {self.failover_timeout!r}")
+        if isinstance(self.min_tokens_for_recovery, bool) or not isinstance(self.min_tokens_for_recovery, int):
+            raise ConfigError(f"min_tokens_for_recovery must be an integer, got {self.min_tokens_for_recovery!r}")
+        if self.min_tokens_for_recovery < 0:
+            raise ConfigError(f"min_tokens_for_recovery must be >= 0, got {self.min_tokens_for_recovery}")
+        if not isinstance(self.include_prefix, bool):
+            raise ConfigError(f"include_prefix must be a bool, got {self.include_prefix!r}")
+        if not isinstance(self.fallback_order, list) or not self.fallback_order:
+            raise ConfigError("fallback_order must list at least one backend")
+        self.fallback_order = [b if isinstance(b, ServingBackend) else ServingBackend.parse(b) for b in self.fallback_order]
+        self.failover_timeout = float(self.failover_timeout)
+
+
+# ---------------------------------------------------------------------------- history
+
+
+class FailoverAttempt(msgspec.Struct, kw_only=True, tag="attempt", tag_field="kind"):
+    """One attempt on one backend. ``started_at`` is wall-clock epoch seconds."""
+
+    backend: ServingBackend
+    started_at: float
+    result: FailoverResult | None = None
+    request_id: str | None = None
+    worker_id: str | None = None
+    model: str | None = None
+    tokens: int = 0
+    usage: dict[str, int] | None = None
+
+
+class Takeover(msgspec.Struct, kw_only=True, tag="takeover", tag_field="kind"):
+    """A change of owner of one request, recorded in the same history stream."""
+
+    request_id: str
+    old_owner: str | None
+    new_owner: str
+    epoch: int
+    at: float
+    prefix_chars: int = 0
+
+
+HistoryEntry = FailoverAttempt | Takeover
+
+
+class FailoverRequest(msgspec.Struct, kw_only=True):
+    """A failover request prepared for retry."""
+
+    request_id: str
+    prompt: str
+    generated_prefix: str
+    token_count: int
+    messages: list[ChatMessage] | None = None
+    next_backend: ServingBackend | None = None
+
+
+class FailoverStats(msgspec.Struct, kw_only=True):
+    """Counts over the newest 100 history entries, plus the live request count."""
+
+    total_attempts: int = 0
+    successful: int = 0
+    timeouts: int = 0
+    active_contexts: int = 0
+    takeovers: int = 0
+
+    def success_rate(self) -> float:
+        return 0.0 if self.total_attempts == 0 else self.successful / self.total_attempts * 100.0
+
+
+class RequestOutcome(msgspec.Struct, kw_only=True):
+    """What is left of a finished request for its retention period."""
+
+    request_id: str
+    state: Literal["Completed", "Failed"]
+    owner: str | None = None
+    epoch: int = 0
+    error: str | None = None
+    error_kind: str | None = None
+    backend: str | None = None
+    model: str | None = None
+    token_count: int = 0
+    finished_at: float | None = None

@@ -1,0 +1,160 @@
+"""Background helpers that keep ownership alive and recover orphans.
+
+- ``HeartbeatThread`` / ``HeartbeatTask`` renew every lease a manager holds, every
+  ``lease_ttl * HEARTBEAT_FRACTION`` seconds, so a live worker never loses a request.
+- ``Reaper`` / ``AsyncReaper`` claim requests whose lease expired (their worker died or
+  froze) and hand each claimed context to a callback, such as the executor's resume.
+
+A failed round (Redis briefly unreachable) is logged and retried at the next tick:
+leases are sized so that one missed renewal does not lose them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from flo_coord import defaults
+from flo_coord.models import StreamingContext
+
+if TYPE_CHECKING:
+    from flo_coord.manager import AsyncFailoverManager, FailoverManager
+
+log = logging.getLogger("flo_coord.ownership")
+
+
+class _Periodic:
+    """Call ``tick`` every ``interval`` seconds in a daemon thread until ``stop``."""
+
+    def __init__(self, name: str, interval: float, tick: Callable[[], Any]) -> None:
+        self.interval = interval
+        self._tick = tick
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> _Periodic:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._tick()
+            except Exception:
+                log.exception("%s round failed; retrying in %.2fs", self._thread.name, self.interval)
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> _Periodic:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _AsyncPeriodic:
+    """Await ``tick`` every ``interval`` seconds in a task until ``stop``."""
+
+    def __init__(self, name: str, interval: float, tick: Callable[[], Awaitable[Any]]) -> None:
+        self.name = name
+        self.interval = interval
+        self._tick = tick
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> _AsyncPeriodic:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
+        return self
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s round failed; retrying in %.2fs", self.name, self.interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def __aenter__(self) -> _AsyncPeriodic:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def heartbeat_interval(lease_ttl: float, interval: float | None) -> float:
+    return interval if interval is not None else lease_ttl * defaults.HEARTBEAT_FRACTION
+
+
+def reaper_interval(lease_ttl: float, interval: float | None) -> float:
+    return interval if interval is not None else lease_ttl * defaults.REAPER_FRACTION
+
+
+class HeartbeatThread(_Periodic):
+    def __init__(self, manager: FailoverManager, interval: float | None = None) -> None:
+        super().__init__("flo-heartbeat", heartbeat_interval(manager.lease_ttl, interval), manager.heartbeat)
+
+
+class HeartbeatTask(_AsyncPeriodic):
+    def __init__(self, manager: AsyncFailoverManager, interval: float | None = None) -> None:
+        super().__init__("flo-heartbeat", heartbeat_interval(manager.lease_ttl, interval), manager.heartbeat)
+
+
+class Reaper(_Periodic):
+    """Every ``interval`` s, claim up to ``limit`` orphans and call ``on_claim`` with each."""
+
+    def __init__(
+        self,
+        manager: FailoverManager,
+        on_claim: Callable[[StreamingContext], Any],
+        interval: float | None = None,
+        limit: int = 100,
+    ) -> None:
+        self.manager = manager
+        self.on_claim = on_claim
+        self.limit = limit
+        super().__init__("flo-reaper", reaper_interval(manager.lease_ttl, interval), self.reap_once)
+
+    def reap_once(self) -> list[StreamingContext]:
+        claimed = self.manager.claim_orphans(self.limit)
+        for ctx in claimed:
+            log.info("claimed request %s at epoch %d", ctx.request_id, ctx.epoch)
+            self.on_claim(ctx)
+        return claimed
+
+
+class AsyncReaper(_AsyncPeriodic):
+    """The asyncio reaper: ``on_claim`` may be a coroutine function (it is awaited)."""
+
+    def __init__(
+        self,
+        manager: AsyncFailoverManager,
+        on_claim: Callable[[StreamingContext], Any],
+        interval: float | None = None,
+        limit: int = 100,
+    ) -> None:
+        self.manager = manager
+        self.on_claim = on_claim
+        self.limit = limit
+        super().__init__("flo-reaper", reaper_interval(manager.lease_ttl, interval), self.reap_once)
+
+    async def reap_once(self) -> list[StreamingContext]:
+        claimed = await self.manager.claim_orphans(self.limit)
+        for ctx in claimed:
+            log.info("claimed request %s at epoch %d", ctx.request_id, ctx.epoch)
+            result = self.on_claim(ctx)
+            if asyncio.iscoroutine(result):
+                await result
+        return claimed

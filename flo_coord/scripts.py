@@ -1,0 +1,335 @@
+"""Lua scripts: every read-then-write flo_coord does on Redis is one of these.
+
+Each is registered once (SCRIPT LOAD) and run by SHA; the shells reload it on NOSCRIPT.
+Per-request scripts take the request's keys in one fixed order, all in one hash slot:
+
+    KEYS[1] ctx   KEYS[2] result   KEYS[3] text   KEYS[4] feed
+
+Times come from the Redis server clock (``TIME``), in milliseconds.
+Replies start with a status: OK, DUP (seq already applied), LOST (fenced out),
+GONE (no such request) or LIVE (lease not expired). Data that flo_coord did not write
+aborts the script with an error starting ``FLOCORRUPT`` before anything changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+_PRELUDE = r"""
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function num(v, what)
+  if not v then return 0 end
+  local n = tonumber(v)
+  if n == nil then error('FLOCORRUPT field ' .. what .. ' is not a number') end
+  return n
+end
+-- Why a write was refused: the request is gone, finished by someone, or owned by another.
+local function refusal(ctx, result)
+  if redis.call('EXISTS', ctx) == 1 then error('FLOCORRUPT ownership fields missing') end
+  local r = redis.call('HMGET', result, 'owner', 'epoch')
+  if r[2] then return {'LOST', r[1] or '', r[2], 1} end
+  return {'GONE'}
+end
+-- nil when (owner, epoch) holds the request, else the refusal reply.
+local function fence(ctx, result, owner, epoch)
+  local f = redis.call('HMGET', ctx, 'owner', 'epoch')
+  if not f[2] then return refusal(ctx, result) end
+  if f[1] ~= owner or num(f[2], 'epoch') ~= tonumber(epoch) then return {'LOST', f[1] or '', f[2], 0} end
+  return nil
+end
+"""
+
+
+def _script(name: str, body: str) -> Script:
+    return Script(name, _PRELUDE + body)
+
+
+START = _script(
+    "start",
+    r"""
+-- Track a request, overwriting any previous one with this id (as the original does).
+-- ARGV: request_id, prompt, primary_backend, owner, lease_ttl_ms, max_age_ms, messages_json, max_tokens
+local old = math.max(num(redis.call('HGET', KEYS[1], 'epoch'), 'epoch'),
+                     num(redis.call('HGET', KEYS[2], 'epoch'), 'epoch'))
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local now = now_ms()
+local epoch = old + 1
+local lease = now + tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'prompt', ARGV[2], 'primary_backend', ARGV[3],
+  'owner', ARGV[4], 'epoch', epoch, 'lease', lease, 'last_seq', 0, 'token_count', 0,
+  'state', 'Pending', 'created', now, 'messages', ARGV[7], 'max_tokens', ARGV[8])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('SET', KEYS[3], '', 'PX', ARGV[6])
+return {'OK', epoch, lease, now}
+""",
+)
+
+APPEND = _script(
+    "append",
+    r"""
+-- Append committed text, fenced by (owner, epoch); a seq not above the last applied one
+-- is acknowledged without being applied again (retry after a lost reply).
+-- ARGV: owner, epoch, seq, text, token_increment
+local f = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'last_seq', 'state')
+if not f[2] then return refusal(KEYS[1], KEYS[2]) end
+if f[1] ~= ARGV[1] or num(f[2], 'epoch') ~= tonumber(ARGV[2]) then return {'LOST', f[1] or '', f[2], 0} end
+local seq = tonumber(ARGV[3])
+local last = num(f[3], 'last_seq')
+if seq <= last then
+  return {'DUP', last, redis.call('STRLEN', KEYS[3]), num(redis.call('HGET', KEYS[1], 'token_count'), 'token_count')}
+end
+local len = redis.call('APPEND', KEYS[3], ARGV[4])
+local count = redis.call('HINCRBY', KEYS[1], 'token_count', ARGV[5])
+if f[4] == 'Pending' then
+  redis.call('HSET', KEYS[1], 'last_seq', seq, 'state', 'Streaming')
+else
+  redis.call('HSET', KEYS[1], 'last_seq', seq)
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'n', len)
+end
+return {'OK', seq, len, count}
+""",
+)
+
+HEARTBEAT = _script(
+    "heartbeat",
+    r"""
+-- Renew the lease of one request this worker holds. ARGV: owner, epoch, lease_ttl_ms
+local refused = fence(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+if refused then return refused end
+local lease = now_ms() + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'lease', lease)
+return {'OK', lease}
+""",
+)
+
+UPDATE = _script(
+    "update",
+    r"""
+-- Fenced field updates. ARGV: owner, epoch, then name/value pairs; the name
+-- '+failed' adds a backend to the comma-separated failed_backends set.
+local refused = fence(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+if refused then return refused end
+for i = 3, #ARGV, 2 do
+  local name, value = ARGV[i], ARGV[i + 1]
+  if name == '+failed' then
+    local cur = redis.call('HGET', KEYS[1], 'failed_backends') or ''
+    if not string.find(',' .. cur .. ',', ',' .. value .. ',', 1, true) then
+      if cur == '' then cur = value else cur = cur .. ',' .. value end
+      redis.call('HSET', KEYS[1], 'failed_backends', cur)
+    end
+  else
+    redis.call('HSET', KEYS[1], name, value)
+  end
+end
+return {'OK'}
+""",
+)
+
+FINISH = _script(
+    "finish",
+    r"""
+-- Complete (or fail) a request: delete its context, keep its text and outcome for the
+-- retention period, and tell followers. Retrying a finish that already happened is OK.
+-- ARGV: owner, epoch, state, error, error_kind, backend, model, retention_ms
+local f = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'token_count')
+if not f[2] then
+  local r = redis.call('HMGET', KEYS[2], 'owner', 'epoch')
+  if r[2] and r[1] == ARGV[1] and num(r[2], 'epoch') == tonumber(ARGV[2]) then return {'OK', 'again'} end
+  return refusal(KEYS[1], KEYS[2])
+end
+if f[1] ~= ARGV[1] or num(f[2], 'epoch') ~= tonumber(ARGV[2]) then return {'LOST', f[1] or '', f[2], 0} end
+local now = now_ms()
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[2], 'state', ARGV[3], 'owner', ARGV[1], 'epoch', ARGV[2], 'error', ARGV[4],
+  'error_kind', ARGV[5], 'backend', ARGV[6], 'model', ARGV[7], 'token_count', f[3] or 0, 'finished', now)
+redis.call('PEXPIRE', KEYS[2], ARGV[8])
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], '') end
+redis.call('PEXPIRE', KEYS[3], ARGV[8])
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'end', ARGV[3])
+  redis.call('PEXPIRE', KEYS[4], ARGV[8])
+end
+return {'OK', 'done'}
+""",
+)
+
+CLAIM = _script(
+    "claim",
+    r"""
+-- Take over a request whose lease expired: new owner, epoch + 1. A retry with the
+-- same nonce returns the same win. ARGV: new_owner, lease_ttl_ms, nonce, max_age_ms
+local f = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease', 'claim_nonce')
+if not f[2] then return refusal(KEYS[1], KEYS[2]) end
+local now = now_ms()
+local old_owner = f[1] or ''
+if not (f[4] == ARGV[3] and f[1] == ARGV[1]) then
+  local lease = num(f[3], 'lease')
+  if lease > now then return {'LIVE', old_owner, f[2], lease} end
+  local epoch = num(f[2], 'epoch') + 1
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', epoch, 'lease', now + tonumber(ARGV[2]),
+    'claim_nonce', ARGV[3], 'state', 'Recovered', 'previous_owner', old_owner)
+  redis.call('HINCRBY', KEYS[1], 'takeovers', 1)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+else
+  old_owner = redis.call('HGET', KEYS[1], 'previous_owner') or ''
+end
+return {'OK', old_owner, now, redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[3]) or ''}
+""",
+)
+
+READ = _script(
+    "read",
+    r"""
+-- A consistent snapshot of one request: server time, context fields, committed text.
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return {'GONE', now_ms()} end
+return {'OK', now_ms(), fields, redis.call('GET', KEYS[3]) or ''}
+""",
+)
+
+LEASE_STATUS = _script(
+    "lease_status",
+    r"""
+-- Whether a request exists and when its lease ends (confirms an index hint).
+local f = redis.call('HMGET', KEYS[1], 'lease', 'owner', 'epoch')
+if not f[3] then
+  if redis.call('EXISTS', KEYS[1]) == 1 then error('FLOCORRUPT ownership fields missing') end
+  return {'GONE', now_ms()}
+end
+return {'OK', now_ms(), num(f[1], 'lease'), f[2] or '', f[3]}
+""",
+)
+
+FOLLOW_READ = _script(
+    "follow_read",
+    r"""
+-- Start or continue following: make sure the notification feed exists (so every later
+-- commit lands in it), then return its last id, the text from a byte offset and the
+-- outcome if the request finished. ARGV: from_byte, feed_ttl_ms
+if redis.call('EXISTS', KEYS[3]) == 0 and redis.call('EXISTS', KEYS[1]) == 0 then
+  if redis.call('EXISTS', KEYS[2]) == 0 then return {'GONE'} end
+end
+local len = redis.call('STRLEN', KEYS[3])
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'n', len)
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('PEXPIRE', KEYS[4], ARGV[2]) end
+local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1][1]
+local text = ''
+if tonumber(ARGV[1]) < len then text = redis.call('GETRANGE', KEYS[3], ARGV[1], -1) end
+return {'OK', last, text, redis.call('HGETALL', KEYS[2])}
+""",
+)
+
+# ------------------------------------------------------------- namespace-wide keys
+
+INDEX_TOUCH = Script(
+    "index_touch",
+    _PRELUDE
+    + r"""
+-- Set the active-index hint of some requests to now + ttl (server clock).
+-- KEYS[1] active index. ARGV: lease_ttl_ms, mode ('add' or 'xx'), request ids...
+local score = now_ms() + tonumber(ARGV[1])
+local n = 0
+for i = 3, #ARGV do
+  if ARGV[2] == 'xx' then n = n + redis.call('ZADD', KEYS[1], 'XX', 'CH', score, ARGV[i])
+  else n = n + redis.call('ZADD', KEYS[1], 'CH', score, ARGV[i]) end
+end
+return n
+""",
+)
+
+ORPHAN_CANDIDATES = Script(
+    "orphan_candidates",
+    _PRELUDE
+    + r"""
+-- Request ids whose indexed lease deadline has passed; cost O(log N + limit).
+-- KEYS[1] active index. ARGV: limit
+local now = now_ms()
+return {now, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))}
+""",
+)
+
+BREAKER_ALLOW = Script(
+    "breaker_allow",
+    _PRELUDE
+    + r"""
+-- May this worker use the backend now? CLOSED, PROBE (you are the one half-open probe)
+-- or OPEN (skip it; second value = ms until it may be probed).
+-- KEYS[1] breaker hash. ARGV: worker_id, probe_ttl_ms
+local f = redis.call('HMGET', KEYS[1], 'state', 'open_until', 'probe_until', 'probe_owner')
+local state = f[1] or 'closed'
+if state == 'closed' then return {'CLOSED', 0} end
+local now = now_ms()
+local open_until = num(f[2], 'open_until')
+if state == 'open' and now < open_until then return {'OPEN', open_until - now} end
+local probe_until = num(f[3], 'probe_until')
+if state == 'half_open' and now < probe_until and f[4] ~= ARGV[1] then return {'OPEN', probe_until - now} end
+redis.call('HSET', KEYS[1], 'state', 'half_open', 'probe_until', now + tonumber(ARGV[2]), 'probe_owner', ARGV[1])
+return {'PROBE', 0}
+""",
+)
+
+BREAKER_RECORD = Script(
+    "breaker_record",
+    _PRELUDE
+    + r"""
+-- Count a success (close) or a failure (open after `threshold` failures within
+-- `window_ms`, or at once when the failed call was the half-open probe).
+-- KEYS[1] breaker hash. ARGV: 'ok' or 'fail', threshold, window_ms, cooldown_ms
+local now = now_ms()
+if ARGV[1] == 'ok' then
+  redis.call('DEL', KEYS[1])
+  return {'closed', 0}
+end
+local f = redis.call('HMGET', KEYS[1], 'state', 'failures', 'window_start')
+local failures = num(f[2], 'failures')
+if now - num(f[3], 'window_start') > tonumber(ARGV[3]) then
+  failures = 0
+  redis.call('HSET', KEYS[1], 'window_start', now)
+end
+failures = failures + 1
+redis.call('HSET', KEYS[1], 'failures', failures)
+if f[1] == 'half_open' or failures >= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'open_until', now + tonumber(ARGV[4]))
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]) + tonumber(ARGV[3]) + 60000)
+  return {'open', failures}
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + 60000)
+return {f[1] or 'closed', failures}
+""",
+)
+
+ALL: tuple[Script, ...] = (
+    START,
+    APPEND,
+    HEARTBEAT,
+    UPDATE,
+    FINISH,
+    CLAIM,
+    READ,
+    LEASE_STATUS,
+    FOLLOW_READ,
+    INDEX_TOUCH,
+    ORPHAN_CANDIDATES,
+    BREAKER_ALLOW,
+    BREAKER_RECORD,
+)
