@@ -87,3 +87,11 @@ class ContentPolicyError(GenerationError):
 
 class RequestFailedError(GenerationError):
     """A followed request ended with an error recorded by the worker that ran it."""
+
+
+class UnknownRequestError(FloCoordError, LookupError):
+    """No such request: never tracked, or its retention period is over."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        super().__init__(f"unknown request {request_id!r} (never tracked, or its retention period is over)")

@@ -1,0 +1,63 @@
+"""A circuit breaker per backend, shared by every worker through Redis.
+
+When one worker sees a backend fail ``threshold`` times within ``window`` seconds, the
+breaker opens for everyone: workers skip that backend for ``cooldown`` seconds. Then
+exactly one worker gets to probe it (half-open); its success closes the breaker for all,
+its failure opens it again. State is one small hash per backend (one slot), changed only
+by the Lua scripts BREAKER_ALLOW and BREAKER_RECORD, timed by the Redis server clock.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from flo_coord.codec import text
+from flo_coord.core import Eval, Operation, ok
+from flo_coord.errors import ConfigError
+from flo_coord.keys import Keys
+from flo_coord.scripts import BREAKER_ALLOW, BREAKER_RECORD
+
+
+class BreakerConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """Circuit-breaker policy (seconds)."""
+
+    threshold: int = 3
+    window: float = 30.0
+    cooldown: float = 10.0
+    probe_ttl: float = 30.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 1:
+            raise ConfigError(f"breaker threshold must be an integer >= 1, got {self.threshold!r}")
+        for name in ("window", "cooldown", "probe_ttl"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"breaker {name} must be a number of seconds > 0, got {value!r}")
+
+
+Decision = Literal["CLOSED", "PROBE", "OPEN"]
+
+
+class CircuitBreaker:
+    """Operations on the shared breakers of one namespace (run them with a shell)."""
+
+    def __init__(self, keys: Keys, worker_id: str, config: BreakerConfig | None = None) -> None:
+        self.keys = keys
+        self.worker_id = worker_id
+        self.config = config or BreakerConfig()
+
+    def allow(self, backend: str) -> Operation[Decision]:
+        """CLOSED (use it), PROBE (use it: you are the half-open probe) or OPEN (skip it)."""
+        (reply,) = yield [
+            Eval(BREAKER_ALLOW, (self.keys.breaker(backend),), (self.worker_id, int(self.config.probe_ttl * 1000)))
+        ]
+        return text(ok(reply)[0])  # type: ignore[return-value]
+
+    def record(self, backend: str, success: bool) -> Operation[str]:
+        """Count one outcome; returns the breaker state after it (closed, open, ...)."""
+        c = self.config
+        args = ("ok" if success else "fail", c.threshold, int(c.window * 1000), int(c.cooldown * 1000))
+        (reply,) = yield [Eval(BREAKER_RECORD, (self.keys.breaker(backend),), args)]
+        return text(ok(reply)[0])

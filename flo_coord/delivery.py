@@ -1,0 +1,57 @@
+"""Resumable delivery: any replica can serve ``follow(request_id, offset)``.
+
+The committed answer is the request's text key; a follower reads it from its offset,
+then blocks on the request's notification feed (a stream in the same hash slot) until
+the next commit or the end marker. FOLLOW_READ returns the feed's last id atomically
+with the text, so a commit that lands between the read and the wait is never missed.
+Followers see only committed text: exactly what Redis acknowledged, once, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from flo_coord import defaults, validation
+from flo_coord.core import Cmd, Operation, ok
+from flo_coord.errors import RequestFailedError, UnknownRequestError
+
+if TYPE_CHECKING:
+    from flo_coord.manager import AsyncFailoverManager
+
+
+def _wait_feed(feed: str, last_id: str, block_ms: int) -> Operation[None]:
+    (reply,) = yield [Cmd(("XREAD", "BLOCK", block_ms, "COUNT", 1, "STREAMS", feed, last_id))]
+    ok(reply)
+
+
+async def follow(
+    manager: AsyncFailoverManager, request_id: str, offset: int = 0, *, poll: float = defaults.FOLLOW_POLL
+) -> AsyncIterator[str]:
+    """Yield the answer from character ``offset`` on, as it is committed, until it ends.
+
+    Raises UnknownRequestError for a request that does not exist, and RequestFailedError
+    (with the worker's reason) when the request ended in failure.
+    """
+    core = manager.core
+    rid = validation.request_id(request_id, core.limits)
+    skip = validation.offset(offset)
+    feed = core.keys.request(rid).feed
+    position = 0  # bytes of committed text already read (always at a chunk boundary)
+    block_ms = max(1, int(poll * 1000))
+    while True:
+        read = await manager.shell.run(core.follow_read(rid, position), "follow", rid)
+        if read is None:
+            raise UnknownRequestError(rid)
+        last_id, data, outcome = read
+        position += len(data)
+        chunk = data.decode("utf-8")
+        if skip:
+            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+        if chunk:
+            yield chunk
+        if outcome is not None:
+            if outcome.state == "Failed":
+                raise RequestFailedError(rid, f"request {rid!r} failed: {outcome.error}")
+            return
+        await manager.shell.run(_wait_feed(feed, last_id, block_ms), "follow", rid)

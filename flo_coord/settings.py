@@ -1,0 +1,160 @@
+"""One configuration file (TOML), decoded and validated with msgspec.
+
+Precedence, highest first: command-line flags > environment variables > this file >
+the defaults in ``flo_coord.defaults``. Example (every key, with its default)::
+
+    [redis]
+    url = "redis://localhost:6379/0"   # or $FLO_REDIS_URL
+    namespace = "flo"                  # or $FLO_NAMESPACE
+    durability = "primary"             # "replica": WAIT for one replica on each write
+
+    [ownership]
+    lease_ttl = 5.0        # seconds a worker owns a request without renewing
+    max_age = 86400.0      # keys of requests nobody completes expire after this
+    retention = 3600.0     # finished answers stay followable this long
+
+    [failover]
+    max_retries = 2
+    failover_timeout = 30.0
+    min_tokens_for_recovery = 5
+    include_prefix = true
+    fallback_order = ["Realizar", "Ollama", "Together", "Groq"]
+
+    [executor]
+    first_token_timeout = 30.0
+    stall_timeout = 15.0
+    same_backend_retries = 1
+    rate_limit_retries = 2
+    rate_limit_max_wait = 30.0
+    backoff_initial = 0.5
+    backoff_max = 8.0
+
+    [breaker]
+    threshold = 3
+    window = 30.0
+    cooldown = 10.0
+    probe_ttl = 30.0
+
+    [[backends]]
+    name = "Vllm"                      # a ServingBackend name
+    kind = "openai"                    # or "ollama"
+    base_url = "http://vllm:8000"
+    model = "meta-llama/Llama-3.1-8B-Instruct"
+    api_key_env = "VLLM_API_KEY"       # the variable's NAME; the key is never stored
+    prefill = true
+    chat = true
+    completions = true
+    connect_timeout = 5.0
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from flo_coord import defaults
+from flo_coord.backends import BackendSpec
+from flo_coord.breaker import BreakerConfig
+from flo_coord.errors import ConfigError
+from flo_coord.executor import ExecutorConfig
+from flo_coord.models import FailoverConfig
+
+#: Environment variables that override the file (and are overridden by flags).
+ENVIRONMENT = {
+    "FLO_REDIS_URL": ("redis", "url"),
+    "FLO_NAMESPACE": ("redis", "namespace"),
+    "FLO_DURABILITY": ("redis", "durability"),
+    "FLO_LEASE_TTL": ("ownership", "lease_ttl"),
+}
+#: Environment variable naming the TOML file when no ``--config`` flag is given.
+CONFIG_ENV = "FLO_CONFIG"
+
+
+class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    url: str = defaults.REDIS_URL
+    namespace: str = defaults.NAMESPACE
+    durability: Literal["primary", "replica"] = "primary"
+
+
+class OwnershipSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    lease_ttl: float = defaults.LEASE_TTL
+    max_age: float = defaults.MAX_AGE
+    retention: float = defaults.RETENTION
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
+    ownership: OwnershipSettings = msgspec.field(default_factory=OwnershipSettings)
+    failover: FailoverConfig = msgspec.field(default_factory=FailoverConfig)
+    executor: ExecutorConfig = msgspec.field(default_factory=ExecutorConfig)
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    backends: list[BackendSpec] = msgspec.field(default_factory=list)
+
+    def coordinator_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Coordinator`` (backends included)."""
+        return {
+            "backends": self.backends,
+            "url": self.redis.url,
+            "namespace": self.redis.namespace,
+            "config": self.failover,
+            "lease_ttl": self.ownership.lease_ttl,
+            "max_age": self.ownership.max_age,
+            "retention": self.ownership.retention,
+            "executor": self.executor,
+            "breaker": self.breaker,
+            "durability": self.redis.durability,
+        }
+
+
+def _merge(base: dict[str, Any], overrides: dict[tuple[str, str], Any]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for (section, key), value in overrides.items():
+        if value is not None:
+            merged.setdefault(section, {})[key] = value
+    return merged
+
+
+def _environment(environ: dict[str, str]) -> dict[tuple[str, str], Any]:
+    out: dict[tuple[str, str], Any] = {}
+    for variable, place in ENVIRONMENT.items():
+        if environ.get(variable):
+            out[place] = environ[variable]
+    return out
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    overrides: dict[tuple[str, str], Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Settings from flags (``overrides``), the environment, the TOML file and defaults."""
+    environ = dict(os.environ) if environ is None else environ
+    path = path or environ.get(CONFIG_ENV)
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    data = _merge(data, _environment(environ))
+    data = _merge(data, overrides or {})
+    try:
+        # strict=False lets environment strings ("2.5") become numbers where the schema says so.
+        return msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def decode_failover_config(data: bytes | str) -> FailoverConfig:
+    """A FailoverConfig from JSON; every problem is a ConfigError."""
+    try:
+        return msgspec.json.decode(data, type=FailoverConfig)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"invalid failover config: {exc}") from None
