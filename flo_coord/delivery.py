@@ -9,6 +9,8 @@ Followers see only committed text: exactly what Redis acknowledged, once, in ord
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -26,11 +28,17 @@ def _wait_feed(feed: str, last_id: str, block_ms: int) -> Operation[None]:
 
 
 async def follow(
-    manager: AsyncFailoverManager, request_id: str, offset: int = 0, *, poll: float = defaults.FOLLOW_POLL
+    manager: AsyncFailoverManager,
+    request_id: str,
+    offset: int = 0,
+    *,
+    wait: float = 0.0,
+    poll: float = defaults.FOLLOW_POLL,
 ) -> AsyncIterator[str]:
     """Yield the answer from character ``offset`` on, as it is committed, until it ends.
 
-    Raises UnknownRequestError for a request that does not exist, and RequestFailedError
+    Raises UnknownRequestError for a request that does not exist (after waiting up to
+    ``wait`` seconds for a submitted one to be taken by a worker), and RequestFailedError
     (with the worker's reason) when the request ended in failure.
     """
     core = manager.core
@@ -39,9 +47,13 @@ async def follow(
     feed = core.keys.request(rid).feed
     position = 0  # bytes of committed text already read (always at a chunk boundary)
     block_ms = max(1, int(poll * 1000))
+    give_up_at = time.monotonic() + wait
     while True:
         read = await manager.shell.run(core.follow_read(rid, position), "follow", rid)
         if read is None:
+            if time.monotonic() < give_up_at:
+                await asyncio.sleep(0.05)
+                continue
             raise UnknownRequestError(rid)
         last_id, data, outcome = read
         position += len(data)

@@ -169,7 +169,7 @@ class Coordinator:
         if self._heartbeat is None:
             self._heartbeat = self.manager.start_heartbeat()
         if reap and self._reaper is None:
-            self._reaper = AsyncReaper(self.manager, self._resume_later, reap_interval)
+            self._reaper = AsyncReaper(self.manager, self.resume_in_background, reap_interval)
             self._reaper.start()
         return self
 
@@ -244,19 +244,24 @@ class Coordinator:
         except LeaseLostError:
             log.warning("lost %s again while resuming it", ctx.request_id)
 
-    def follow(self, request_id: str, offset: int = 0) -> AsyncIterator[str]:
-        """The committed answer from character ``offset`` on, live, from any replica."""
-        return follow(self.manager, request_id, offset)
+    def follow(self, request_id: str, offset: int = 0, *, wait: float = 0.0) -> AsyncIterator[str]:
+        """The committed answer from character ``offset`` on, live, from any replica.
+
+        ``wait``: seconds to wait for a just-submitted request to be taken by a worker.
+        """
+        return follow(self.manager, request_id, offset, wait=wait)
 
     async def outcome(self, request_id: str) -> RequestOutcome | None:
         return await self.manager.outcome(request_id)
 
     # ------------------------------------------------------------------ internals
 
-    def _resume_later(self, ctx: StreamingContext) -> None:
+    def resume_in_background(self, ctx: StreamingContext) -> asyncio.Task[None]:
+        """Finish ``ctx`` in a task this Coordinator tracks (``aclose`` hands it back)."""
         task = asyncio.get_running_loop().create_task(self._resume_logged(ctx), name=f"resume-{ctx.request_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _resume_logged(self, ctx: StreamingContext) -> None:
         log.info("resuming %s at epoch %d from %d chars", ctx.request_id, ctx.epoch, len(ctx.generated_prefix))

@@ -29,7 +29,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, rex.BusyLoadingError | rex.ReadOnlyError):
         return True
     if isinstance(exc, rex.ResponseError):
-        return str(exc).startswith(_TRANSIENT_PREFIXES)
+        return str(exc).split(" ", 1)[0] in _TRANSIENT_PREFIXES  # not BUSYGROUP
     return isinstance(exc, rex.ClusterDownError | rex.TryAgainError | rex.MasterDownError)
 
 
