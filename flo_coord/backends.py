@@ -7,12 +7,13 @@ the HTTP read timeout is disabled here on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -208,7 +209,7 @@ class BackendHTTPError(BackendError):
         self.code = code
         self.message = message if message is not None else body_text.strip()
         detail = f"HTTP {status}" if status is not None else "rejected locally"
-        if code:
+        if code and code != str(status):
             detail += f" [{code}]"
         if self.message:
             detail += f": {_shorten(self.message)}"
@@ -267,25 +268,23 @@ _PREFILL_PATTERNS = re.compile(
 )
 
 
-def _error_fields(body_text: str) -> tuple[str, str | None]:
-    """(message, code) out of the error body shapes of OpenAI, vLLM, llama.cpp, Ollama and FastAPI."""
+def _error_fields(body_text: str) -> tuple[str, str | None, str | None]:
+    """(message, code, type) out of the error bodies of OpenAI, vLLM, llama.cpp, Ollama and FastAPI."""
     try:
         obj = msgspec.json.decode(body_text)
     except msgspec.DecodeError:
-        return body_text.strip(), None
+        return body_text.strip(), None, None
     if not isinstance(obj, dict):
-        return body_text.strip(), None
+        return body_text.strip(), None, None
     err = obj.get("error", obj)
     if isinstance(err, str):
-        return err, None
+        return err, None, None
     if not isinstance(err, dict):
-        return body_text.strip(), None
+        return body_text.strip(), None, None
     message = err.get("message", err.get("detail", ""))
-    code = err.get("code")
-    if code is None or code == "":
-        code = err.get("type")
     message = message if isinstance(message, str) else msgspec.json.encode(message).decode()
-    return message, None if code is None else str(code)
+    code, kind = err.get("code"), err.get("type")
+    return message, None if code in (None, "") else str(code), None if kind in (None, "") else str(kind)
 
 
 def classify_error(
@@ -297,8 +296,9 @@ def classify_error(
     received_text: bool = False,
 ) -> BackendHTTPError:
     """The typed error for an error status and body (or an in-stream error object)."""
-    message, code = _error_fields(body_text)
-    cls = _error_class(status, message.lower(), (code or "").lower())
+    message, code, kind = _error_fields(body_text)
+    codes = {c.lower() for c in (code, kind) if c}
+    cls = _error_class(status, message.lower(), codes)
     return cls(
         status,
         body_text,
@@ -306,12 +306,12 @@ def classify_error(
         backend=spec.name,
         model=spec.model,
         message=message,
-        code=code,
+        code=code or kind,
         received_text=received_text,
     )
 
 
-def _error_class(status: int, message: str, code: str) -> type[BackendHTTPError]:
+def _error_class(status: int, message: str, codes: set[str]) -> type[BackendHTTPError]:
     if status == 429:
         return RateLimitedError
     if status >= 500:
@@ -319,9 +319,9 @@ def _error_class(status: int, message: str, code: str) -> type[BackendHTTPError]
     if not 400 <= status < 500:
         return BackendHTTPError
     # explicit codes win over wording; wording is checked most specific first
-    if code in _POLICY_CODES:
+    if codes & _POLICY_CODES:
         return ContentPolicyRejection
-    if code in _CONTEXT_CODES or status == 413:
+    if codes & _CONTEXT_CODES or status == 413:
         return ContextLengthError
     if _PREFILL_PATTERNS.search(message):
         return PrefillRejectedError
@@ -372,7 +372,7 @@ def _retry_after(headers: httpx.Headers) -> float | None:
 class Backend(Protocol):
     spec: BackendSpec
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         """TextChunk* then one StreamEnd; cancel the task or ``aclose()`` it to drop the HTTP response."""
         ...
 
@@ -397,6 +397,14 @@ def _optional_str(obj: dict[str, Any], key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise _ChunkShapeError(f"{key} is not a string")
     return value
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause (httpx wraps a reset in layers whose own text is empty)."""
+    seen = 0
+    while (inner := exc.__cause__ or exc.__context__) is not None and seen < 8:
+        exc, seen = inner, seen + 1
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _redact(text: str, secret: str | None) -> str:
@@ -462,7 +470,7 @@ class _HTTPBackend:
                 messages.append({"role": "assistant", "content": request.prefix})
         return messages
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         self._check_capabilities(request)
         url, payload = self._build(request)
         key = self._api_key()
@@ -477,15 +485,17 @@ class _HTTPBackend:
             ) as response:
                 if not response.is_success:
                     raise await self._status_error(response, key)
-                async for event in self._events(response):
-                    received = received or isinstance(event, TextChunk)
-                    yield event
+                # aclosing: an early exit must finalise the parser now, not whenever it is collected
+                async with contextlib.aclosing(self._events(response)) as events:
+                    async for event in events:
+                        received = received or isinstance(event, TextChunk)
+                        yield event
         except httpx.TransportError as exc:
             raise self._connect_error(exc, received, key) from exc
 
     def _connect_error(self, exc: httpx.TransportError, received: bool, key: str | None) -> BackendConnectError:
         when = "mid-stream after text was received" if received else "before any text was received"
-        detail = _redact(f"connection failed {when}: {type(exc).__name__}: {exc}", key)
+        detail = _redact(f"connection failed {when}: {type(exc).__name__}: {_root_cause(exc)}", key)
         return BackendConnectError(detail, backend=self.spec.name, model=self.spec.model, received_text=received)
 
     async def _status_error(self, response: httpx.Response, key: str | None) -> BackendHTTPError:
@@ -512,7 +522,7 @@ class _HTTPBackend:
 
     def _in_stream_error(self, error: Any, received: bool) -> BackendHTTPError:
         body = msgspec.json.encode({"error": error}).decode()
-        message, code = _error_fields(body)
+        message, code, _ = _error_fields(body)
         return classify_error(self.spec, _stream_error_status(code, message), body, received_text=received)
 
     # subclass hooks
@@ -521,14 +531,14 @@ class _HTTPBackend:
     def _build(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         raise NotImplementedError
 
-    def _events(self, response: httpx.Response) -> AsyncIterator[StreamEvent]:
+    def _events(self, response: httpx.Response) -> AsyncGenerator[StreamEvent, None]:
         raise NotImplementedError
 
 
 # ------------------------------------------------------------------------------ OpenAI
 
 
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, bool]]:
+async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[tuple[str, bool], None]:
     """The data payload of each SSE event, with False for a trailing event cut by EOF."""
     data: list[str] = []
     async for line in lines:
@@ -579,33 +589,34 @@ class OpenAIBackend(_HTTPBackend):
             payload.update(_PREFILL_EXTRA.get(self.spec.name, {}))
         return _openai_url(self.spec.base_url, "/chat/completions"), payload
 
-    def _events(self, response: httpx.Response) -> AsyncIterator[StreamEvent]:
+    def _events(self, response: httpx.Response) -> AsyncGenerator[StreamEvent, None]:
         return self._parse_sse(response, chat=response.url.path.endswith("/chat/completions"))
 
-    async def _parse_sse(self, response: httpx.Response, *, chat: bool) -> AsyncIterator[StreamEvent]:
+    async def _parse_sse(self, response: httpx.Response, *, chat: bool) -> AsyncGenerator[StreamEvent, None]:
         received = False
         finish: str | None = None
         usage: dict[str, int] | None = None
         model: str | None = None
-        async for data, complete in _sse_data(response.aiter_lines()):
-            if data.strip() == "[DONE]":
-                yield StreamEnd(finish, usage, model)
-                return
-            try:
-                obj = msgspec.json.decode(data)
-                text, chunk_finish, chunk_usage, chunk_model, error = _openai_chunk(obj, chat)
-            except (msgspec.DecodeError, _ChunkShapeError) as exc:
-                if not complete:
-                    break  # a half-written final event is a cut, not garbage
-                raise self._malformed(f"malformed stream chunk ({exc})", data, received) from None
-            if error is not None:
-                raise self._in_stream_error(error, received)
-            finish = chunk_finish or finish
-            usage = chunk_usage or usage
-            model = chunk_model or model
-            if text:
-                received = True
-                yield TextChunk(text)
+        async with contextlib.aclosing(_sse_data(response.aiter_lines())) as payloads:
+            async for data, complete in payloads:
+                if data.strip() == "[DONE]":
+                    yield StreamEnd(finish, usage, model)
+                    return
+                try:
+                    obj = msgspec.json.decode(data)
+                    text, chunk_finish, chunk_usage, chunk_model, error = _openai_chunk(obj, chat)
+                except (msgspec.DecodeError, _ChunkShapeError) as exc:
+                    if not complete:
+                        break  # a half-written final event is a cut, not garbage
+                    raise self._malformed(f"malformed stream chunk ({exc})", data, received) from None
+                if error is not None:
+                    raise self._in_stream_error(error, received)
+                finish = chunk_finish or finish
+                usage = chunk_usage or usage
+                model = chunk_model or model
+                if text:
+                    received = True
+                    yield TextChunk(text)
         if finish is None:
             raise self._cut(received, "[DONE] or a finish_reason")
         yield StreamEnd(finish, usage, model)
@@ -660,10 +671,10 @@ class OllamaBackend(_HTTPBackend):
         payload["messages"] = self._chat_messages(request)
         return f"{base}/api/chat", payload
 
-    def _events(self, response: httpx.Response) -> AsyncIterator[StreamEvent]:
+    def _events(self, response: httpx.Response) -> AsyncGenerator[StreamEvent, None]:
         return self._parse_ndjson(response, chat=response.url.path.endswith("/api/chat"))
 
-    async def _parse_ndjson(self, response: httpx.Response, *, chat: bool) -> AsyncIterator[StreamEvent]:
+    async def _parse_ndjson(self, response: httpx.Response, *, chat: bool) -> AsyncGenerator[StreamEvent, None]:
         received = False
         async for line, complete in _ndjson_lines(response.aiter_text()):
             try:
@@ -684,7 +695,7 @@ class OllamaBackend(_HTTPBackend):
         raise self._cut(received, "a done: true line")
 
 
-async def _ndjson_lines(chunks: AsyncIterator[str]) -> AsyncIterator[tuple[str, bool]]:
+async def _ndjson_lines(chunks: AsyncIterator[str]) -> AsyncGenerator[tuple[str, bool], None]:
     """Non-blank lines, each with False when it is a trailing line not ended by a newline."""
     buffer = ""
     async for chunk in chunks:

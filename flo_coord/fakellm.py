@@ -17,9 +17,9 @@ Fault syntax: ``kind[:args][*times]``; without ``*times`` a fault hits every req
     die_after:K           K tokens, then a hard reset (RST)
     stall:K:SECONDS       K tokens, then silence for SECONDS, then the rest
     slow_first:SECONDS    headers at once, first token after SECONDS
-    malformed:K           K tokens, a garbage ``data: {not json`` line, then the rest
+    malformed:K           K tokens, a garbage ``data: {not json`` line (Ollama: ``{not json``), then the rest
     stream_error:K        K tokens, then an in-stream error object and close
-    no_done               the whole answer and finish_reason, but no ``[DONE]``
+    no_done               the whole answer and finish_reason, but no ``[DONE]`` (no-op for Ollama)
     context_length        400 ``context_length_exceeded``
     content_policy        400 ``content_policy_violation`` with a reason
     reject_prefill        400 when the last chat message is from the assistant
@@ -97,7 +97,11 @@ def _field(message: Any, name: str) -> str:
 
 
 def split_continuation(text: str, n_tokens: int = DEFAULT_TOKENS) -> tuple[str, str]:
-    """(original prompt, already generated prefix) of a completions prompt; prefix "" if fresh."""
+    """(original prompt, already generated prefix) of a completions prompt; prefix "" if fresh.
+
+    The prefix must hold the whole head token (any split after it works): a prompt merely
+    ending in "<" must not pass for a continuation. Chat prefill has no such limit.
+    """
     at = text.rfind(HEAD_TOKEN)
     while at >= 0:
         head, tail = text[:at], text[at:]
@@ -428,6 +432,7 @@ class _Generation:
     stream: bool
     max_tokens: int | None
     include_usage: bool
+    body: dict[str, Any] = field(default_factory=dict)
     entry: dict[str, Any] = field(default_factory=dict)
 
 
@@ -456,10 +461,10 @@ class FakeLLMServer:
         self.model_delays: dict[str, float] = dict(model_delays or {})
         self.n_tokens = n_tokens
         self._faults: dict[str, _FaultState] = {}
-        for model, spec in (faults or {}).items():
-            self.set_fault(model, spec)
         self._requests: list[dict[str, Any]] = []
         self._models: set[str] = {DEFAULT_MODEL}
+        for model, spec in (faults or {}).items():
+            self.set_fault(model, spec)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port = 0
@@ -539,6 +544,9 @@ class FakeLLMServer:
             with contextlib.suppress(ConnectionError):
                 await conn.send_json(400, {"error": {"message": str(exc), "type": "invalid_request_error"}})
         except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            # only stop() cancels these tasks; re-raising would make asyncio's stream callback log it
             pass
         finally:
             await conn.close()
@@ -626,9 +634,9 @@ class FakeLLMServer:
             raise _BadRequestError("messages must be a non-empty list of objects")
         if not chat and not isinstance(prompt, str):
             raise _BadRequestError("prompt must be a string")
-        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        options = _dict(body.get("options"))
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", options.get("num_predict")))
-        stream_options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+        stream_options = _dict(body.get("stream_options"))
         return _Generation(
             api=api,
             model=body["model"],
@@ -638,6 +646,7 @@ class FakeLLMServer:
             stream=bool(body.get("stream", api == "ollama")),  # Ollama streams unless told not to
             max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
             include_usage=bool(stream_options.get("include_usage")),
+            body=body,
         )
 
     def _record(self, request: _Request, gen: _Generation, fault: Fault | None) -> dict[str, Any]:
@@ -652,6 +661,7 @@ class FakeLLMServer:
             "max_tokens": gen.max_tokens,
             "fault": fault.spec if fault else None,
             "authorization": request.headers.get("authorization"),
+            "body": gen.body,
             "outcome": "started",
             "tokens_sent": 0,
             "at": time.time(),
@@ -668,9 +678,10 @@ class FakeLLMServer:
         try:
             if fault is not None and await self._refuse_early(conn, gen, wire, fault):
                 return
-            base, prefix = _chat_split(gen.messages, self.n_tokens) if chat else split_continuation(gen.prompt or "")
+            messages = gen.messages or []
+            base, prefix = _chat_split(messages, self.n_tokens) if chat else split_continuation(gen.prompt or "")
             chunks, reason = _remaining(base, prefix, self.n_tokens, gen.max_tokens)
-            prompt_words = len((render_messages(gen.messages) if chat else gen.prompt or "").split())
+            prompt_words = len((render_messages(messages) if chat else gen.prompt or "").split())
             if not gen.stream:
                 usage = _usage(prompt_words, len(chunks))
                 await conn.send_json(200, wire.whole("".join(chunks), reason, usage))
@@ -751,6 +762,10 @@ class FakeLLMServer:
         return True  # cut: the caller's finally closes cleanly (FIN, no terminator)
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _prefill(gen: _Generation) -> bool:
     return bool(gen.chat and gen.messages and _field(gen.messages[-1], "role") == "assistant")
 
@@ -788,6 +803,12 @@ class FakeLLMServerThread:
 
     def clear_faults(self) -> None:
         self.call(self.server.clear_faults)
+
+    def clear_requests(self) -> None:
+        self.call(self.server.clear_requests)
+
+    def set_token_delay(self, seconds: float, model: str | None = None) -> None:
+        self.call(lambda: self.server.set_token_delay(seconds, model))
 
     def start(self) -> FakeLLMServerThread:
         ready = threading.Event()
