@@ -2,7 +2,7 @@
 
 When one worker sees a backend fail ``threshold`` times within ``window`` seconds, the
 breaker opens for everyone: workers skip that backend for ``cooldown`` seconds. Then
-exactly one worker gets to probe it (half-open); its success closes the breaker for all,
+exactly one caller (for the Coordinator: one request) probes it (half-open); its success closes it for all,
 its failure opens it again. State is one small hash per backend (one slot), changed only
 by the Lua scripts BREAKER_ALLOW and BREAKER_RECORD, timed by the Redis server clock.
 """
@@ -48,10 +48,15 @@ class CircuitBreaker:
         self.worker_id = worker_id
         self.config = config or BreakerConfig()
 
-    def allow(self, backend: str) -> Operation[Decision]:
-        """CLOSED (use it), PROBE (use it: you are the half-open probe) or OPEN (skip it)."""
+    def allow(self, backend: str, probe_id: str | None = None) -> Operation[Decision]:
+        """CLOSED (use it), PROBE (use it: you are the half-open probe) or OPEN (skip it).
+
+        ``probe_id`` names the one caller that may probe (default: this worker). Pass one per
+        request, or a worker with many requests in flight sends them all to a half-open backend.
+        """
+        owner = probe_id if probe_id is not None else self.worker_id
         (reply,) = yield [
-            Eval(BREAKER_ALLOW, (self.keys.breaker(backend),), (self.worker_id, int(self.config.probe_ttl * 1000)))
+            Eval(BREAKER_ALLOW, (self.keys.breaker(backend),), (owner, int(self.config.probe_ttl * 1000)))
         ]
         return text(ok(reply)[0])  # type: ignore[return-value]
 

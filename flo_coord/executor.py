@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from flo_coord import defaults
+from flo_coord import defaults, logs
 from flo_coord.backends import (
     Backend,
     BackendError,
@@ -99,6 +99,8 @@ class StallTimeoutError(BackendError):
     """No chunk within the stall (or first-token) timeout while the connection stayed open."""
 
     transient = True
+    #: True when the request's failover budget ran out first: not the backend's fault
+    budget_exhausted = False
 
 
 @dataclass
@@ -110,7 +112,7 @@ class _Run:
     failed: set[str]
     attempts: list[FailoverAttempt] = field(default_factory=list)
     failovers: int = 0
-    recovery_deadline: float | None = None  # monotonic; set at the first failure
+    recovery_deadline: float | None = None  # monotonic; set by a failure, cleared by the next commit
     cause: BaseException | None = None  # the failure that made us fail over (reported on give-up)
     finish: StreamEnd | None = None
     finished_by: str | None = None
@@ -214,14 +216,18 @@ class Coordinator:
         ctx = await self.manager.start_tracking(request_id, prompt, primary, messages=messages, max_tokens=max_tokens)
         delivered = 0
         try:
-            async for chunk in self._generate(ctx):
-                delivered += len(chunk)
-                yield chunk
+            # aclosing: a caller that stops early must end the request (and close the backend's
+            # stream) before its aclose() returns, not whenever the generators are collected
+            async with contextlib.aclosing(self._generate(ctx)) as chunks:
+                async for chunk in chunks:
+                    delivered += len(chunk)
+                    yield chunk
         except LeaseLostError:
             # We stalled past our lease and another replica took over: deliver its commits.
             log.warning("lost %s to another worker; following its commits", request_id)
-            async for chunk in self.follow(request_id, offset=delivered):
-                yield chunk
+            async with contextlib.aclosing(self.follow(request_id, offset=delivered)) as rest:
+                async for chunk in rest:
+                    yield chunk
 
     async def run(
         self,
@@ -232,15 +238,18 @@ class Coordinator:
         max_tokens: int | None = None,
     ) -> RequestOutcome | None:
         """Generate to the end without a consumer (clients ``follow``); returns the outcome."""
-        async for _ in self.stream(request_id, prompt_or_messages, primary=primary, max_tokens=max_tokens):
-            pass
+        stream = self.stream(request_id, prompt_or_messages, primary=primary, max_tokens=max_tokens)
+        async with contextlib.aclosing(stream) as chunks:
+            async for _ in chunks:
+                pass
         return await self.manager.outcome(request_id)
 
     async def resume(self, ctx: StreamingContext) -> None:
         """Finish a request this worker claimed, from its committed prefix."""
         try:
-            async for _ in self._generate(ctx):
-                pass
+            async with contextlib.aclosing(self._generate(ctx)) as chunks:
+                async for _ in chunks:
+                    pass
         except LeaseLostError:
             log.warning("lost %s again while resuming it", ctx.request_id)
 
@@ -264,13 +273,15 @@ class Coordinator:
         return task
 
     async def _resume_logged(self, ctx: StreamingContext) -> None:
-        log.info("resuming %s at epoch %d from %d chars", ctx.request_id, ctx.epoch, len(ctx.generated_prefix))
-        try:
-            await self.resume(ctx)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("resumed request %s ended with %s", ctx.request_id, exc)
+        # every line logged while running this request (in its own task) names it
+        with logs.bound(worker_id=self.worker_id, request_id=ctx.request_id, epoch=ctx.epoch):
+            log.info("resuming %s at epoch %d from %d chars", ctx.request_id, ctx.epoch, len(ctx.generated_prefix))
+            try:
+                await self.resume(ctx)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("resumed request %s ended with %s", ctx.request_id, exc)
 
     async def _generate(self, ctx: StreamingContext) -> AsyncIterator[str]:
         run = _Run(ctx=ctx, prefix=ctx.generated_prefix, failed=set(ctx.failed_backends))
@@ -280,8 +291,9 @@ class Coordinator:
                 if backend is None:
                     await self._record(run, self._fallback_name(run), FailoverResult.NoBackendsAvailable)
                     raise await self._give_up(run, "no backend available")
-                async for chunk in self._try_backend(run, backend):
-                    yield chunk
+                async with contextlib.aclosing(self._try_backend(run, backend)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
             await self.manager.complete(run.request_id, backend=run.finished_by, model=run.finish.model)
         except (asyncio.CancelledError, GeneratorExit):
             await self._abandon(run)
@@ -322,7 +334,9 @@ class Coordinator:
                 continue
             if needs_prefill and not backend.spec.prefill:
                 continue  # it cannot continue a chat from a prefix
-            if await self.manager.shell.run(self.breaker.allow(name), "breaker", run.request_id) == "OPEN":
+            # one probe per request: a half-open backend gets one trial call, not this worker's every request
+            allow = self.breaker.allow(name, f"{self.worker_id}/{run.request_id}")
+            if await self.manager.shell.run(allow, "breaker", run.request_id) == "OPEN":
                 continue
             return name
         return None
@@ -333,8 +347,9 @@ class Coordinator:
         server_errors = rate_limits = 0
         while True:
             try:
-                async for chunk in self._call(run, name, backend):
-                    yield chunk
+                async with contextlib.aclosing(self._call(run, name, backend)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
                 return
             except ContentPolicyRejection as exc:
                 error = ContentPolicyError(run.request_id, exc.reason)
@@ -383,6 +398,7 @@ class Coordinator:
                     await self.manager.append_tokens(ctx.request_id, event.text)
                     run.prefix += event.text
                     produced += 1
+                    run.recovery_deadline = None  # recovered: failover_timeout bounds only the way back
                     yield event.text
         except BackendError as exc:
             timed_out = isinstance(exc, StallTimeoutError)
@@ -401,9 +417,13 @@ class Coordinator:
                 return await anext(events)
         except TimeoutError:
             what = "first token" if first else "next chunk"
-            raise StallTimeoutError(
-                f"no {what} within {timeout:.1f}s", backend=backend.spec.name, model=backend.spec.model
-            ) from None
+            exhausted = budget is not None and budget < limit
+            why = " (failover_timeout)" if exhausted else ""
+            error = StallTimeoutError(
+                f"no {what} within {timeout:.1f}s{why}", backend=backend.spec.name, model=backend.spec.model
+            )
+            error.budget_exhausted = exhausted
+            raise error from None
         except StopAsyncIteration:
             spec = backend.spec
             raise StreamCutError("stream ended without a finish", backend=spec.name, model=spec.model) from None
@@ -412,7 +432,8 @@ class Coordinator:
         """Mark ``name`` failed for this request and check the failover budget."""
         run.failed.add(name)
         await self.manager.mark_backend_failed(run.request_id, name)
-        request_specific = isinstance(exc, BadRequestError)
+        # a 4xx, or this request's own failover budget running out, says nothing about the backend
+        request_specific = isinstance(exc, BadRequestError) or getattr(exc, "budget_exhausted", False)
         if not request_specific:
             await self._breaker(name, False)
         if not isinstance(exc, PrefillRejectedError):
@@ -424,7 +445,7 @@ class Coordinator:
         if run.failovers > self.manager.config().max_retries:
             raise await self._give_up(run, f"gave up after {run.failovers - 1} failovers (max_retries)")
         if self._budget_left(run) == 0:
-            await self._record(run, name, FailoverResult.Timeout)
+            # the failed call is already recorded (by _call): no second, phantom attempt here
             raise await self._give_up(run, "failover_timeout exceeded")
 
     def _budget_left(self, run: _Run) -> float | None:
