@@ -1,0 +1,180 @@
+"""What every subcommand shares: user errors, configuration (flags > env > TOML > defaults), Redis checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from flo_coord.backends import BackendSpec
+    from flo_coord.manager import AsyncFailoverManager
+    from flo_coord.settings import Settings
+
+T = TypeVar("T")
+
+#: Environment variables of settings that exist only on the command line (not in the TOML file).
+CLI_ENVIRONMENT = {
+    "worker_id": "FLO_WORKER_ID",
+    "concurrency": "FLO_CONCURRENCY",
+    "metrics_port": "FLO_METRICS_PORT",
+    "log_format": "FLO_LOG_FORMAT",
+    "log_level": "FLO_LOG_LEVEL",
+}
+REDIS_HINT = "point --redis-url (or FLO_REDIS_URL) at a running Redis, or try 'flo-coord demo', which starts its own"
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (bad flag value, unreachable Redis, unknown request): exit code 2."""
+
+
+class CommandFailedError(Exception):
+    """Something went wrong that is not the user's input (a request failed): exit code 1."""
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to print)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def env_value(key: str, cast: Callable[[str], T], what: str) -> T | None:
+    """A CLI-only setting from its environment variable (``CLI_ENVIRONMENT``), or None."""
+    name = CLI_ENVIRONMENT[key]
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return cast(raw)
+    except (ValueError, TypeError):
+        raise UsageError(f"${name}={raw!r} is not {what}") from None
+
+
+def pick(flag: T | None, key: str, cast: Callable[[str], T], what: str, default: T) -> T:
+    """A CLI-only setting: the flag, else its environment variable, else ``default``."""
+    if flag is not None:
+        return flag
+    value = env_value(key, cast, what)
+    return default if value is None else value
+
+
+_BACKEND_RE = re.compile(r"^(?P<name>[A-Za-z0-9]+)=(?P<url>[^,]+),(?P<model>[^,]+)(?:,(?P<kind>[a-z]+))?$")
+
+
+def parse_backend(value: str) -> BackendSpec:
+    """``NAME=URL,MODEL[,KIND]`` (KIND: openai (default) or ollama) as a BackendSpec."""
+    from flo_coord.backends import BackendSpec
+    from flo_coord.errors import ConfigError
+
+    match = _BACKEND_RE.match(value.strip())
+    if match is None:
+        raise UsageError(f"--backend {value!r}: expected NAME=URL,MODEL[,KIND], e.g. Vllm=http://localhost:8000,llama")
+    try:
+        if match["kind"] not in (None, "openai", "ollama"):
+            raise UsageError(f"--backend {value!r}: KIND must be openai or ollama, got {match['kind']!r}")
+        kind: Literal["openai", "ollama"] = "ollama" if match["kind"] == "ollama" else "openai"
+        return BackendSpec(name=match["name"], base_url=match["url"], model=match["model"], kind=kind)
+    except ConfigError as exc:
+        raise UsageError(f"--backend {value!r}: {exc}") from None
+
+
+def load(args: Any) -> Settings:
+    """Settings for a subcommand: its flags, then FLO_* variables, then the TOML file, then the defaults."""
+    import msgspec
+
+    from flo_coord.models import ServingBackend
+    from flo_coord.settings import load_settings
+
+    overrides = {
+        ("redis", "url"): getattr(args, "redis_url", None),
+        ("redis", "namespace"): getattr(args, "namespace", None),
+        ("ownership", "lease_ttl"): getattr(args, "lease_ttl", None),
+    }
+    settings = load_settings(getattr(args, "config", None), overrides=overrides)
+    specs = [parse_backend(v) for v in getattr(args, "backend", None) or []]
+    if specs:
+        # Flags win over the file: these backends, tried in the order given, then the file's order.
+        settings.backends = specs
+        order = [ServingBackend.parse(s.name) for s in specs] + list(settings.failover.fallback_order)
+        settings.failover = msgspec.structs.replace(settings.failover, fallback_order=list(dict.fromkeys(order)))
+    return settings
+
+
+def unused_backends(settings: Settings) -> list[str]:
+    """Configured backends that ``failover.fallback_order`` never reaches (a worker warns about them)."""
+    order = {b.value for b in settings.failover.fallback_order}
+    return [spec.name for spec in settings.backends if spec.name not in order]
+
+
+def check_redis(url: str, timeout: float = 3.0) -> None:
+    """Fail fast, with a message saying what to do, when Redis at ``url`` cannot be used."""
+    import redis.exceptions as rex
+
+    from flo_coord.connection import connect
+    from flo_coord.errors import ConfigError
+
+    shown = redact(url)
+    try:
+        client = connect(url, timeout=timeout)
+    except (ConfigError, ValueError) as exc:
+        raise UsageError(f"bad Redis URL {shown}: {exc}; {REDIS_HINT}") from None
+    try:
+        client.ping()
+    except (rex.AuthenticationError, rex.AuthorizationError) as exc:
+        raise UsageError(f"Redis at {shown} refused the credentials ({exc}); fix the URL's user:password") from None
+    except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        reason = str(exc).rstrip(".") or type(exc).__name__
+        raise UsageError(f"cannot reach Redis at {shown} ({reason}); {REDIS_HINT}") from None
+    except rex.ResponseError as exc:
+        raise UsageError(f"Redis at {shown} answered PING with an error ({exc})") from None
+    finally:
+        client.close()
+
+
+def client_manager(settings: Settings, worker_id: str | None = None) -> AsyncFailoverManager:
+    """An AsyncFailoverManager for a client command (checked Redis first)."""
+    from flo_coord.manager import AsyncFailoverManager
+
+    check_redis(settings.redis.url)
+    return AsyncFailoverManager(
+        settings.failover,
+        url=settings.redis.url,
+        namespace=settings.redis.namespace,
+        worker_id=worker_id or f"cli-{os.getpid()}",
+        lease_ttl=settings.ownership.lease_ttl,
+        max_age=settings.ownership.max_age,
+        retention=settings.ownership.retention,
+        durability=settings.redis.durability,
+    )
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+async def redis_time(manager: AsyncFailoverManager) -> float:
+    """The Redis server's clock (leases are measured on it)."""
+    seconds, micros = await manager.redis.time()
+    return int(seconds) + int(micros) / 1e6
+
+
+def setup_logging(args: Any, default_level: str = "WARNING", **fields: Any) -> None:
+    from flo_coord import logs
+
+    fmt = pick(getattr(args, "log_format", None), "log_format", str, "a log format", "kv")
+    level = pick(getattr(args, "log_level", None), "log_level", str, "a log level", default_level)
+    if fmt not in logs.FORMATS:
+        raise UsageError(f"log format must be one of {', '.join(logs.FORMATS)}, got {fmt!r}")
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise UsageError(f"log level must be one of debug, info, warning, error, critical, got {level!r}")
+    logs.configure(fmt, level, **fields)

@@ -1,0 +1,177 @@
+"""Long-running subcommands: worker, serve-fake-llm; and bench (scripts/bench.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from flo_coord.cli.common import UsageError, check_redis, load, pick, run, setup_logging, unused_backends
+
+log = logging.getLogger("flo_coord.cli")
+
+# --------------------------------------------------------------------- worker
+
+
+def cmd_worker(args: Any) -> int:
+    from flo_coord import validation
+    from flo_coord.core import default_worker_id
+
+    settings = load(args)
+    worker_id = pick(args.worker_id, "worker_id", str, "a worker id", "") or default_worker_id()
+    validation.worker_id(worker_id, validation.Limits())
+    concurrency = pick(args.concurrency, "concurrency", int, "a whole number", 64)
+    metrics_port = pick(args.metrics_port, "metrics_port", int, "a TCP port", None)
+    if concurrency < 1:
+        raise UsageError(f"concurrency must be at least 1, got {concurrency}")
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        raise UsageError(f"metrics port must be 0-65535, got {metrics_port}")
+    setup_logging(args, "INFO", worker_id=worker_id)
+    if not settings.backends:
+        raise UsageError(
+            "no backends configured: add --backend NAME=URL,MODEL[,KIND] (e.g. Vllm=http://localhost:8000,llama) "
+            "or [[backends]] in the TOML file (--config or FLO_CONFIG)"
+        )
+    for name in unused_backends(settings):
+        log.warning("backend %s is configured but not in failover.fallback_order: it is never used", name)
+    metrics = None
+    if metrics_port is not None:
+        from flo_coord.metrics import WorkerMetrics
+
+        metrics = WorkerMetrics()
+        try:
+            bound = metrics.serve(metrics_port, args.metrics_addr)
+        except OSError as exc:
+            raise UsageError(f"cannot serve metrics on {args.metrics_addr}:{metrics_port}: {exc.strerror}") from None
+        log.info("metrics on http://%s:%d/metrics", args.metrics_addr, bound)
+    try:
+        check_redis(settings.redis.url)
+        return run(_worker(settings, worker_id, concurrency, args.grace, metrics, args.exit_with_parent))
+    finally:
+        if metrics is not None:
+            metrics.stop()
+
+
+async def _watch_parent(stop: Any, interval: float = 0.5) -> None:
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(interval)
+    log.warning("parent process %d exited; stopping", parent)
+    stop()
+
+
+async def _worker(
+    settings: Any, worker_id: str, concurrency: int, grace: float, metrics: Any, exit_with_parent: bool
+) -> int:
+    from flo_coord import queue
+    from flo_coord.executor import Coordinator
+    from flo_coord.worker import Worker
+
+    if metrics is not None:
+        from flo_coord.metrics import ObservedManager
+
+        manager = ObservedManager(
+            metrics,
+            settings.failover,
+            url=settings.redis.url,
+            namespace=settings.redis.namespace,
+            worker_id=worker_id,
+            lease_ttl=settings.ownership.lease_ttl,
+            max_age=settings.ownership.max_age,
+            retention=settings.ownership.retention,
+            durability=settings.redis.durability,
+        )
+        coordinator = Coordinator(
+            settings.backends, manager=manager, executor=settings.executor, breaker=settings.breaker
+        )
+    else:
+        coordinator = Coordinator(**settings.coordinator_options(), worker_id=worker_id)
+    worker = Worker(coordinator, concurrency=concurrency, grace=grace)
+    worker.install_signal_handlers()
+    watch = asyncio.create_task(_watch_parent(worker.request_stop)) if exit_with_parent else None
+    backends = ", ".join(f"{s.name}={s.base_url} ({s.model})" for s in settings.backends)
+    log.info("backends: %s; lease %.1fs; concurrency %d", backends, settings.ownership.lease_ttl, concurrency)
+    try:
+        # The group exists from here on, so anything submitted now is taken (Worker.run creates it too).
+        await worker.manager.shell.run(queue.ensure_group(worker.manager.core), "queue")
+        log.info("ready: worker %s taking requests from namespace %s", worker_id, settings.redis.namespace)
+        await worker.run()
+    finally:
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+    return 0
+
+
+# ------------------------------------------------------------- serve-fake-llm
+
+
+def cmd_fake_llm(args: Any) -> int:
+    from flo_coord import fakellm
+
+    argv = [
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--token-delay",
+        str(args.token_delay),
+        "--tokens",
+        str(args.tokens),
+    ]
+    for value in args.fault:
+        model, sep, spec = value.partition("=")
+        if not sep or not model:
+            raise UsageError(f"--fault must look like MODEL=SPEC (e.g. my-model=cut:5), got {value!r}")
+        try:
+            fakellm.parse_fault(spec)
+        except ValueError as exc:
+            raise UsageError(f"--fault {value!r}: {exc}") from None
+        argv += ["--fault", value]
+    for value in args.model_delay:
+        model, sep, delay = value.partition("=")
+        try:
+            if not sep or not model or float(delay) < 0:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--model-delay must look like MODEL=SECONDS, got {value!r}") from None
+        argv += ["--model-delay", value]
+    try:
+        fakellm.main(argv)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
+# ---------------------------------------------------------------------- bench
+
+
+def _bench_script() -> Path | None:
+    candidates = [Path(__file__).resolve().parents[2] / "scripts" / "bench.py", Path.cwd() / "scripts" / "bench.py"]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def cmd_bench(args: Any) -> int:
+    path = _bench_script()
+    if path is None:
+        raise UsageError(
+            "bench runs scripts/bench.py from a source checkout, and none was found; "
+            "run it from the repository root (git clone, then flo-coord bench)"
+        )
+    spec = importlib.util.spec_from_file_location("flo_coord_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    main = getattr(module, "main", None)
+    if main is None:
+        raise UsageError(f"{path} has no main(argv) function")
+    forwarded = list(args.bench_args)
+    if forwarded[:1] == ["--"]:
+        forwarded = forwarded[1:]
+    result = main(forwarded)
+    return int(result or 0)

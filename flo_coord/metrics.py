@@ -1,0 +1,161 @@
+"""Prometheus metrics of one worker (the optional ``metrics`` extra: ``pip install 'flo-coord[metrics]'``).
+
+``prometheus_client`` is imported only when metrics are created, so the package works
+without it. The numbers come from :class:`ObservedManager`, an ``AsyncFailoverManager``
+that times and counts the calls a Coordinator makes (appends, attempts, claims,
+heartbeats, finishes); hand it to ``Coordinator(manager=...)``. ``worker --metrics-port``
+does exactly that and serves ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flo_coord.errors import FloCoordError, LeaseLostError
+from flo_coord.manager import AsyncFailoverManager
+
+#: (name as exposed, type, help). Counters are exposed with the ``_total`` suffix.
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("flo_active_requests", "gauge", "Requests this worker owns right now"),
+    ("flo_requests_started_total", "counter", "Requests this worker started tracking"),
+    ("flo_requests_finished_total", "counter", "Requests this worker finished, by state (completed|failed)"),
+    ("flo_takeovers_total", "counter", "Requests this worker took over after their owner's lease expired"),
+    ("flo_takeover_prefix_chars_total", "counter", "Committed answer characters carried over by takeovers"),
+    ("flo_failover_attempts_total", "counter", "Backend attempts, by backend and result"),
+    ("flo_append_latency_seconds", "histogram", "Time for a chunk's commit to be acknowledged by Redis"),
+    ("flo_committed_chars_total", "counter", "Answer characters committed by this worker"),
+    ("flo_lease_renewals_total", "counter", "Leases renewed by heartbeats"),
+    ("flo_lease_lost_total", "counter", "Writes refused because another worker owns the request now"),
+)
+
+_APPEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class MetricsUnavailableError(FloCoordError, ImportError):
+    """prometheus_client is not installed."""
+
+    def __init__(self) -> None:
+        super().__init__("metrics need prometheus-client: pip install 'flo-coord[metrics]'")
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError:
+        raise MetricsUnavailableError() from None
+    return prometheus_client
+
+
+def available() -> bool:
+    try:
+        _prometheus()
+    except MetricsUnavailableError:
+        return False
+    return True
+
+
+class WorkerMetrics:
+    """The metrics of one worker, in a registry of their own (several workers may share a process)."""
+
+    def __init__(self, registry: Any = None) -> None:
+        prom = _prometheus()
+        self.registry = registry if registry is not None else prom.CollectorRegistry()
+        reg = {"registry": self.registry}
+        self.active = prom.Gauge("flo_active_requests", METRICS[0][2], **reg)
+        self.started = prom.Counter("flo_requests_started", METRICS[1][2], **reg)
+        self.finished = prom.Counter("flo_requests_finished", METRICS[2][2], ["state"], **reg)
+        self.takeovers = prom.Counter("flo_takeovers", METRICS[3][2], **reg)
+        self.takeover_prefix_chars = prom.Counter("flo_takeover_prefix_chars", METRICS[4][2], **reg)
+        self.attempts = prom.Counter("flo_failover_attempts", METRICS[5][2], ["backend", "result"], **reg)
+        self.append_latency = prom.Histogram(
+            "flo_append_latency_seconds", METRICS[6][2], buckets=_APPEND_BUCKETS, **reg
+        )
+        self.committed_chars = prom.Counter("flo_committed_chars", METRICS[7][2], **reg)
+        self.lease_renewals = prom.Counter("flo_lease_renewals", METRICS[8][2], **reg)
+        self.lease_lost = prom.Counter("flo_lease_lost", METRICS[9][2], **reg)
+        self._server: Any = None
+
+    def track_active(self, manager: AsyncFailoverManager) -> None:
+        """Report ``manager``'s held requests as the active gauge, read at each scrape."""
+        self.active.set_function(lambda: len(manager.held()))
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns the bound port."""
+        prom = _prometheus()
+        started = prom.start_http_server(port, addr=addr, registry=self.registry)
+        self._server = started[0] if isinstance(started, tuple) else None
+        return int(self._server.server_port) if self._server is not None else port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def render(self) -> bytes:
+        """The exposition text (what ``/metrics`` serves)."""
+        return bytes(_prometheus().generate_latest(self.registry))
+
+
+class ObservedManager(AsyncFailoverManager):
+    """An AsyncFailoverManager that records what its Coordinator does into ``metrics``."""
+
+    def __init__(self, metrics: WorkerMetrics, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics = metrics
+        metrics.track_active(self)
+
+    async def start_tracking(self, request_id: str, prompt: str | None, backend: Any = None, **options: Any) -> Any:
+        ctx = await super().start_tracking(request_id, prompt, backend, **options)
+        self.metrics.started.inc()
+        return ctx
+
+    async def append_tokens(self, request_id: str, tokens: str, *, seq: int | None = None) -> Any:
+        started = time.perf_counter()
+        try:
+            ack = await super().append_tokens(request_id, tokens, seq=seq)
+        except LeaseLostError:
+            self.metrics.lease_lost.inc()
+            raise
+        self.metrics.append_latency.observe(time.perf_counter() - started)
+        self.metrics.committed_chars.inc(len(tokens))
+        return ack
+
+    async def record_attempt(self, attempt: Any) -> None:
+        if attempt is not None and attempt.result is not None:
+            self.metrics.attempts.labels(backend=str(attempt.backend), result=attempt.result.name).inc()
+        await super().record_attempt(attempt)
+
+    async def claim(self, request_id: str) -> Any:
+        ctx = await super().claim(request_id)
+        if ctx is not None:
+            self._took_over([ctx])
+        return ctx
+
+    async def claim_orphans(self, limit: int = 100) -> Any:
+        claimed = await super().claim_orphans(limit)
+        self._took_over(claimed)
+        return claimed
+
+    def _took_over(self, claimed: list[Any]) -> None:
+        for ctx in claimed:
+            self.metrics.takeovers.inc()
+            self.metrics.takeover_prefix_chars.inc(len(ctx.generated_prefix))
+
+    async def heartbeat(self) -> int:
+        renewed = await super().heartbeat()
+        self.metrics.lease_renewals.inc(renewed)
+        return renewed
+
+    async def complete(self, request_id: str, *, backend: str | None = None, model: str | None = None) -> bool:
+        done = await super().complete(request_id, backend=backend, model=model)
+        if done:
+            self.metrics.finished.labels(state="completed").inc()
+        return done
+
+    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError") -> bool:
+        done = await super().fail(request_id, reason, kind=kind)
+        if done:
+            self.metrics.finished.labels(state="failed").inc()
+        return done
