@@ -8,6 +8,7 @@ once. A batch is sent as one pipeline: one round trip on a single Redis.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -61,6 +62,7 @@ from flo_coord.scripts import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("flo_coord.core")
 
 # ------------------------------------------------------------------------ calls
 
@@ -114,9 +116,17 @@ def ok(reply: Any, request_id: str | None = None) -> Any:
     if isinstance(reply, BaseException):
         message = str(reply)
         if request_id is not None and ("FLOCORRUPT" in message or "WRONGTYPE" in message):
-            raise CorruptStateError(request_id, message.split("script:")[0].strip()) from None
+            raise CorruptStateError(request_id, message.split(" script: ")[0].strip()) from None
         raise reply
     return reply
+
+
+def _history_entry(fields: Any) -> HistoryEntry | None:
+    """One history stream entry; None for a foreign one (not even UTF-8, not JSON...)."""
+    try:
+        return decode_history(pairs(fields).get("e", ""))
+    except (UnicodeDecodeError, IndexError, AttributeError):
+        return None
 
 
 def _status(reply: Any, request_id: str) -> tuple[str, list[Any]]:
@@ -143,7 +153,7 @@ class FailoverCore:
         if config is not None and not isinstance(config, FailoverConfig):
             raise ValidationError(f"config must be a FailoverConfig, got {type(config).__name__}")
         self.config = config or FailoverConfig()
-        self.limits = limits or validation.Limits()
+        self.limits = validation.limits(limits)
         self.keys = Keys(validation.namespace(namespace))
         self.worker_id = validation.worker_id(worker_id if worker_id is not None else default_worker_id(), self.limits)
         self.lease_ttl = validation.positive_seconds("lease_ttl", lease_ttl)
@@ -212,7 +222,9 @@ class FailoverCore:
             prompt = render_messages(msgs)
         prompt = validation.prompt(prompt, self.limits)
         primary = self._backend_name(backend)
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
             raise ValidationError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         return self._start(rid, rk, prompt, primary, msgs, max_tokens)
 
@@ -226,10 +238,25 @@ class FailoverCore:
         raise ValidationError(f"backend must be a ServingBackend, got {type(backend).__name__}")
 
     def _start(
-        self, rid: str, rk: RequestKeys, prompt: str, primary: str, msgs: list[ChatMessage] | None, max_tokens: int | None
+        self,
+        rid: str,
+        rk: RequestKeys,
+        prompt: str,
+        primary: str,
+        msgs: list[ChatMessage] | None,
+        max_tokens: int | None,
     ) -> Operation[StreamingContext]:
         ttl = self._ms(self.lease_ttl)
-        args = (rid, prompt, primary, self.worker_id, ttl, self._ms(self.max_age), encode_messages(msgs), max_tokens or "")
+        args = (
+            rid,
+            prompt,
+            primary,
+            self.worker_id,
+            ttl,
+            self._ms(self.max_age),
+            encode_messages(msgs),
+            max_tokens or "",
+        )
         # The index hint goes first: a live request is never missing from the index.
         replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid)), Eval(START, astuple(rk), args)]
         ok(replies[0])
@@ -294,27 +321,34 @@ class FailoverCore:
         if status != "OK":
             raise self._lost(rid, epoch, reply)
 
-    def complete(
-        self, request_id: Any, *, backend: str | None = None, model: str | None = None
-    ) -> Operation[bool]:
+    def complete(self, request_id: Any, *, backend: str | None = None, model: str | None = None) -> Operation[bool]:
         rid, rk = self._rid(request_id)
-        return self._finish(rid, rk, "Completed", "", "", backend or "", model or "")
+        backend = validation.label("backend", backend or "", self.limits)
+        model = validation.label("model", model or "", self.limits)
+        return self._finish(rid, rk, "Completed", "", "", backend, model)
 
     def fail(self, request_id: Any, reason: Any, *, kind: str = "GenerationError") -> Operation[bool]:
         rid, rk = self._rid(request_id)
         reason = validation.text("reason", reason, self.limits.max_chunk_bytes)
+        kind = validation.label("kind", kind, self.limits)
         return self._finish(rid, rk, "Failed", reason, kind, "", "")
 
     def _finish(self, rid: str, rk: RequestKeys, state: str, *args: str) -> Operation[bool]:
         call, epoch = self._fenced(FINISH, rk, rid, state, *args[:4], self._ms(self.retention))
-        replies = yield [call, Cmd(("ZREM", self.keys.active, rid))]
-        status, reply = _status(replies[0], rid)
-        ok(replies[1])
+        (reply,) = yield [call]
+        status, reply = _status(reply, rid)
+        finished_elsewhere = status == "LOST" and len(reply) > 3 and int(reply[3]) == 1
+        if status in ("OK", "GONE"):
+            # Only now: a refused (fenced-out) finish must not drop the live owner's index entry.
+            (removed,) = yield [Cmd(("ZREM", self.keys.active, rid))]
+            ok(removed)
         if status == "OK":
             self._drop(rid, epoch)
             return True
-        if status == "GONE" and epoch == 0:
-            return False  # the original: completing an unknown request is a no-op
+        if epoch == 0 and (status == "GONE" or finished_elsewhere):
+            # The original: completing an unknown request is a no-op. A finished request is
+            # unknown to a manager that does not hold it (e.g. a second complete()).
+            return False
         raise self._lost(rid, epoch, reply)
 
     def release(self, request_id: Any) -> Operation[None]:
@@ -377,20 +411,32 @@ class FailoverCore:
 
     # ------------------------------------------------------------------- history
 
-    def record_attempt(self, attempt: FailoverAttempt) -> Operation[None]:
+    def record_attempt(self, attempt: FailoverAttempt, *, mark_failed: bool = True) -> Operation[None]:
+        """Add ``attempt`` to the history; with ``mark_failed``, a failed attempt on a request
+        this worker holds also marks its backend failed for that request."""
         if not isinstance(attempt, FailoverAttempt):
             raise ValidationError(f"attempt must be a FailoverAttempt, got {type(attempt).__name__}")
+        # msgspec does not check field types on construction: normalise through the wire
+        # format, so what could not be read back is refused before anything is written.
+        try:
+            checked = decode_history(encode_history(attempt))
+        except (TypeError, ValueError, OverflowError, NotImplementedError):  # the encoder's hook raises the last
+            checked = None
+        if not isinstance(checked, FailoverAttempt):
+            raise ValidationError(f"attempt has a field of the wrong type or value: {attempt!r:.200}")
+        attempt = checked
         if attempt.request_id is not None:
             validation.request_id(attempt.request_id, self.limits)
         if attempt.worker_id is None:
             attempt = msgspec.structs.replace(attempt, worker_id=self.worker_id)
-        return self._record(attempt)
+        return self._record(attempt, mark_failed)
 
-    def _record(self, attempt: FailoverAttempt) -> Operation[None]:
+    def _record(self, attempt: FailoverAttempt, mark_failed: bool) -> Operation[None]:
         (reply,) = yield [self._history_add(attempt)]
         ok(reply)
         rid = attempt.request_id
-        if rid is not None and attempt.result is not None and attempt.result.is_failure() and rid in self._held:
+        failed = attempt.result is not None and attempt.result.is_failure()
+        if mark_failed and failed and rid is not None and rid in self._held:
             yield from self._update(rid, self.keys.request(rid), "+failed", attempt.backend.value)
 
     def _history_add(self, entry: HistoryEntry) -> Cmd:
@@ -402,13 +448,13 @@ class FailoverCore:
 
     def _history(self, count: int) -> Operation[list[HistoryEntry]]:
         (reply,) = yield [Cmd(("XREVRANGE", self.keys.history, "+", "-", "COUNT", count))]
-        entries = [decode_history(pairs(fields).get("e", "")) for _, fields in reversed(ok(reply))]
+        entries = [_history_entry(fields) for _, fields in reversed(ok(reply))]
         return [e for e in entries if e is not None]
 
     def stats(self) -> Operation[FailoverStats]:
         history_cmd = Cmd(("XRANGE", self.keys.history, "-", "+", "COUNT", defaults.HISTORY_MAXLEN))
         replies = yield [history_cmd, Cmd(("ZCARD", self.keys.active))]
-        entries = [decode_history(pairs(fields).get("e", "")) for _, fields in ok(replies[0])]
+        entries = [_history_entry(fields) for _, fields in ok(replies[0])]
         attempts, successes, timeouts, takeovers = attempt_result_counts([e for e in entries if e is not None])
         return FailoverStats(
             total_attempts=attempts,
@@ -500,9 +546,13 @@ class FailoverCore:
             at=int(reply[2]) / 1000,
             prefix_chars=len(ctx.generated_prefix),
         )
-        replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid)), self._history_add(takeover)]
-        for r in replies:
-            ok(r)
+        (touched,) = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid))]
+        ok(touched)
+        try:
+            (recorded,) = yield [self._history_add(takeover)]
+            ok(recorded)
+        except Exception as exc:  # history is observability: the won request must still run
+            log.warning("takeover of %s not recorded in history: %s", rid, exc)
         return ctx
 
     def claim_orphans(self, limit: int = 100) -> Operation[list[StreamingContext]]:
@@ -511,7 +561,10 @@ class FailoverCore:
     def _claim_orphans(self, limit: int) -> Operation[list[StreamingContext]]:
         won = []
         for rid in (yield from self._orphans(limit)):
-            ctx = yield from self._claim(rid, self.keys.request(rid), uuid.uuid4().hex)
+            try:
+                ctx = yield from self._claim(rid, self.keys.request(rid), uuid.uuid4().hex)
+            except CorruptStateError:
+                continue  # reported by that request's own calls; the others are still claimed
             if ctx is not None:
                 won.append(ctx)
         return won
@@ -527,7 +580,9 @@ class FailoverCore:
 
     # ------------------------------------------------------------------ delivery
 
-    def follow_read(self, request_id: str, from_byte: int) -> Operation[tuple[str, bytes, RequestOutcome | None] | None]:
+    def follow_read(
+        self, request_id: str, from_byte: int
+    ) -> Operation[tuple[str, bytes, RequestOutcome | None] | None]:
         """(feed id to block on, committed bytes from ``from_byte``, outcome if finished)."""
         rid, rk = self._rid(request_id)
         (reply,) = yield [Eval(FOLLOW_READ, astuple(rk), (from_byte, self._ms(defaults.FEED_TTL)))]
@@ -546,4 +601,3 @@ def astuple(rk: RequestKeys) -> tuple[str, str, str, str]:
 def render_messages(messages: list[ChatMessage]) -> str:
     """The plain-text form of chat messages kept in ``StreamingContext.prompt``."""
     return "".join(f"{m.role}: {m.content}\n" for m in messages)
-

@@ -62,7 +62,8 @@ class CoordinatorUnavailableError(FloCoordError):
         self.request_id = request_id
         self.cause = cause
         where = f" for request {request_id!r}" if request_id else ""
-        super().__init__(f"Redis unavailable during {operation}{where}: {cause!r}")
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else "no reply"
+        super().__init__(f"Redis unavailable during {operation}{where}: {detail}")
 
 
 class GenerationError(FloCoordError):

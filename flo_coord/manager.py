@@ -13,7 +13,7 @@ from flo_coord import defaults
 from flo_coord.batching import AppendBatcher
 from flo_coord.connection import connect
 from flo_coord.core import AppendAck, FailoverCore, Operation
-from flo_coord.errors import ValidationError
+from flo_coord.errors import CoordinatorUnavailableError, ValidationError
 from flo_coord.models import (
     FailoverAttempt,
     FailoverConfig,
@@ -31,19 +31,26 @@ from flo_coord.validation import Limits
 
 
 class _Facade:
-    """What both facades share: the core and the pure (no I/O) methods."""
+    """What both facades share: construction, the core and the pure (no I/O) methods."""
 
     core: FailoverCore
+    _shell_class: type[SyncShell] | type[AsyncShell]
+    _asyncio: bool
 
-    def _init_core(
+    def __init__(
         self,
-        config: FailoverConfig | None,
-        namespace: str,
-        worker_id: str | None,
-        lease_ttl: float,
-        max_age: float,
-        retention: float,
-        limits: Limits | None,
+        config: FailoverConfig | None = None,
+        *,
+        redis: Any = None,
+        url: str | None = None,
+        namespace: str = defaults.NAMESPACE,
+        worker_id: str | None = None,
+        lease_ttl: float = defaults.LEASE_TTL,
+        max_age: float = defaults.MAX_AGE,
+        retention: float = defaults.RETENTION,
+        limits: Limits | None = None,
+        retry: RetryPolicy | None = None,
+        durability: str = "primary",
     ) -> None:
         self.core = FailoverCore(
             config,
@@ -54,6 +61,16 @@ class _Facade:
             retention=retention,
             limits=limits,
         )
+        self.shell: Any = self._shell_class(_client(redis, url, asyncio=self._asyncio), retry, durability=durability)
+        self.redis = self.shell.client
+        self._setup()
+
+    def _setup(self) -> None:
+        """Per-facade state, after the core and the shell exist."""
+
+    @classmethod
+    def with_defaults(cls, **kwargs: Any) -> Any:
+        return cls(FailoverConfig(), **kwargs)
 
     @property
     def worker_id(self) -> str:
@@ -88,28 +105,11 @@ def _client(redis: Any, url: str | None, asyncio: bool) -> Any:
 class FailoverManager(_Facade):
     """Shared failover state in Redis, used from synchronous code (thread-safe)."""
 
-    def __init__(
-        self,
-        config: FailoverConfig | None = None,
-        *,
-        redis: Any = None,
-        url: str | None = None,
-        namespace: str = defaults.NAMESPACE,
-        worker_id: str | None = None,
-        lease_ttl: float = defaults.LEASE_TTL,
-        max_age: float = defaults.MAX_AGE,
-        retention: float = defaults.RETENTION,
-        limits: Limits | None = None,
-        retry: RetryPolicy | None = None,
-        durability: str = "primary",
-    ) -> None:
-        self._init_core(config, namespace, worker_id, lease_ttl, max_age, retention, limits)
-        self.shell = SyncShell(_client(redis, url, asyncio=False), retry, durability=durability)
-        self.redis = self.shell.client
+    _shell_class = SyncShell
+    _asyncio = False
 
-    @classmethod
-    def with_defaults(cls, **kwargs: Any) -> FailoverManager:
-        return cls(FailoverConfig(), **kwargs)
+    def _setup(self) -> None:
+        self._unknown: dict[str, tuple[int, int, str]] = {}  # request -> (epoch, seq, text) of an unknown append
 
     def _run(self, op: Operation[Any], name: str, request_id: Any = None) -> Any:
         return self.shell.run(op, name, request_id if isinstance(request_id, str) else None)
@@ -125,7 +125,21 @@ class FailoverManager(_Facade):
         if seq is not None or held is None:
             return self._run(op, "append_tokens", request_id)
         with held.lock:  # automatic seqs must reach Redis in order
-            return self._run(op, "append_tokens", request_id)
+            unknown = self._unknown.get(request_id)
+            if unknown is not None:
+                if unknown[:2] == (held.epoch, held.next_seq):
+                    # An earlier append's outcome is unknown: settle it under its own seq
+                    # first (applied once either way), or this text would reuse that seq
+                    # and be taken for its duplicate.
+                    redo = self.core.append_tokens(request_id, unknown[2], seq=unknown[1])
+                    self._run(redo, "append_tokens", request_id)
+                del self._unknown[request_id]
+            sent_as = (held.epoch, held.next_seq)
+            try:
+                return self._run(op, "append_tokens", request_id)
+            except CoordinatorUnavailableError:
+                self._unknown[request_id] = (*sent_as, tokens)
+                raise
 
     def complete(self, request_id: str, *, backend: str | None = None, model: str | None = None) -> bool:
         return self._run(self.core.complete(request_id, backend=backend, model=model), "complete", request_id)
@@ -157,8 +171,9 @@ class FailoverManager(_Facade):
     def prepare_failover(self, request_id: str) -> FailoverRequest | None:
         return self._run(self.core.prepare_failover(request_id), "prepare_failover", request_id)
 
-    def record_attempt(self, attempt: FailoverAttempt) -> None:
-        self._run(self.core.record_attempt(attempt), "record_attempt", attempt.request_id if attempt else None)
+    def record_attempt(self, attempt: FailoverAttempt, *, mark_failed: bool = True) -> None:
+        op = self.core.record_attempt(attempt, mark_failed=mark_failed)
+        self._run(op, "record_attempt", getattr(attempt, "request_id", None))
 
     def history(self, count: int = defaults.HISTORY_MAXLEN) -> list[HistoryEntry]:
         return self._run(self.core.history(count), "history")
@@ -200,29 +215,11 @@ class FailoverManager(_Facade):
 class AsyncFailoverManager(_Facade):
     """The same API as coroutines on ``redis.asyncio``; appends share round trips."""
 
-    def __init__(
-        self,
-        config: FailoverConfig | None = None,
-        *,
-        redis: Any = None,
-        url: str | None = None,
-        namespace: str = defaults.NAMESPACE,
-        worker_id: str | None = None,
-        lease_ttl: float = defaults.LEASE_TTL,
-        max_age: float = defaults.MAX_AGE,
-        retention: float = defaults.RETENTION,
-        limits: Limits | None = None,
-        retry: RetryPolicy | None = None,
-        durability: str = "primary",
-    ) -> None:
-        self._init_core(config, namespace, worker_id, lease_ttl, max_age, retention, limits)
-        self.shell = AsyncShell(_client(redis, url, asyncio=True), retry, durability=durability)
-        self.redis = self.shell.client
-        self._batcher = AppendBatcher(self.core, self.shell)
+    _shell_class = AsyncShell
+    _asyncio = True
 
-    @classmethod
-    def with_defaults(cls, **kwargs: Any) -> AsyncFailoverManager:
-        return cls(FailoverConfig(), **kwargs)
+    def _setup(self) -> None:
+        self._batcher = AppendBatcher(self.core, self.shell)
 
     async def _run(self, op: Operation[Any], name: str, request_id: Any = None) -> Any:
         return await self.shell.run(op, name, request_id if isinstance(request_id, str) else None)
@@ -277,8 +274,9 @@ class AsyncFailoverManager(_Facade):
     async def prepare_failover(self, request_id: str) -> FailoverRequest | None:
         return await self._run(self.core.prepare_failover(request_id), "prepare_failover", request_id)
 
-    async def record_attempt(self, attempt: FailoverAttempt) -> None:
-        await self._run(self.core.record_attempt(attempt), "record_attempt", attempt.request_id if attempt else None)
+    async def record_attempt(self, attempt: FailoverAttempt, *, mark_failed: bool = True) -> None:
+        op = self.core.record_attempt(attempt, mark_failed=mark_failed)
+        await self._run(op, "record_attempt", getattr(attempt, "request_id", None))
 
     async def history(self, count: int = defaults.HISTORY_MAXLEN) -> list[HistoryEntry]:
         return await self._run(self.core.history(count), "history")

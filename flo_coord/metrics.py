@@ -122,10 +122,10 @@ class ObservedManager(AsyncFailoverManager):
         self.metrics.committed_chars.inc(len(tokens))
         return ack
 
-    async def record_attempt(self, attempt: Any) -> None:
+    async def record_attempt(self, attempt: Any, *, mark_failed: bool = True) -> None:
         if attempt is not None and attempt.result is not None:
             self.metrics.attempts.labels(backend=str(attempt.backend), result=attempt.result.name).inc()
-        await super().record_attempt(attempt)
+        await super().record_attempt(attempt, mark_failed=mark_failed)
 
     async def claim(self, request_id: str) -> Any:
         ctx = await super().claim(request_id)

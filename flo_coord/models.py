@@ -15,7 +15,7 @@ from flo_coord.errors import ConfigError
 # --------------------------------------------------------------------------- backends
 
 
-class ServingBackend(str, enum.Enum):
+class ServingBackend(enum.StrEnum):
     """Where a model is served. Serialised as the exact Rust variant name."""
 
     # local
@@ -89,7 +89,7 @@ _API_HOSTS: dict[ServingBackend, str] = {
 }
 
 
-class PrivacyTier(str, enum.Enum):
+class PrivacyTier(enum.StrEnum):
     """Which backends a request may use (batuta's PrivacyTier)."""
 
     Sovereign = "Sovereign"
@@ -112,7 +112,7 @@ _PRIVATE_CLOUD = frozenset({_B.AzureOpenAI, _B.AwsBedrock, _B.GoogleVertex, _B.A
 class _Variant:
     """A Rust-style enum value: a name, and for one variant a message. Equal by value."""
 
-    __slots__ = ("name", "message")
+    __slots__ = ("message", "name")
     _WITH_MESSAGE: ClassVar[str]
 
     def __init__(self, name: str, message: str | None = None) -> None:
@@ -156,7 +156,7 @@ class StreamState(_Variant):
     Recovered: ClassVar[StreamState]
 
     @classmethod
-    def Failed(cls, message: str) -> StreamState:  # noqa: N802 - mirrors the Rust variant
+    def Failed(cls, message: str) -> StreamState:
         return cls("Failed", str(message))
 
 
@@ -170,7 +170,7 @@ class FailoverResult(_Variant):
     NoBackendsAvailable: ClassVar[FailoverResult]
 
     @classmethod
-    def BackendError(cls, message: str) -> FailoverResult:  # noqa: N802 - mirrors the Rust variant
+    def BackendError(cls, message: str) -> FailoverResult:
         return cls("BackendError", str(message))
 
     def is_failure(self) -> bool:
@@ -278,8 +278,26 @@ class FailoverConfig(msgspec.Struct, kw_only=True):
             raise ConfigError(f"include_prefix must be a bool, got {self.include_prefix!r}")
         if not isinstance(self.fallback_order, list) or not self.fallback_order:
             raise ConfigError("fallback_order must list at least one backend")
-        self.fallback_order = [b if isinstance(b, ServingBackend) else ServingBackend.parse(b) for b in self.fallback_order]
+        self.fallback_order = [
+            b if isinstance(b, ServingBackend) else ServingBackend.parse(b) for b in self.fallback_order
+        ]
         self.failover_timeout = float(self.failover_timeout)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> FailoverConfig:
+        """Decode a JSON config. Anything invalid (syntax, unknown backend, bad value) raises ConfigError."""
+        try:
+            return msgspec.json.decode(data, type=cls)
+        except msgspec.DecodeError as exc:  # msgspec.ValidationError included
+            raise ConfigError(f"invalid failover config: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FailoverConfig:
+        """Build a config from plain data (e.g. a parsed TOML table); ConfigError when invalid."""
+        try:
+            return msgspec.convert(data, type=cls)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"invalid failover config: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- history

@@ -66,14 +66,20 @@ class _AsyncPeriodic:
         self.interval = interval
         self._tick = tick
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> _AsyncPeriodic:
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
         return self
 
     async def _loop(self) -> None:
-        while True:
+        # The flag, not only the cancellation, ends the loop: redis.asyncio (8.x) can swallow
+        # a CancelledError that arrives while a command is in flight and return its reply.
+        while not self._stopping:
             await asyncio.sleep(self.interval)
+            if self._stopping:
+                return
             try:
                 await self._tick()
             except asyncio.CancelledError:
@@ -83,6 +89,7 @@ class _AsyncPeriodic:
 
     async def stop(self) -> None:
         if self._task is not None:
+            self._stopping = True
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
@@ -112,6 +119,17 @@ class HeartbeatTask(_AsyncPeriodic):
         super().__init__("flo-heartbeat", heartbeat_interval(manager.lease_ttl, interval), manager.heartbeat)
 
 
+def _hand_over(on_claim: Callable[[StreamingContext], Any], ctx: StreamingContext) -> Any:
+    """Log a claim (with the request's fields) and pass the context on."""
+    log.info(
+        "claimed request %s at epoch %d",
+        ctx.request_id,
+        ctx.epoch,
+        extra={"request_id": ctx.request_id, "epoch": ctx.epoch, "worker_id": ctx.owner},
+    )
+    return on_claim(ctx)
+
+
 class Reaper(_Periodic):
     """Every ``interval`` s, claim up to ``limit`` orphans and call ``on_claim`` with each."""
 
@@ -122,16 +140,13 @@ class Reaper(_Periodic):
         interval: float | None = None,
         limit: int = 100,
     ) -> None:
-        self.manager = manager
-        self.on_claim = on_claim
-        self.limit = limit
+        self.manager, self.on_claim, self.limit = manager, on_claim, limit
         super().__init__("flo-reaper", reaper_interval(manager.lease_ttl, interval), self.reap_once)
 
     def reap_once(self) -> list[StreamingContext]:
         claimed = self.manager.claim_orphans(self.limit)
         for ctx in claimed:
-            log.info("claimed request %s at epoch %d", ctx.request_id, ctx.epoch)
-            self.on_claim(ctx)
+            _hand_over(self.on_claim, ctx)
         return claimed
 
 
@@ -145,16 +160,13 @@ class AsyncReaper(_AsyncPeriodic):
         interval: float | None = None,
         limit: int = 100,
     ) -> None:
-        self.manager = manager
-        self.on_claim = on_claim
-        self.limit = limit
+        self.manager, self.on_claim, self.limit = manager, on_claim, limit
         super().__init__("flo-reaper", reaper_interval(manager.lease_ttl, interval), self.reap_once)
 
     async def reap_once(self) -> list[StreamingContext]:
         claimed = await self.manager.claim_orphans(self.limit)
         for ctx in claimed:
-            log.info("claimed request %s at epoch %d", ctx.request_id, ctx.epoch)
-            result = self.on_claim(ctx)
+            result = _hand_over(self.on_claim, ctx)
             if asyncio.iscoroutine(result):
                 await result
         return claimed
