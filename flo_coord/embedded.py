@@ -471,7 +471,7 @@ def _stop_all(servers: Iterable[RedisServer]) -> None:
     for server in servers:
         try:
             server.stop()
-        except BaseException as exc:  # noqa: BLE001 - keep stopping the rest, report afterwards
+        except BaseException as exc:
             first = first or exc
     if first is not None:
         raise first

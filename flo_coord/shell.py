@@ -1,29 +1,60 @@
 """Thin I/O shells that execute the core's batches on a sync or asyncio redis client.
 
-Both shells share everything but the ``await``: batch queuing, NOSCRIPT reload, the
-transient-fault classification and the retry policy. A batch is one pipeline
+Both shells share everything but the ``await``: batch bookkeeping, NOSCRIPT reload, the
+transient-fault classification, durability and the retry policy. A batch is one pipeline
 (``transaction=False``), so one round trip on a single Redis; on a Cluster the client
-splits it by node. Scripts are loaded once per server, and again on NOSCRIPT (after
-SCRIPT FLUSH, a restart or a failover to a replica).
+splits it by node. Scripts are loaded on demand: a NOSCRIPT reply (first use, SCRIPT
+FLUSH, a restart, a failover to a replica) loads the script (on every primary of a
+Cluster) and re-sends the calls that got it.
+
+Retries (``flo_coord.retry``): one deadline bounds a whole operation. A fault re-sends only
+the calls of the batch that have no reply yet; a batch with a call that is not idempotent
+(XADD) is re-sent only when the fault proves that call did not run. The asyncio shell cuts
+every attempt at the deadline; a sync attempt is bounded by its client's socket timeout.
+
+Durability: ``durability="replica"`` makes every batch that writes committed state (start,
+append, finish) end with ``SET <key>:wait`` + ``WAIT 1 <wait_timeout_ms>`` on the same
+connection, and a batch is acknowledged only once a replica has everything up to that SET
+(so also a write that an earlier, lost attempt made). A replica that does not confirm in
+time is a transient fault: the batch's WAIT is retried until the deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis.exceptions as rex
 from tenacity import AsyncRetrying, Retrying
 
+from flo_coord.connection import rebuilt_for_deadline
 from flo_coord.core import Call, Cmd, Eval, Operation
-from flo_coord.errors import CoordinatorUnavailableError
-from flo_coord.retry import RetryPolicy, is_transient, no_client_retries
-from flo_coord.scripts import APPEND, FINISH, START
+from flo_coord.errors import (
+    ConfigError,
+    CoordinatorUnavailableError,
+    CorruptStateError,
+    FloCoordError,
+    ValidationError,
+)
+from flo_coord.retry import RetryPolicy, disable_client_retries, is_async_client, is_transient, not_sent
+from flo_coord.scripts import APPEND, FINISH, START, Script
 
 T = TypeVar("T")
+log = logging.getLogger("flo_coord.shell")
 
 # Writes that a ``durability="replica"`` shell confirms with WAIT before reporting them.
 _DURABLE_SCRIPTS = frozenset({APPEND.sha, FINISH.sha, START.sha})
+#: Calls that are not idempotent: sending one twice adds a second stream entry.
+_NOT_IDEMPOTENT = frozenset({"XADD"})
+#: NOSCRIPT reloads within one attempt before it counts as a fault.
+_MAX_RELOADS = 3
+#: An attempt that starts at or after the deadline still gets this long (asyncio), so a
+#: healthy Redis can answer the last batch of a slow operation.
+_MIN_ATTEMPT = 0.5
+_PENDING: Any = object()
 
 
 def _args(call: Call) -> tuple[Any, ...]:
@@ -32,165 +63,356 @@ def _args(call: Call) -> tuple[Any, ...]:
     return call.args
 
 
+def _command(call: Call) -> str:
+    if isinstance(call, Eval):
+        return "EVALSHA"
+    name = call.args[0]
+    return (name.decode() if isinstance(name, bytes) else str(name)).upper()
+
+
 def _retry_safe(batch: list[Call]) -> bool:
-    """History entries (XADD to the history stream) are the only calls not safe to repeat."""
-    return not any(isinstance(c, Cmd) and c.args[0] == "XADD" for c in batch)
+    """Stream entries (XADD: history, queued submissions) are the only calls not safe to repeat."""
+    return not any(_command(c) in _NOT_IDEMPOTENT for c in batch)
 
 
-def _needs_wait(batch: list[Call]) -> bool:
-    return any(isinstance(c, Eval) and c.script.sha in _DURABLE_SCRIPTS for c in batch)
+def _durable(call: Call) -> bool:
+    return isinstance(call, Eval) and call.script.sha in _DURABLE_SCRIPTS
 
 
-def _first_transient(replies: list[Any]) -> BaseException | None:
-    return next((r for r in replies if isinstance(r, BaseException) and is_transient(r)), None)
-
-
-def _missing_scripts(batch: list[Call], replies: list[Any]) -> list[int]:
-    return [i for i, r in enumerate(replies) if isinstance(r, rex.NoScriptError) and isinstance(batch[i], Eval)]
-
-
-class _ShellBase:
-    def __init__(self, client: Any, policy: RetryPolicy | None, durability: str, wait_timeout_ms: int) -> None:
-        if durability not in ("primary", "replica"):
-            raise ValueError("durability must be 'primary' or 'replica'")
-        self.client = client
-        self.policy = policy or RetryPolicy()
-        self.durability = durability
-        self.wait_timeout_ms = wait_timeout_ms
-        # One retry layer: switch off the client's own retries (redis-py retries by default).
-        if hasattr(client, "set_retry") and not _is_cluster(client):
-            client.set_retry(no_client_retries())
-
-    def _with_wait(self, batch: list[Call]) -> list[Call]:
-        if self.durability == "replica" and _needs_wait(batch):
-            return [*batch, Cmd(("WAIT", 1, self.wait_timeout_ms))]
-        return batch
-
-    def _check_wait(self, batch: list[Call], replies: list[Any]) -> list[Any]:
-        if len(replies) > len(batch):
-            acked = replies[-1]
-            if isinstance(acked, BaseException) or int(acked) < 1:
-                # Not on a replica yet: retry (the writes are idempotent) until the deadline.
-                raise rex.TimeoutError(f"WAIT: no replica acknowledged the write ({acked!r})")
-            return replies[:-1]
-        return replies
-
-    def _unavailable(self, exc: BaseException, operation: str, request_id: str | None) -> CoordinatorUnavailableError:
-        return CoordinatorUnavailableError(operation, request_id, exc)
+def _blocking_seconds(calls: list[Call]) -> float:
+    """How long blocking calls (XREAD/XREADGROUP BLOCK, WAIT) may legitimately take."""
+    total = 0.0
+    for call in calls:
+        if not isinstance(call, Cmd):
+            continue
+        args = [a.upper() if isinstance(a, str) else a for a in call.args]
+        try:
+            if args[0] == "WAIT":
+                total = max(total, float(args[2]) / 1000)
+            elif "BLOCK" in args:
+                total = max(total, float(args[args.index("BLOCK") + 1]) / 1000)
+        except (IndexError, TypeError, ValueError):
+            continue
+    return total
 
 
 def _is_cluster(client: Any) -> bool:
-    return type(client).__name__ == "RedisCluster"
+    from redis.asyncio.cluster import RedisCluster as AsyncCluster
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster | AsyncCluster)
+
+
+class _Run:
+    """One batch on its way to Redis: the replies so far and what is still to send."""
+
+    def __init__(self, batch: list[Call], wait: tuple[Cmd, Cmd] | None) -> None:
+        self.batch = batch
+        self.replies: list[Any] = [_PENDING] * len(batch)
+        self.errors: list[BaseException | None] = [None] * len(batch)
+        self.unsafe = [i for i, c in enumerate(batch) if _command(c) in _NOT_IDEMPOTENT]
+        self.durable = [i for i, c in enumerate(batch) if _durable(c)]
+        self.wait = wait if self.durable else None
+        self.confirmed = self.wait is None
+        self.wait_error: BaseException | None = None
+
+    def next_pipeline(self) -> tuple[list[int], list[Call]]:
+        indexes = [i for i, r in enumerate(self.replies) if r is _PENDING]
+        calls = [self.batch[i] for i in indexes]
+        if not self.confirmed and self.wait is not None:
+            calls += list(self.wait)
+        return indexes, calls
+
+    def failed(self, indexes: list[int], exc: BaseException) -> None:
+        """The whole pipeline failed (nothing, some or all of it may have run)."""
+        for i in indexes:
+            self.errors[i] = exc
+        if not self.confirmed:
+            self.wait_error = exc
+
+    def absorb(self, indexes: list[int], replies: list[Any]) -> set[Script]:
+        """Take a pipeline's replies; returns the scripts Redis did not have."""
+        missing: set[Script] = set()
+        for i, reply in zip(indexes, replies, strict=False):
+            call = self.batch[i]
+            if isinstance(reply, rex.NoScriptError) and isinstance(call, Eval):
+                missing.add(call.script)
+                self.errors[i] = reply
+            elif isinstance(reply, BaseException) and is_transient(reply):
+                self.errors[i] = reply
+            else:
+                self.replies[i] = reply
+        if not self.confirmed:
+            anchor, acked = replies[len(indexes)], replies[len(indexes) + 1]
+            if any(self.replies[i] is _PENDING for i in self.durable):
+                self.wait_error = self.errors[next(i for i in self.durable if self.replies[i] is _PENDING)]
+            elif isinstance(anchor, BaseException):
+                self.wait_error = anchor
+            elif isinstance(acked, BaseException):
+                self.wait_error = acked
+            elif int(acked) < 1:
+                self.wait_error = rex.TimeoutError("WAIT: no replica acknowledged the write in time")
+            else:
+                self.confirmed, self.wait_error = True, None
+        return missing
+
+    def fault(self) -> BaseException | None:
+        for i, reply in enumerate(self.replies):
+            if reply is _PENDING:
+                return self.errors[i] or rex.ConnectionError("no reply")
+        return None if self.confirmed else (self.wait_error or rex.TimeoutError("WAIT not confirmed"))
+
+    def may_retry(self, exc: BaseException) -> bool:
+        if not (is_transient(exc) or isinstance(exc, rex.NoScriptError)):
+            return False
+        # A not-idempotent call is sent again only if it surely did not run.
+        return all(self.replies[i] is not _PENDING or not_sent(self.errors[i] or exc) for i in self.unsafe)
+
+
+class _ShellBase:
+    asynchronous: bool
+
+    def __init__(self, client: Any, policy: RetryPolicy | None, durability: str, wait_timeout_ms: int) -> None:
+        if policy is not None and not isinstance(policy, RetryPolicy):
+            raise ConfigError(f"retry must be a RetryPolicy, got {type(policy).__name__}")
+        if durability not in ("primary", "replica"):
+            raise ConfigError(f"durability must be 'primary' or 'replica', got {durability!r}")
+        if isinstance(wait_timeout_ms, bool) or not isinstance(wait_timeout_ms, int) or wait_timeout_ms <= 0:
+            raise ConfigError(f"wait_timeout_ms must be an integer > 0, got {wait_timeout_ms!r}")
+        if not hasattr(client, "pipeline") or not hasattr(client, "execute_command"):
+            raise ConfigError(f"redis must be a redis-py client, got {type(client).__name__}")
+        if is_async_client(client) != self.asynchronous:
+            want = "an asyncio (redis.asyncio)" if self.asynchronous else "a synchronous (redis.Redis)"
+            got = f"{type(client).__module__}.{type(client).__name__}"
+            raise ConfigError(f"this manager needs {want} client, got {got}")
+        self.policy = policy or RetryPolicy()
+        if durability == "replica" and _is_cluster(client):
+            raise ConfigError(
+                "durability='replica' is not supported on Redis Cluster (WAIT confirms one node's writes); "
+                "use a primary with replicas behind Sentinel"
+            )
+        if not self.asynchronous:
+            client = rebuilt_for_deadline(client, self.policy.deadline)
+            _warn_without_timeout(client)
+        self.client = client
+        self.durability = durability
+        self.wait_timeout_ms = wait_timeout_ms
+        # One retry layer: switch off the client's own retries (redis-py retries 10x by default).
+        disable_client_retries(client)
+
+    def _new_run(self, batch: list[Call]) -> _Run:
+        wait = None
+        if self.durability == "replica":
+            anchor_key = next((c.keys[0] for c in batch if _durable(c) and isinstance(c, Eval)), None)
+            if anchor_key is not None:
+                wait = (
+                    Cmd(("SET", f"{anchor_key}:wait", "1", "PX", 60_000)),
+                    Cmd(("WAIT", 1, self.wait_timeout_ms)),
+                )
+        return _Run(batch, wait)
+
+    def _attempt_budget(self, run: _Run, deadline_at: float) -> float:
+        remaining = max(deadline_at - time.monotonic(), min(_MIN_ATTEMPT, self.policy.deadline))
+        extra = _blocking_seconds(run.batch) + (self.wait_timeout_ms / 1000 if run.wait else 0.0)
+        return remaining + extra
+
+    def _error(self, exc: Exception, operation: str, request_id: str | None) -> BaseException:
+        return public_error(exc, operation, request_id)
+
+
+#: Script or command errors that only foreign data in a key of ours can cause.
+_CORRUPT_MARKERS = (
+    "FLOCORRUPT",
+    "WRONGTYPE",
+    "is not an integer",
+    "not a valid float",
+    "not an integer or out of range",
+)
+
+
+def public_error(exc: BaseException, operation: str, request_id: str | None) -> BaseException:
+    """What a public call raises for ``exc``: a FloCoordError for every Redis fault.
+
+    Transient faults past the deadline, and refusals no retry cures (NOPERM, wrong
+    password, OOM, MISCONF...) become CoordinatorUnavailableError; errors caused by foreign
+    data in a key become CorruptStateError; redis-py refusing an argument, ValidationError.
+    Anything else (a bug) is returned unchanged.
+    """
+    if isinstance(exc, FloCoordError):
+        return exc
+    if isinstance(exc, rex.DataError):
+        return ValidationError(f"{operation}: {exc}")
+    if isinstance(exc, rex.ResponseError) and not is_transient(exc):
+        message = str(exc)
+        if any(marker in message for marker in _CORRUPT_MARKERS):
+            return CorruptStateError(request_id or "", f"{operation}: {message.split(' script: ')[0]}")
+    if is_transient(exc) or isinstance(exc, rex.RedisError | rex.RedisClusterException):
+        return CoordinatorUnavailableError(operation, request_id, exc)
+    return exc
+
+
+def request_error(exc: BaseException, operation: str, request_id: str) -> BaseException:
+    """``public_error`` for one request's share of a batch run for several (names the request)."""
+    if isinstance(exc, CoordinatorUnavailableError) and exc.request_id is None:
+        error = CoordinatorUnavailableError(exc.operation, request_id, exc.cause)
+        error.__cause__ = exc.__cause__
+        return error
+    return public_error(exc, operation, request_id) if isinstance(exc, Exception) else exc
+
+
+def _warn_without_timeout(client: Any) -> None:
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if isinstance(kwargs, dict) and kwargs.get("socket_timeout") is None:
+        log.warning(
+            "the Redis client has no socket_timeout: a frozen server can hang a call past the retry "
+            "deadline; build it with socket_timeout=... (flo_coord.connection.connect does)"
+        )
 
 
 class SyncShell(_ShellBase):
+    asynchronous = False
+
     def __init__(
-        self, client: Any, policy: RetryPolicy | None = None, *, durability: str = "primary", wait_timeout_ms: int = 1000
+        self,
+        client: Any,
+        policy: RetryPolicy | None = None,
+        *,
+        durability: str = "primary",
+        wait_timeout_ms: int = 1000,
     ) -> None:
         super().__init__(client, policy, durability, wait_timeout_ms)
 
-    def _send(self, batch: list[Call]) -> list[Any]:
+    def _send(self, calls: list[Call]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
-        for call in batch:
+        for call in calls:
             pipe.execute_command(*_args(call))
         return list(pipe.execute(raise_on_error=False))
 
-    def _load(self, batch: list[Call], indexes: list[int]) -> None:
-        for source in {batch[i].script.source for i in indexes}:  # type: ignore[union-attr]
-            self.client.script_load(source)
+    def _attempt(self, run: _Run) -> list[Any]:
+        for _ in range(_MAX_RELOADS):
+            indexes, calls = run.next_pipeline()
+            if not calls:
+                break
+            try:
+                replies = self._send(calls)
+            except Exception as exc:
+                run.failed(indexes, exc)
+                raise
+            missing = run.absorb(indexes, replies)
+            if not missing:
+                break
+            for script in missing:
+                self.client.script_load(script.source)
+        fault = run.fault()
+        if fault is not None:
+            raise fault
+        return run.replies
 
-    def execute(self, batch: list[Call]) -> list[Any]:
-        full = self._with_wait(batch)
-        replies = self._send(full)
-        missing = _missing_scripts(full, replies)
-        if missing:
-            self._load(full, missing)
-            for i, reply in zip(missing, self._send([full[i] for i in missing]), strict=True):
-                replies[i] = reply
-            if len(full) > len(batch):  # WAIT must follow the re-sent writes
-                replies[-1] = self._send([full[-1]])[0]
-        transient = _first_transient(replies)
-        if transient is not None:
-            raise transient
-        return self._check_wait(batch, replies)
-
-    def _execute_retrying(self, batch: list[Call]) -> list[Any]:
-        if not _retry_safe(batch):
-            return self.execute(batch)
-        for attempt in Retrying(**self.policy.tenacity_kwargs()):
+    def execute(self, batch: list[Call], deadline_at: float | None = None) -> list[Any]:
+        """Execute one batch, retrying transient faults until ``deadline_at`` (monotonic)."""
+        deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
+        run = self._new_run(batch)
+        for attempt in Retrying(**self.policy.tenacity_kwargs(deadline_at, run.may_retry)):
             with attempt:
-                return self.execute(batch)
+                return self._attempt(run)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:
+        deadline_at = self.policy.deadline_at()
         try:
-            return drive(op, self._execute_retrying)
+            return drive(op, lambda batch: self.execute(batch, deadline_at))
         except Exception as exc:
-            if is_transient(exc):
-                raise self._unavailable(exc, operation, request_id) from exc
-            raise
+            error = self._error(exc, operation, request_id)
+            if error is exc:
+                raise
+            raise error from exc
 
 
 class AsyncShell(_ShellBase):
+    asynchronous = True
+
     def __init__(
-        self, client: Any, policy: RetryPolicy | None = None, *, durability: str = "primary", wait_timeout_ms: int = 1000
+        self,
+        client: Any,
+        policy: RetryPolicy | None = None,
+        *,
+        durability: str = "primary",
+        wait_timeout_ms: int = 1000,
     ) -> None:
         super().__init__(client, policy, durability, wait_timeout_ms)
 
-    async def _send(self, batch: list[Call]) -> list[Any]:
-        if len(batch) == 1:  # the hot path: skip the pipeline object
+    async def _send(self, calls: list[Call]) -> list[Any]:
+        if len(calls) == 1:  # the hot path: skip the pipeline object
             try:
-                return [await self.client.execute_command(*_args(batch[0]))]
+                return [await self.client.execute_command(*_args(calls[0]))]
             except rex.ResponseError as exc:
                 return [exc]
         pipe = self.client.pipeline(transaction=False)
-        for call in batch:
+        for call in calls:
             pipe.execute_command(*_args(call))
         return list(await pipe.execute(raise_on_error=False))
 
-    async def _load(self, batch: list[Call], indexes: list[int]) -> None:
-        for source in {batch[i].script.source for i in indexes}:  # type: ignore[union-attr]
-            await self.client.script_load(source)
+    async def _attempt(self, run: _Run) -> list[Any]:
+        for _ in range(_MAX_RELOADS):
+            indexes, calls = run.next_pipeline()
+            if not calls:
+                break
+            try:
+                replies = await self._send(calls)
+            except Exception as exc:
+                run.failed(indexes, exc)
+                raise
+            missing = run.absorb(indexes, replies)
+            if not missing:
+                break
+            for script in missing:
+                await self.client.script_load(script.source)
+        fault = run.fault()
+        if fault is not None:
+            raise fault
+        return run.replies
 
-    async def execute(self, batch: list[Call]) -> list[Any]:
-        full = self._with_wait(batch)
-        replies = await self._send(full)
-        missing = _missing_scripts(full, replies)
-        if missing:
-            await self._load(full, missing)
-            for i, reply in zip(missing, await self._send([full[i] for i in missing]), strict=True):
-                replies[i] = reply
-            if len(full) > len(batch):
-                replies[-1] = (await self._send([full[-1]]))[0]
-        transient = _first_transient(replies)
-        if transient is not None:
-            raise transient
-        return self._check_wait(batch, replies)
+    async def _bounded_attempt(self, run: _Run, deadline_at: float) -> list[Any]:
+        try:
+            async with asyncio.timeout(self._attempt_budget(run, deadline_at)):
+                return await self._attempt(run)
+        except TimeoutError as exc:
+            # Cut at the deadline: the calls in flight may or may not have run.
+            indexes = [i for i, r in enumerate(run.replies) if r is _PENDING]
+            run.failed(indexes, exc)
+            raise rex.TimeoutError("no reply before the retry deadline") from exc
 
-    async def _execute_retrying(self, batch: list[Call]) -> list[Any]:
-        if not _retry_safe(batch):
-            return await self.execute(batch)
-        async for attempt in AsyncRetrying(**self.policy.tenacity_kwargs()):
+    async def execute(self, batch: list[Call], deadline_at: float | None = None) -> list[Any]:
+        """Execute one batch, retrying transient faults until ``deadline_at`` (monotonic)."""
+        deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
+        run = self._new_run(batch)
+        async for attempt in AsyncRetrying(**self.policy.tenacity_kwargs(deadline_at, run.may_retry)):
             with attempt:
-                return await self.execute(batch)
+                return await self._bounded_attempt(run, deadline_at)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:
+        deadline_at = self.policy.deadline_at()
         try:
-            return await adrive(op, self._execute_retrying)
+            return await adrive(op, lambda batch: self.execute(batch, deadline_at))
         except Exception as exc:
-            if is_transient(exc):
-                raise self._unavailable(exc, operation, request_id) from exc
-            raise
+            error = self._error(exc, operation, request_id)
+            if error is exc:
+                raise
+            raise error from exc
 
-    async def run_batch(self, batch: list[Call], operation: str = "append") -> list[Any]:
+    async def run_batch(
+        self, batch: list[Call], operation: str = "append_tokens", request_id: str | None = None
+    ) -> list[Any]:
         """Execute one batch with retries (for callers that multiplex operations)."""
         try:
-            return await self._execute_retrying(batch)
+            return await self.execute(batch)
         except Exception as exc:
-            if is_transient(exc):
-                raise self._unavailable(exc, operation, None) from exc
-            raise
+            error = self._error(exc, operation, request_id)
+            if error is exc:
+                raise
+            raise error from exc
 
 
 def drive(op: Operation[T], execute: Callable[[list[Call]], list[Any]]) -> T:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -150,7 +151,18 @@ def test_sentinel_fails_over_to_the_replica_which_then_accepts_writes() -> None:
         with group.replica.client() as conn:
             assert conn.set("after", "failover")
             assert conn.get("before") == b"failover"
-        with group.sentinel_client(socket_timeout=1.0).master_for(group.service_name) as conn:
+        # Sentinels agree on the new primary's flags a moment after the promotion: wait for it.
+        sentinel = group.sentinel_client(socket_timeout=1.0)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                sentinel.discover_master(group.service_name)
+                break
+            except redis.sentinel.MasterNotFoundError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        with sentinel.master_for(group.service_name) as conn:
             assert conn.get("after") == b"failover"
         pids = [s.pid for s in (*group.sentinels, group.replica)]
     assert not any(pid is not None and _pid_alive(pid) for pid in pids)
