@@ -1,79 +1,249 @@
 """The async hot path: appends from many streams share round trips.
 
 Each request has at most one append in flight; text that arrives meanwhile waits and
-is committed with the next one (one ``seq``). At each turn of the event loop, the
-pending appends of all requests go to Redis in one pipeline. A caller's ``append``
-returns only when Redis has acknowledged its text, so nothing uncommitted is ever
-reported committed, and fencing and ``seq`` idempotency are the core's, unchanged.
+is committed with the next one (one ``seq``). Pending appends of all requests go to
+Redis together, one pipeline per event-loop turn, with at most ``max_in_flight``
+pipelines outstanding: when the client or Redis is the bottleneck, text keeps
+coalescing into fewer, larger appends instead of queueing more round trips. A caller's
+``append`` returns only when Redis has acknowledged its text, so nothing uncommitted
+is ever reported committed, and fencing and ``seq`` idempotency are the core's,
+unchanged.
+
+An append whose outcome is unknown (``CoordinatorUnavailableError`` or a cancelled
+wait: Redis may or may not have applied it) leaves the request's next ``seq`` where it was. Before any later
+text of that request is sent, the same text is sent again alone under that same
+``seq``: applied once either way (``DUP`` if it had been), so the later text can never
+be mistaken for a duplicate of it and silently dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import itertools
 from typing import Any
 
 from flo_coord.core import AppendAck, FailoverCore, Operation
-from flo_coord.shell import AsyncShell
+from flo_coord.errors import CoordinatorUnavailableError
+from flo_coord.shell import AsyncShell, request_error
+
+_Waiter = asyncio.Future  # resolves to AppendAck | None, or raises
 
 
-@dataclass(slots=True)
 class _Pending:
-    chunks: list[str] = field(default_factory=list)
-    waiters: list[asyncio.Future[AppendAck | None]] = field(default_factory=list)
-    in_flight: bool = False
+    """One request's text waiting to be committed, and who waits for it."""
+
+    __slots__ = ("chunks", "group", "in_flight", "redo", "waiters")
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+        self.waiters: list[_Waiter[AppendAck | None]] = []  # one per append() caller
+        self.group: _Waiter[AppendAck | None] | None = None  # shared by the submit() callers
+        self.in_flight = False
+        self.redo: tuple[int, int, list[str]] | None = None  # (epoch, seq, text) of an unknown append
+
+
+class _Job:
+    """One request's append in a batch."""
+
+    __slots__ = ("entry", "redo", "rid", "sent_as", "text", "waiters")
+
+    def __init__(
+        self, rid: str, entry: _Pending, text: list[str], waiters: list[_Waiter[AppendAck | None]], redo: bool,
+        sent_as: tuple[int, int] | None,
+    ) -> None:  # fmt: skip
+        self.rid, self.entry, self.text, self.waiters, self.redo = rid, entry, text, waiters, redo
+        self.sent_as = sent_as  # (epoch, seq) it is sent under, when this worker holds the request
 
 
 class AppendBatcher:
-    def __init__(self, core: FailoverCore, shell: AsyncShell, max_batch: int = 2000) -> None:
+    def __init__(self, core: FailoverCore, shell: AsyncShell, max_batch: int = 2000, max_in_flight: int = 2) -> None:
+        if max_batch < 1 or max_in_flight < 1:
+            raise ValueError("max_batch and max_in_flight must be >= 1")
         self._core = core
         self._shell = shell
         self._max_batch = max_batch
-        self._pending: dict[str, _Pending] = {}
-        self._flush_scheduled = False
+        self._max_in_flight = max_in_flight
+        self._pending: dict[str, _Pending] = {}  # every request with text waiting or in flight
+        self._ready: dict[str, _Pending] = {}  # with text waiting and no append in flight (FIFO)
+        self._pipelines = 0  # commit tasks started and not finished
+        self._scheduled = False  # a commit task has been created and has not taken its batch yet
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+
+    def submit(self, request_id: str, chunk: str) -> _Waiter[AppendAck | None]:
+        """Queue ``chunk`` (already validated) without waiting; the future resolves once Redis acknowledged it.
+
+        For producers that offer text faster than they wait for it: chunks of one request
+        queued while its previous append is in flight share one append and one future
+        (so a token costs no future of its own). The future is shared: do not cancel it
+        (``append`` gives each caller its own).
+        """
+        loop = asyncio.get_running_loop()
+        entry = self._queue(request_id, chunk, loop)
+        group = entry.group
+        if group is None:
+            group = entry.group = loop.create_future()
+        return group
 
     async def append(self, request_id: str, chunk: str) -> AppendAck | None:
-        """Commit ``chunk`` (already validated); returns once Redis acknowledged it."""
+        """Commit ``chunk`` (already validated); returns once Redis acknowledged it.
+
+        When nothing else is waiting or in flight, the append is sent at once from the
+        caller's task (no hand-off to a commit task: one round trip, like a direct call).
+        Cancelling the caller then leaves the outcome unknown, like any interrupted write:
+        the text is sent again, under the same ``seq``, before the request's next text.
+        Otherwise cancelling only stops the caller's wait.
+        """
+        entry = self._pending.get(request_id)
+        if self._pipelines == 0 and not self._scheduled and (entry is None or entry.redo is None):
+            return await self._append_now(request_id, chunk, entry)
         loop = asyncio.get_running_loop()
-        entry = self._pending.setdefault(request_id, _Pending())
-        future: asyncio.Future[AppendAck | None] = loop.create_future()
+        waiter: _Waiter[AppendAck | None] = loop.create_future()
+        self._queue(request_id, chunk, loop).waiters.append(waiter)
+        return await waiter
+
+    async def _append_now(self, rid: str, chunk: str, entry: _Pending | None) -> AppendAck | None:
+        # Idle: no commit task, so no request has text waiting (it would have started one).
+        if entry is None:
+            entry = self._pending[rid] = _Pending()
+        entry.in_flight = True  # later text of this request waits for this one
+        self._pipelines += 1  # and other requests' appends go through a commit task meanwhile
+        held = self._core.holding(rid)
+        job = _Job(rid, entry, [chunk], [], False, (held.epoch, held.next_seq) if held is not None else None)
+        result: Any = None
+        try:
+            result = await self._shell.run(self._core.append_many(rid, job.text), "append_tokens", rid)
+            return result  # type: ignore[no-any-return]
+        except BaseException as exc:
+            result = exc
+            raise
+        finally:
+            self._pipelines -= 1
+            self._settle([job], [result])
+            self._kick()
+
+    def _queue(self, request_id: str, chunk: str, loop: asyncio.AbstractEventLoop) -> _Pending:
+        entry = self._pending.get(request_id)
+        if entry is None:
+            entry = self._pending[request_id] = _Pending()
         entry.chunks.append(chunk)
-        entry.waiters.append(future)
-        if not entry.in_flight and not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return await future
+        if not entry.in_flight:
+            self._ready[request_id] = entry
+            if not self._scheduled and self._pipelines < self._max_in_flight:
+                self._start(loop)
+        return entry
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        ready = [(rid, e) for rid, e in self._pending.items() if e.chunks and not e.in_flight][: self._max_batch]
-        if not ready:
-            return
-        jobs = []
-        for rid, entry in ready:
+    @property
+    def pending(self) -> int:
+        """Requests with text waiting or in flight."""
+        return len(self._pending)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The task's first step runs on the next loop turn, so every append made during
+        # this turn joins its batch.
+        self._scheduled = True
+        self._pipelines += 1
+        task = loop.create_task(self._commit())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _take(self) -> list[_Job]:
+        ready = self._ready
+        if len(ready) <= self._max_batch:
+            taken = list(ready.items())
+            ready.clear()
+        else:
+            taken = list(itertools.islice(ready.items(), self._max_batch))
+            for rid, _ in taken:
+                del ready[rid]
+        jobs: list[_Job] = []
+        holding = self._core.holding
+        for rid, entry in taken:
             entry.in_flight = True
-            jobs.append((rid, entry.chunks, entry.waiters))
-            entry.chunks, entry.waiters = [], []
-        asyncio.get_running_loop().create_task(self._commit(jobs))
-
-    async def _commit(self, jobs: list[tuple[str, list[str], list[asyncio.Future[AppendAck | None]]]]) -> None:
-        ops = [self._core.append_many(rid, chunks) for rid, chunks, _ in jobs]
-        results = await run_together(self._shell, ops)
-        for (rid, _, waiters), result in zip(jobs, results, strict=True):
-            for waiter in waiters:
-                if waiter.done():
+            held = holding(rid)
+            sent_as = (held.epoch, held.next_seq) if held is not None else None
+            if entry.redo is not None:
+                if sent_as == entry.redo[:2]:
+                    # First settle the unknown append, alone under its seq; the new text waits a round.
+                    jobs.append(_Job(rid, entry, entry.redo[2], [], True, sent_as))
                     continue
-                if isinstance(result, BaseException):
-                    waiter.set_exception(result)
-                else:
-                    waiter.set_result(result)
-            entry = self._pending[rid]
+                entry.redo = None  # the request moved on (new epoch, lost, another seq): moot
+            waiters = entry.waiters
+            if entry.group is not None:
+                waiters.append(entry.group)
+                entry.group = None
+            jobs.append(_Job(rid, entry, entry.chunks, waiters, False, sent_as))
+            entry.chunks, entry.waiters = [], []
+        return jobs
+
+    async def _commit(self) -> None:
+        self._scheduled = False
+        jobs = self._take()
+        results: list[Any] = []
+        try:
+            if len(jobs) == 1:  # an idle moment: skip the lockstep bookkeeping
+                job = jobs[0]
+                try:
+                    results = [
+                        await self._shell.run(self._core.append_many(job.rid, job.text), "append_tokens", job.rid)
+                    ]
+                except Exception as exc:
+                    results = [exc]
+            elif jobs:
+                results = await run_together(self._shell, [self._core.append_many(j.rid, j.text) for j in jobs])
+        except BaseException as exc:  # cancelled (loop shutting down): nobody may wait forever
+            results = [exc] * len(jobs)
+            raise
+        finally:
+            self._pipelines -= 1
+            self._settle(jobs, results)
+            self._kick()
+
+    def _kick(self) -> None:
+        """Start a commit task for text that waited while the pipelines were busy."""
+        if self._ready and not self._scheduled and self._pipelines < self._max_in_flight:
+            loop = asyncio.get_running_loop()
+            if not loop.is_closed():
+                self._start(loop)
+
+    def _settle(self, jobs: list[_Job], results: list[Any]) -> None:
+        pending, ready = self._pending, self._ready
+        for job, result in zip(jobs, results, strict=True):
+            result = request_error(result, "append_tokens", job.rid)  # only FloCoordErrors reach callers
+            entry, waiters = job.entry, job.waiters
             entry.in_flight = False
-            if not entry.chunks:
-                del self._pending[rid]
-        if any(e.chunks for e in self._pending.values()) and not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            # Unknown outcome: Redis unreachable past the deadline, or the wait was cancelled.
+            unknown = (
+                isinstance(result, CoordinatorUnavailableError | asyncio.CancelledError) and job.sent_as is not None
+            )
+            if job.redo:
+                if not unknown:
+                    entry.redo = None  # applied now or before (or refused for good: later appends say so)
+                else:
+                    # Still unknown: the text queued behind it was never sent, so it is not
+                    # committed: fail it now (a later append tries the redo first again).
+                    waiters = entry.waiters + ([entry.group] if entry.group is not None else [])
+                    entry.chunks, entry.waiters, entry.group = [], [], None
+            elif unknown:
+                assert job.sent_as is not None
+                entry.redo = (*job.sent_as, job.text)
+            _resolve(waiters, result)
+            if entry.chunks:
+                ready[job.rid] = entry  # text arrived meanwhile: it goes in the next batch
+            elif entry.redo is None and pending.get(job.rid) is entry:
+                del pending[job.rid]
+
+
+def _resolve(waiters: list[_Waiter[AppendAck | None]], result: Any) -> None:
+    failed = isinstance(result, BaseException)
+    for waiter in waiters:
+        if waiter.done():
+            continue  # the caller stopped waiting
+        if isinstance(result, asyncio.CancelledError):
+            waiter.cancel()
+        elif failed:
+            waiter.set_exception(result)
+        else:
+            waiter.set_result(result)
 
 
 async def run_together(shell: AsyncShell, ops: list[Operation[Any]]) -> list[Any]:
