@@ -490,7 +490,9 @@ class Coordinator:
         )
         run.attempts.append(attempt)
         try:
-            await self.manager.record_attempt(attempt)
+            # mark_failed=False: a retried 5xx/429 that then succeeds must not exclude its backend;
+            # real failovers are marked by _fail_over.
+            await self.manager.record_attempt(attempt, mark_failed=False)
         except CoordinatorUnavailableError as exc:  # history is observability; the answer matters more
             log.warning("could not record attempt for %s: %s", run.request_id, exc)
 

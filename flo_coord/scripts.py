@@ -231,7 +231,9 @@ local len = redis.call('STRLEN', KEYS[3])
 if redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'n', len)
 end
-if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('PEXPIRE', KEYS[4], ARGV[2]) end
+-- A live request's feed lives while followed; a finished one's as long as its outcome.
+local outcome_ttl = redis.call('PTTL', KEYS[2])
+if outcome_ttl > 0 then redis.call('PEXPIRE', KEYS[4], outcome_ttl) else redis.call('PEXPIRE', KEYS[4], ARGV[2]) end
 local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1][1]
 local text = ''
 if tonumber(ARGV[1]) < len then text = redis.call('GETRANGE', KEYS[3], ARGV[1], -1) end

@@ -744,10 +744,6 @@ async def exists_all(redis: Any, *keys: str) -> bool:
     return await redis.exists(*keys) == len(keys)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scripts.FOLLOW_READ creates the feed stream of an already finished request without any TTL",
-)
 async def test_replaying_a_finished_request_leaves_no_key_without_expiry(make: Make, fake: FakeLLMServer) -> None:
     co = make(retention=5.0)
     request_id = rid()
@@ -887,11 +883,6 @@ async def test_resume_finishes_a_request_another_coordinator_abandoned(make: Mak
     assert "".join(first) + rest == ANSWER
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.record_attempt adds the backend of every failed attempt to failed_backends, "
-    "even a 5xx/429 that was retried and then succeeded on that backend",
-)
 async def test_a_retried_5xx_does_not_mark_the_backend_failed_for_a_takeover(make: Make, fake: FakeLLMServer) -> None:
     fake.set_fault(MODELS["Vllm"], "http5xx:1")
     fake.set_token_delay(0.02)
