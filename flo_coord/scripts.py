@@ -160,8 +160,8 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[2], 'state', ARGV[3], 'owner', ARGV[1], 'epoch', ARGV[2], 'error', ARGV[4],
   'error_kind', ARGV[5], 'backend', ARGV[6], 'model', ARGV[7], 'token_count', f[3] or 0, 'finished', now)
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
-if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], '') end
-redis.call('PEXPIRE', KEYS[3], ARGV[8])
+-- Rewrite the text once: APPEND's spare capacity is not kept for the retention period.
+redis.call('SET', KEYS[3], redis.call('GET', KEYS[3]) or '', 'PX', ARGV[8])
 if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'end', ARGV[3])
   redis.call('PEXPIRE', KEYS[4], ARGV[8])

@@ -284,6 +284,11 @@ class SyncShell(_ShellBase):
         super().__init__(client, policy, durability, wait_timeout_ms)
 
     def _send(self, calls: list[Call]) -> list[Any]:
+        if len(calls) == 1:  # the hot path: skip the pipeline object
+            try:
+                return [self.client.execute_command(*_args(calls[0]))]
+            except rex.ResponseError as exc:
+                return [exc]
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
             pipe.execute_command(*_args(call))
@@ -313,6 +318,11 @@ class SyncShell(_ShellBase):
         """Execute one batch, retrying transient faults until ``deadline_at`` (monotonic)."""
         deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
         run = self._new_run(batch)
+        try:  # the first attempt outside tenacity: the common case pays no retry machinery
+            return self._attempt(run)
+        except Exception as exc:
+            if not run.may_retry(exc) or time.monotonic() >= deadline_at:
+                raise
         for attempt in Retrying(**self.policy.tenacity_kwargs(deadline_at, run.may_retry)):
             with attempt:
                 return self._attempt(run)
@@ -387,6 +397,11 @@ class AsyncShell(_ShellBase):
         """Execute one batch, retrying transient faults until ``deadline_at`` (monotonic)."""
         deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
         run = self._new_run(batch)
+        try:  # the first attempt outside tenacity: the common case pays no retry machinery
+            return await self._bounded_attempt(run, deadline_at)
+        except Exception as exc:
+            if not run.may_retry(exc) or time.monotonic() >= deadline_at:
+                raise
         async for attempt in AsyncRetrying(**self.policy.tenacity_kwargs(deadline_at, run.may_retry)):
             with attempt:
                 return await self._bounded_attempt(run, deadline_at)
