@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -48,6 +48,7 @@ from flo_coord.models import (
 )
 from flo_coord.scripts import (
     APPEND,
+    APPEND_MANY,
     CLAIM,
     FINISH,
     FOLLOW_READ,
@@ -601,3 +602,34 @@ def astuple(rk: RequestKeys) -> tuple[str, str, str, str]:
 def render_messages(messages: list[ChatMessage]) -> str:
     """The plain-text form of chat messages kept in ``StreamingContext.prompt``."""
     return "".join(f"{m.role}: {m.content}\n" for m in messages)
+
+
+#: Appends folded into one APPEND_MANY call at most (bounds the time Redis spends in one script).
+MAX_MERGED_APPENDS = 256
+
+
+def merge_appends(batch: list[Call]) -> tuple[list[Call], Callable[[list[Any]], list[Any]]]:
+    """Fold a batch's APPEND calls into APPEND_MANY calls, and a function that maps the
+    replies back to the original calls. For one Redis only: the merged keys span slots."""
+    appends = [i for i, call in enumerate(batch) if isinstance(call, Eval) and call.script is APPEND]
+    if len(appends) < 2:
+        return batch, lambda replies: replies
+    others = [i for i, call in enumerate(batch) if i not in set(appends)]
+    groups = [appends[g : g + MAX_MERGED_APPENDS] for g in range(0, len(appends), MAX_MERGED_APPENDS)]
+    merged: list[Call] = []
+    for group in groups:
+        calls = [batch[i] for i in group]
+        keys = tuple(key for call in calls for key in call.keys)  # type: ignore[union-attr]
+        args = tuple(arg for call in calls for arg in call.args)  # type: ignore[union-attr]
+        merged.append(Eval(APPEND_MANY, keys, (len(calls), *args)))
+
+    def unmerge(replies: list[Any]) -> list[Any]:
+        out: list[Any] = [None] * len(batch)
+        for group, reply in zip(groups, replies, strict=False):
+            for position, i in enumerate(group):
+                out[i] = reply if isinstance(reply, BaseException) else reply[position]
+        for i, reply in zip(others, replies[len(groups) :], strict=True):
+            out[i] = reply
+        return out
+
+    return merged + [batch[i] for i in others], unmerge

@@ -79,31 +79,63 @@ return {'OK', epoch, lease, now}
 """,
 )
 
-APPEND = _script(
-    "append",
-    r"""
+# The fenced append of one request, shared by APPEND and APPEND_MANY.
+_APPEND_ONE = r"""
 -- Append committed text, fenced by (owner, epoch); a seq not above the last applied one
 -- is acknowledged without being applied again (retry after a lost reply).
+local function append_one(ctx, result, text, feed, owner, epoch, seq, chunk, increment)
+  local f = redis.call('HMGET', ctx, 'owner', 'epoch', 'last_seq', 'state')
+  if not f[2] then return refusal(ctx, result) end
+  if f[1] ~= owner or num(f[2], 'epoch') ~= tonumber(epoch) then return {'LOST', f[1] or '', f[2], 0} end
+  seq = tonumber(seq)
+  local last = num(f[3], 'last_seq')
+  if seq <= last then
+    return {'DUP', last, redis.call('STRLEN', text), num(redis.call('HGET', ctx, 'token_count'), 'token_count')}
+  end
+  local len = redis.call('APPEND', text, chunk)
+  local count = redis.call('HINCRBY', ctx, 'token_count', increment)
+  if f[4] == 'Pending' then
+    redis.call('HSET', ctx, 'last_seq', seq, 'state', 'Streaming')
+  else
+    redis.call('HSET', ctx, 'last_seq', seq)
+  end
+  if redis.call('EXISTS', feed) == 1 then
+    redis.call('XADD', feed, 'MAXLEN', '~', 32, '*', 'n', len)
+  end
+  return {'OK', seq, len, count}
+end
+"""
+
+APPEND = _script(
+    "append",
+    _APPEND_ONE
+    + r"""
 -- ARGV: owner, epoch, seq, text, token_increment
-local f = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'last_seq', 'state')
-if not f[2] then return refusal(KEYS[1], KEYS[2]) end
-if f[1] ~= ARGV[1] or num(f[2], 'epoch') ~= tonumber(ARGV[2]) then return {'LOST', f[1] or '', f[2], 0} end
-local seq = tonumber(ARGV[3])
-local last = num(f[3], 'last_seq')
-if seq <= last then
-  return {'DUP', last, redis.call('STRLEN', KEYS[3]), num(redis.call('HGET', KEYS[1], 'token_count'), 'token_count')}
+return append_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+""",
+)
+
+APPEND_MANY = _script(
+    "append_many",
+    _APPEND_ONE
+    + r"""
+-- The appends of several requests in one call (one Redis, never a Cluster: the keys span
+-- slots). KEYS: 4 per request, in the usual order. ARGV: count, then per request the 5
+-- APPEND arguments. Replies: one APPEND reply per request; a request whose data is
+-- corrupt gets its own error reply and does not disturb the others.
+local replies = {}
+for i = 1, tonumber(ARGV[1]) do
+  local k, a = (i - 1) * 4, 1 + (i - 1) * 5
+  local done, reply = pcall(append_one, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
+    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5])
+  if done then
+    replies[i] = reply
+  else
+    if type(reply) == 'table' then reply = reply.err or 'error' end
+    replies[i] = redis.error_reply(tostring(reply))
+  end
 end
-local len = redis.call('APPEND', KEYS[3], ARGV[4])
-local count = redis.call('HINCRBY', KEYS[1], 'token_count', ARGV[5])
-if f[4] == 'Pending' then
-  redis.call('HSET', KEYS[1], 'last_seq', seq, 'state', 'Streaming')
-else
-  redis.call('HSET', KEYS[1], 'last_seq', seq)
-end
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'n', len)
-end
-return {'OK', seq, len, count}
+return replies
 """,
 )
 
@@ -323,6 +355,7 @@ return {f[1] or 'closed', failures}
 ALL: tuple[Script, ...] = (
     START,
     APPEND,
+    APPEND_MANY,
     HEARTBEAT,
     UPDATE,
     FINISH,

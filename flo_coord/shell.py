@@ -31,7 +31,7 @@ import redis.exceptions as rex
 from tenacity import AsyncRetrying, Retrying
 
 from flo_coord.connection import rebuilt_for_deadline
-from flo_coord.core import Call, Cmd, Eval, Operation
+from flo_coord.core import Call, Cmd, Eval, Operation, merge_appends
 from flo_coord.errors import (
     ConfigError,
     CoordinatorUnavailableError,
@@ -40,13 +40,13 @@ from flo_coord.errors import (
     ValidationError,
 )
 from flo_coord.retry import RetryPolicy, disable_client_retries, is_async_client, is_transient, not_sent
-from flo_coord.scripts import APPEND, FINISH, START, Script
+from flo_coord.scripts import APPEND, APPEND_MANY, FINISH, START, Script
 
 T = TypeVar("T")
 log = logging.getLogger("flo_coord.shell")
 
 # Writes that a ``durability="replica"`` shell confirms with WAIT before reporting them.
-_DURABLE_SCRIPTS = frozenset({APPEND.sha, FINISH.sha, START.sha})
+_DURABLE_SCRIPTS = frozenset({APPEND.sha, APPEND_MANY.sha, FINISH.sha, START.sha})
 #: Calls that are not idempotent: sending one twice adds a second stream entry.
 _NOT_IDEMPOTENT = frozenset({"XADD"})
 #: NOSCRIPT reloads within one attempt before it counts as a fault.
@@ -195,6 +195,7 @@ class _ShellBase:
             client = rebuilt_for_deadline(client, self.policy.deadline)
             _warn_without_timeout(client)
         self.client = client
+        self._merge_appends = not _is_cluster(client)
         self.durability = durability
         self.wait_timeout_ms = wait_timeout_ms
         # One retry layer: switch off the client's own retries (redis-py retries 10x by default).
@@ -420,8 +421,14 @@ class AsyncShell(_ShellBase):
     async def run_batch(
         self, batch: list[Call], operation: str = "append_tokens", request_id: str | None = None
     ) -> list[Any]:
-        """Execute one batch with retries (for callers that multiplex operations)."""
+        """Execute one batch with retries (for callers that multiplex operations).
+
+        On one Redis (not a Cluster), the batch's appends go as one APPEND_MANY call.
+        """
         try:
+            if self._merge_appends:
+                merged, unmerge = merge_appends(batch)
+                return unmerge(await self.execute(merged))
             return await self.execute(batch)
         except Exception as exc:
             error = self._error(exc, operation, request_id)

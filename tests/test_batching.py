@@ -1,0 +1,85 @@
+"""The async hot path: appends of many requests share one APPEND_MANY call per turn."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flo_coord import CorruptStateError
+from flo_coord.core import merge_appends
+from flo_coord.scripts import APPEND, APPEND_MANY
+
+
+async def test_concurrent_appends_of_many_requests_are_all_committed_in_order(store):
+    manager = store.async_manager(worker_id="w")
+    ids = [f"req-{i}" for i in range(40)]
+    for rid in ids:
+        await manager.start_tracking(rid, "p")
+
+    async def stream(rid: str) -> None:
+        for n in range(15):
+            await manager.append_tokens(rid, f" {rid}:{n}")
+
+    await asyncio.gather(*(stream(rid) for rid in ids))
+    for rid in ids:
+        ctx = await manager.get_context(rid)
+        assert ctx.generated_prefix == "".join(f" {rid}:{n}" for n in range(15))
+    await manager.aclose()
+
+
+async def test_appends_share_script_calls(real_store):
+    manager = real_store.async_manager(worker_id="w")
+    ids = [f"req-{i}" for i in range(30)]
+    for rid in ids:
+        await manager.start_tracking(rid, "p")
+    before = (await manager.redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+    await asyncio.gather(*(manager.append_tokens(rid, " x") for rid in ids for _ in range(5)))
+    after = (await manager.redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+    assert after - before < len(ids) * 5 / 3  # merged: far fewer script calls than appends
+    for rid in ids:
+        assert (await manager.get_context(rid)).generated_prefix == " x" * 5
+    await manager.aclose()
+
+
+async def test_a_corrupt_request_does_not_disturb_the_others_in_its_merged_call(store):
+    manager = store.async_manager(worker_id="w")
+    ids = [f"req-{i}" for i in range(10)]
+    for rid in ids:
+        await manager.start_tracking(rid, "p")
+    await manager.redis.hset(manager.core.keys.request("req-3").ctx, "last_seq", "not-a-number")
+    results = await asyncio.gather(*(manager.append_tokens(rid, " ok") for rid in ids), return_exceptions=True)
+    assert isinstance(results[3], CorruptStateError)
+    assert all(not isinstance(r, BaseException) and r.applied for i, r in enumerate(results) if i != 3)
+    for rid in ids:
+        if rid != "req-3":
+            assert (await manager.get_context(rid)).generated_prefix == " ok"
+    await manager.aclose()
+
+
+def test_merge_appends_maps_replies_back_to_each_call():
+    from flo_coord.core import Cmd, Eval
+
+    batch = [
+        Eval(APPEND, ("a1", "a2", "a3", "a4"), ("w", 1, 1, "x", 1)),
+        Cmd(("ZCARD", "k")),
+        Eval(APPEND, ("b1", "b2", "b3", "b4"), ("w", 1, 1, "y", 1)),
+    ]
+    merged, unmerge = merge_appends(batch)
+    assert [type(c) for c in merged] == [Eval, Cmd]
+    assert merged[0].script is APPEND_MANY
+    assert merged[0].keys == ("a1", "a2", "a3", "a4", "b1", "b2", "b3", "b4")
+    assert merged[0].args == (2, "w", 1, 1, "x", 1, "w", 1, 1, "y", 1)
+    assert unmerge([["ra", "rb"], 7]) == ["ra", 7, "rb"]
+    error = ConnectionError("gone")
+    assert unmerge([error, 7]) == [error, 7, error]
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_a_single_append_is_not_merged(count):
+    from flo_coord.core import Eval
+
+    batch = [Eval(APPEND, ("a1", "a2", "a3", "a4"), ("w", 1, 1, "x", 1))] * count
+    merged, unmerge = merge_appends(batch)
+    assert merged == batch
+    assert unmerge(["r"] * count) == ["r"] * count
