@@ -196,7 +196,25 @@ class _ProcessState:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-class RedisServer:
+class _StartStop:
+    """``with`` starts a server (or group) and always stops it."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class RedisServer(_StartStop):
     """One ``redis-server`` process on a loopback port, with its data and logs in a private temp directory.
 
     Nothing persists by default (``save ""``, no AOF); ``appendonly=True`` turns on an ``appendfsync always`` AOF so
@@ -385,14 +403,6 @@ class RedisServer:
             result: dict[str, Any] = conn.info(section) if section else conn.info()
         return result
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.host}:{self.port} pid={self.pid}>"
 
@@ -477,7 +487,7 @@ def _stop_all(servers: Iterable[RedisServer]) -> None:
         raise first
 
 
-class RedisCluster:
+class RedisCluster(_StartStop):
     """``masters`` cluster-enabled servers joined with ``redis-cli --cluster create`` (no replicas).
 
     ``start()`` returns once every node reports ``cluster_state:ok``, all 16384 slots assigned and all nodes known,
@@ -542,16 +552,8 @@ class RedisCluster:
         nodes, self.nodes = self.nodes, []
         _stop_all(nodes)
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class SentinelGroup:
+class SentinelGroup(_StartStop):
     """A primary, one replica and three sentinels (quorum 2), tuned to fail over within a few seconds.
 
     ``start()`` returns once the replica is in sync and every sentinel knows the replica and the two other sentinels,
@@ -648,21 +650,13 @@ class SentinelGroup:
         self.sentinels, self.replica, self.primary = [], None, None
         _stop_all(servers)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Fallback without a redis-server binary
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class FakeRedisTCPServer:
+class FakeRedisTCPServer(_StartStop):
     """``fakeredis.TcpFakeServer`` on a free loopback port, served from a daemon thread.
 
     A stand-in for :class:`RedisServer` when no binary is installed: same ``host``/``port``/``url``/``client()``/
@@ -711,14 +705,6 @@ class FakeRedisTCPServer:
         self._finalizer()
         if self._thread is not None:
             self._thread.join(5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def _shutdown_fake(server: Any, serving: threading.Event) -> None:

@@ -172,7 +172,14 @@ class _Run:
 class _ShellBase:
     asynchronous: bool
 
-    def __init__(self, client: Any, policy: RetryPolicy | None, durability: str, wait_timeout_ms: int) -> None:
+    def __init__(
+        self,
+        client: Any,
+        policy: RetryPolicy | None = None,
+        *,
+        durability: str = "primary",
+        wait_timeout_ms: int = 1000,
+    ) -> None:
         if policy is not None and not isinstance(policy, RetryPolicy):
             raise ConfigError(f"retry must be a RetryPolicy, got {type(policy).__name__}")
         if durability not in ("primary", "replica"):
@@ -274,16 +281,6 @@ def _warn_without_timeout(client: Any) -> None:
 class SyncShell(_ShellBase):
     asynchronous = False
 
-    def __init__(
-        self,
-        client: Any,
-        policy: RetryPolicy | None = None,
-        *,
-        durability: str = "primary",
-        wait_timeout_ms: int = 1000,
-    ) -> None:
-        super().__init__(client, policy, durability, wait_timeout_ms)
-
     def _send(self, calls: list[Call]) -> list[Any]:
         if len(calls) == 1:  # the hot path: skip the pipeline object
             try:
@@ -342,16 +339,6 @@ class SyncShell(_ShellBase):
 
 class AsyncShell(_ShellBase):
     asynchronous = True
-
-    def __init__(
-        self,
-        client: Any,
-        policy: RetryPolicy | None = None,
-        *,
-        durability: str = "primary",
-        wait_timeout_ms: int = 1000,
-    ) -> None:
-        super().__init__(client, policy, durability, wait_timeout_ms)
 
     async def _send(self, calls: list[Call]) -> list[Any]:
         if len(calls) == 1:  # the hot path: skip the pipeline object
