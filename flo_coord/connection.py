@@ -89,7 +89,7 @@ def _query(parts: Any) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for name, value in parse_qsl(parts.query):
-        parser = URL_QUERY_ARGUMENT_PARSERS.get(name)
+        parser: Any = URL_QUERY_ARGUMENT_PARSERS.get(name)
         try:
             out[name] = parser(value) if parser else value
         except (TypeError, ValueError):

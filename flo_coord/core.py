@@ -503,7 +503,9 @@ class FailoverCore:
             return []
         # The index is a hint: confirm each candidate in its own hash.
         replies = yield [Eval(LEASE_STATUS, astuple(self.keys.request(c)), ()) for c in candidates]
-        orphans, gone, rescore = [], [], []
+        orphans: list[str] = []
+        gone: list[str] = []
+        rescore: list[int | str] = []
         for rid, status_reply in zip(candidates, replies, strict=True):
             try:
                 status, r = _status(status_reply, rid)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
 from flo_coord import defaults, validation
@@ -34,7 +34,7 @@ async def follow(
     *,
     wait: float = 0.0,
     poll: float = defaults.FOLLOW_POLL,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Yield the answer from character ``offset`` on, as it is committed, until it ends.
 
     Raises UnknownRequestError for a request that does not exist (after waiting up to

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,7 +210,7 @@ class Coordinator:
         *,
         primary: ServingBackend | str | None = None,
         max_tokens: int | None = None,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Track, generate and yield the answer's chunks, each once it is committed."""
         prompt, messages = _split(prompt_or_messages)
         ctx = await self.manager.start_tracking(request_id, prompt, primary, messages=messages, max_tokens=max_tokens)
@@ -253,7 +253,7 @@ class Coordinator:
         except LeaseLostError:
             log.warning("lost %s again while resuming it", ctx.request_id)
 
-    def follow(self, request_id: str, offset: int = 0, *, wait: float = 0.0) -> AsyncIterator[str]:
+    def follow(self, request_id: str, offset: int = 0, *, wait: float = 0.0) -> AsyncGenerator[str, None]:
         """The committed answer from character ``offset`` on, live, from any replica.
 
         ``wait``: seconds to wait for a just-submitted request to be taken by a worker.
@@ -283,7 +283,7 @@ class Coordinator:
             except Exception as exc:
                 log.warning("resumed request %s ended with %s", ctx.request_id, exc)
 
-    async def _generate(self, ctx: StreamingContext) -> AsyncIterator[str]:
+    async def _generate(self, ctx: StreamingContext) -> AsyncGenerator[str, None]:
         run = _Run(ctx=ctx, prefix=ctx.generated_prefix, failed=set(ctx.failed_backends))
         try:
             while run.finish is None:
@@ -341,7 +341,7 @@ class Coordinator:
             return name
         return None
 
-    async def _try_backend(self, run: _Run, name: str) -> AsyncIterator[str]:
+    async def _try_backend(self, run: _Run, name: str) -> AsyncGenerator[str, None]:
         """Calls to one backend (with its same-backend retries) until success or a final failure."""
         backend = self.backends[name]
         server_errors = rate_limits = 0
@@ -373,7 +373,7 @@ class Coordinator:
                 await self._fail_over(run, name, exc)
                 return
 
-    async def _call(self, run: _Run, name: str, backend: Backend) -> AsyncIterator[str]:
+    async def _call(self, run: _Run, name: str, backend: Backend) -> AsyncGenerator[str, None]:
         """One HTTP call: commit each chunk before yielding it; set ``run.finish`` on success."""
         ctx = run.ctx
         request = GenerationRequest(

@@ -115,7 +115,7 @@ class FailoverManager(_Facade):
         return self.shell.run(op, name, request_id if isinstance(request_id, str) else None)
 
     def start_tracking(
-        self, request_id: str, prompt: str | None, backend: ServingBackend | None = None, **options: Any
+        self, request_id: str, prompt: str | None, backend: ServingBackend | str | None = None, **options: Any
     ) -> StreamingContext:
         return self._run(self.core.start_tracking(request_id, prompt, backend, **options), "start_tracking", request_id)
 
@@ -162,7 +162,7 @@ class FailoverManager(_Facade):
     def next_backend_for(self, request_id: str) -> ServingBackend | None:
         return self._run(self.core.next_backend_for(request_id), "next_backend_for", request_id)
 
-    def mark_backend_failed(self, request_id: str, backend: ServingBackend) -> None:
+    def mark_backend_failed(self, request_id: str, backend: ServingBackend | str) -> None:
         self._run(self.core.mark_backend_failed(request_id, backend), "mark_backend_failed", request_id)
 
     def set_state(self, request_id: str, state: StreamState) -> None:
@@ -225,7 +225,7 @@ class AsyncFailoverManager(_Facade):
         return await self.shell.run(op, name, request_id if isinstance(request_id, str) else None)
 
     async def start_tracking(
-        self, request_id: str, prompt: str | None, backend: ServingBackend | None = None, **options: Any
+        self, request_id: str, prompt: str | None, backend: ServingBackend | str | None = None, **options: Any
     ) -> StreamingContext:
         op = self.core.start_tracking(request_id, prompt, backend, **options)
         return await self._run(op, "start_tracking", request_id)
@@ -262,13 +262,13 @@ class AsyncFailoverManager(_Facade):
     async def next_backend_for(self, request_id: str) -> ServingBackend | None:
         return await self._run(self.core.next_backend_for(request_id), "next_backend_for", request_id)
 
-    async def mark_backend_failed(self, request_id: str, backend: ServingBackend) -> None:
+    async def mark_backend_failed(self, request_id: str, backend: ServingBackend | str) -> None:
         await self._run(self.core.mark_backend_failed(request_id, backend), "mark_backend_failed", request_id)
 
     async def set_state(self, request_id: str, state: StreamState) -> None:
         await self._run(self.core.update_state(request_id, state), "set_state", request_id)
 
-    async def set_current_backend(self, request_id: str, backend: ServingBackend) -> None:
+    async def set_current_backend(self, request_id: str, backend: ServingBackend | str) -> None:
         await self._run(self.core.set_current_backend(request_id, backend), "set_current_backend", request_id)
 
     async def prepare_failover(self, request_id: str) -> FailoverRequest | None:
