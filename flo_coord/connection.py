@@ -138,7 +138,12 @@ def _single(url: str, asyncio: bool, timeout: float) -> Any:
     if asyncio:
         import redis.asyncio as aredis
 
-        return aredis.Redis.from_url(url, **_common(timeout, True))
+        # Blocking: past max_connections a call waits for a free connection (up to the
+        # timeout) instead of failing with MaxConnectionsError.
+        pool = aredis.BlockingConnectionPool.from_url(
+            url, max_connections=defaults.MAX_CONNECTIONS, timeout=timeout, **_common(timeout, True)
+        )
+        return aredis.Redis.from_pool(pool)
     import redis
 
     return redis.Redis.from_url(url, **_common(timeout, False))

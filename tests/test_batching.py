@@ -83,3 +83,20 @@ def test_a_single_append_is_not_merged(count):
     merged, unmerge = merge_appends(batch)
     assert merged == batch
     assert unmerge(["r"] * count) == ["r"] * count
+
+
+async def test_more_concurrent_calls_than_connections_wait_instead_of_failing(redis_server):
+    from flo_coord import AsyncFailoverManager, RetryPolicy, defaults
+
+    # A short deadline: waiting for a free connection must not need the retry layer.
+    retry = RetryPolicy(deadline=0.2)
+    manager = AsyncFailoverManager(url=redis_server.url, namespace="poolwait", worker_id="w", retry=retry)
+    ids = [f"req-{n}" for n in range(defaults.MAX_CONNECTIONS * 2)]
+    for rid in ids:
+        await manager.start_tracking(rid, "p")
+    # unbatched appends and reads: each holds a connection while in flight
+    acks = await asyncio.gather(*(manager.append_direct(rid, " x") for rid in ids))
+    contexts = await asyncio.gather(*(manager.get_context(rid) for rid in ids))
+    assert all(ack.applied for ack in acks)
+    assert all(ctx.generated_prefix == " x" for ctx in contexts)
+    await manager.aclose()
