@@ -374,7 +374,12 @@ class Coordinator:
                 return
 
     async def _call(self, run: _Run, name: str, backend: Backend) -> AsyncGenerator[str, None]:
-        """One HTTP call: commit each chunk before yielding it; set ``run.finish`` on success."""
+        """One HTTP call: commit text before yielding it; set ``run.finish`` on success.
+
+        A reader task takes the backend's events while a commit is in flight, so chunks
+        that arrive meanwhile are committed together (one append) instead of each waiting
+        for a round trip of its own: a loaded Redis slows no stream below its backend.
+        """
         ctx = run.ctx
         request = GenerationRequest(
             prompt=None if ctx.messages is not None else ctx.prompt,
@@ -386,35 +391,48 @@ class Coordinator:
         started, produced = time.time(), 0
         await self.manager.set_current_backend(ctx.request_id, name)
         events = aiter(backend.stream(request))
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        reader = asyncio.get_running_loop().create_task(_read_events(events, inbox, backend))
         try:
             while True:
-                event = await self._next_event(run, backend, events, first=produced == 0)
-                if isinstance(event, StreamEnd):
-                    run.finish, run.finished_by = event, name
-                    await self._record(run, name, FailoverResult.Success, started, produced, event)
+                items = await self._next_items(run, backend, inbox, first=produced == 0)
+                chunks = [item.text for item in items if isinstance(item, TextChunk) and item.text]
+                if chunks:
+                    text = "".join(chunks)
+                    await self.manager.append_tokens(ctx.request_id, text)
+                    run.prefix += text
+                    produced += len(chunks)
+                    run.recovery_deadline = None  # recovered: failover_timeout bounds only the way back
+                    yield text
+                last = items[-1]
+                if isinstance(last, BaseException):
+                    raise last
+                if isinstance(last, StreamEnd):
+                    run.finish, run.finished_by = last, name
+                    await self._record(run, name, FailoverResult.Success, started, produced, last)
                     await self._breaker(name, True)
                     return
-                if isinstance(event, TextChunk) and event.text:
-                    await self.manager.append_tokens(ctx.request_id, event.text)
-                    run.prefix += event.text
-                    produced += 1
-                    run.recovery_deadline = None  # recovered: failover_timeout bounds only the way back
-                    yield event.text
         except BackendError as exc:
             timed_out = isinstance(exc, StallTimeoutError)
             result = FailoverResult.Timeout if timed_out else FailoverResult.BackendError(str(exc))
             await self._record(run, name, result, started, produced)
             raise
         finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
             await events.aclose()  # type: ignore[attr-defined]
 
-    async def _next_event(self, run: _Run, backend: Backend, events: Any, *, first: bool) -> Any:
+    async def _next_items(self, run: _Run, backend: Backend, inbox: asyncio.Queue[Any], *, first: bool) -> list[Any]:
+        """Wait (within the first-token or stall timeout) for one event, then take all that are queued.
+
+        The list stops at a StreamEnd or an error, which is always its last item.
+        """
         limit = self.executor.first_token_timeout if first else self.executor.stall_timeout
         budget = self._budget_left(run)
         timeout = limit if budget is None else min(limit, budget)
         try:
             async with asyncio.timeout(timeout):
-                return await anext(events)
+                items = [await inbox.get()]
         except TimeoutError:
             what = "first token" if first else "next chunk"
             exhausted = budget is not None and budget < limit
@@ -424,9 +442,9 @@ class Coordinator:
             )
             error.budget_exhausted = exhausted
             raise error from None
-        except StopAsyncIteration:
-            spec = backend.spec
-            raise StreamCutError("stream ended without a finish", backend=spec.name, model=spec.model) from None
+        while isinstance(items[-1], TextChunk) and not inbox.empty():
+            items.append(inbox.get_nowait())
+        return items
 
     async def _fail_over(self, run: _Run, name: str, exc: BackendError) -> None:
         """Mark ``name`` failed for this request and check the failover budget."""
@@ -532,3 +550,16 @@ def _backend_map(
     if not out:
         raise ConfigError("a Coordinator needs at least one backend")
     return out
+
+
+async def _read_events(events: Any, inbox: asyncio.Queue[Any], backend: Backend) -> None:
+    """Move a backend's events into ``inbox``; the last item is a StreamEnd or an error."""
+    try:
+        async for event in events:
+            inbox.put_nowait(event)
+            if isinstance(event, StreamEnd):
+                return
+        spec = backend.spec
+        inbox.put_nowait(StreamCutError("stream ended without a finish", backend=spec.name, model=spec.model))
+    except Exception as exc:  # handed to the consumer, which raises it where it reads
+        inbox.put_nowait(exc)

@@ -897,3 +897,22 @@ async def test_a_retried_5xx_does_not_mark_the_backend_failed_for_a_takeover(mak
         assert ctx.failed_backends == []  # Vllm is serving this request fine
     finally:
         await stream.aclose()
+
+
+async def test_chunks_arriving_during_a_slow_commit_are_committed_together(
+    make: Make, fake: FakeLLMServer, redis_server: Any
+) -> None:
+    fake.set_token_delay(0.005)
+    co = make()
+    request_id = rid()
+    chunks: list[str] = []
+    paused = False
+    async for chunk in co.stream(request_id, PROMPT):
+        chunks.append(chunk)
+        if not paused:  # Redis stalls for a moment: the backend keeps streaming meanwhile
+            paused = True
+            await co.manager.redis.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+    assert "".join(chunks) == ANSWER
+    assert len(chunks) < len(full_answer(PROMPT)) / 2  # coalesced: far fewer commits than tokens
+    attempts = await attempts_of(co, request_id)
+    assert attempts[-1].tokens == len(full_answer(PROMPT))  # accounting still counts every token
