@@ -281,6 +281,17 @@ class FailoverCore:
         chunk = validation.chunk(tokens, self.limits)
         return self._append(rid, rk, [chunk], validation.seq(seq))
 
+    def check_offer(self, request_id: Any, tokens: Any) -> Holding | None:
+        """Validate an append without building it (the hot path's check); the holding, if any.
+
+        A held request id was validated when it was taken, so only the text is checked.
+        """
+        held = self._held.get(request_id) if isinstance(request_id, str) else None
+        if held is None:
+            validation.request_id(request_id, self.limits)
+        validation.chunk(tokens, self.limits)
+        return held
+
     def append_many(self, request_id: str, chunks: list[str]) -> Operation[AppendAck | None]:
         """Commit several already-validated chunks as one append (the batcher's path)."""
         rid, rk = self._rid(request_id)
@@ -616,7 +627,8 @@ def merge_appends(batch: list[Call]) -> tuple[list[Call], Callable[[list[Any]], 
     appends = [i for i, call in enumerate(batch) if isinstance(call, Eval) and call.script is APPEND]
     if len(appends) < 2:
         return batch, lambda replies: replies
-    others = [i for i, call in enumerate(batch) if i not in set(appends)]
+    merged_indexes = set(appends)
+    others = [i for i in range(len(batch)) if i not in merged_indexes]
     groups = [appends[g : g + MAX_MERGED_APPENDS] for g in range(0, len(appends), MAX_MERGED_APPENDS)]
     merged: list[Call] = []
     for group in groups:

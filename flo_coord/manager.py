@@ -7,6 +7,7 @@ what the distributed version adds.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from flo_coord import defaults
@@ -231,11 +232,20 @@ class AsyncFailoverManager(_Facade):
         return await self._run(op, "start_tracking", request_id)
 
     async def append_tokens(self, request_id: str, tokens: str, *, seq: int | None = None) -> AppendAck | None:
-        op = self.core.append_tokens(request_id, tokens, seq=seq)  # validates first
-        if seq is not None or self.core.holding(request_id) is None:
-            return await self._run(op, "append_tokens", request_id)
-        op.close()
+        if seq is not None or self.core.check_offer(request_id, tokens) is None:
+            return await self._run(self.core.append_tokens(request_id, tokens, seq=seq), "append_tokens", request_id)
         return await self._batcher.append(request_id, tokens)
+
+    def offer_tokens(self, request_id: str, tokens: str) -> asyncio.Future[AppendAck | None]:
+        """Queue tokens without waiting; the future resolves once Redis acknowledged them.
+
+        For producers that generate faster than they wait: tokens of one request offered
+        while its previous append is in flight are committed together and share one future
+        (do not cancel it). Input is validated here, before anything is queued.
+        """
+        if self.core.check_offer(request_id, tokens) is None:
+            return asyncio.ensure_future(self.append_tokens(request_id, tokens))
+        return self._batcher.submit(request_id, tokens)
 
     async def append_direct(self, request_id: str, tokens: str, *, seq: int | None = None) -> AppendAck | None:
         """One awaited script call per append, bypassing the batcher (the benchmark's naive path)."""

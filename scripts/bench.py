@@ -51,7 +51,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import redis
 
 from flo_coord import AsyncFailoverManager, FailoverAttempt, FailoverManager, FailoverResult, ServingBackend, defaults
-from flo_coord.batching import AppendBatcher, run_together
+from flo_coord.batching import run_together
 from flo_coord.connection import connect
 from flo_coord.core import AppendAck
 from flo_coord.embedded import RedisServer, redis_server_binary
@@ -313,12 +313,12 @@ async def _fleet_setup(url: str, streams: int, tag: str) -> tuple[AsyncFailoverM
 async def open_loop(url: str, streams: int, rate: float, duration: float, *, drain: float = 5.0) -> LoadResult:
     """Every stream offers one token every 1/rate s (jittered phase) without waiting for acks.
 
-    Tokens go to the batcher's ``submit`` (the future form of ``append``); latency is from a
-    token's scheduled offer time to its acknowledgement, so a late producer counts too.
+    Tokens go to ``AsyncFailoverManager.offer_tokens`` (the future form of ``append_tokens``,
+    input validation included); latency is from a token's scheduled offer time to its
+    acknowledgement, so a late producer counts too.
     """
     mgr, rids = await _fleet_setup(url, streams, "fleet")
     sync_client = redis.Redis.from_url(url)
-    batcher = AppendBatcher(mgr.core, mgr.shell)
     result = LoadResult("batched-open-loop", streams, streams * rate, duration)
     period = 1.0 / rate
     rng = random.Random(streams * 1000 + int(rate))
@@ -348,7 +348,7 @@ async def open_loop(url: str, streams: int, rate: float, duration: float, *, dra
         now = pc()
         while due <= now and due < end:
             rid = phases[idx][1]
-            future = batcher.submit(rid, TOKEN)
+            future = mgr.offer_tokens(rid, TOKEN)
             outstanding[0] += 1
             group = last.get(rid)
             if group is not None and group[0] is future:

