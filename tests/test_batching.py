@@ -86,9 +86,9 @@ def test_a_single_append_is_not_merged(count):
 
 
 async def test_more_concurrent_calls_than_connections_wait_instead_of_failing(redis_server):
-    from flo_coord import AsyncFailoverManager, RetryPolicy, defaults
-
     from redis.asyncio import BlockingConnectionPool
+
+    from flo_coord import AsyncFailoverManager, RetryPolicy, defaults
 
     retry = RetryPolicy(deadline=3.0)
     manager = AsyncFailoverManager(url=redis_server.url, namespace="poolwait", worker_id="w", retry=retry)
