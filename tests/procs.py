@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 HERE = os.path.abspath(__file__)
@@ -235,3 +235,15 @@ def _serve(params: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     _serve(json.loads(sys.argv[1]))
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, pause: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(pause)

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from procs import children, dump_namespace
+from procs import children, dump_namespace, wait_for
 from redis.cluster import key_slot
 
 from flo_coord import (
@@ -44,17 +44,6 @@ def attempt(
     backend: ServingBackend, result: FailoverResult | None, request_id: str | None = None, **kw: Any
 ) -> FailoverAttempt:
     return FailoverAttempt(backend=backend, started_at=time.time(), result=result, request_id=request_id, **kw)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 # ------------------------------------------------------ fixed defects of the original

@@ -13,11 +13,11 @@ import collections
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from procs import call_all, children, dump_namespace
+from procs import call_all, children, dump_namespace, wait_for
 
 from flo_coord import (
     AsyncReaper,
@@ -31,17 +31,6 @@ from flo_coord import (
 from flo_coord.embedded import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, pause: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(pause)
 
 
 def claim_when_possible(manager: FailoverManager, request_id: str, timeout: float) -> tuple[StreamingContext, float]:
