@@ -35,8 +35,8 @@ RETRY_DEADLINE = 10.0
 #: First and largest pause between retries (exponential with full jitter in between).
 RETRY_INITIAL = 0.05
 RETRY_MAX = 1.0
-#: Connections of one asyncio client built from a URL; more concurrent calls wait for one.
-MAX_CONNECTIONS = 256
+#: Connections of one asyncio client built from a URL (Redis's own default maxclients).
+MAX_CONNECTIONS = 10_000
 #: Socket timeout of clients flo_coord builds from a URL.
 SOCKET_TIMEOUT = 5.0
 
