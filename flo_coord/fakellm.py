@@ -45,6 +45,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flo_coord.core import render_messages as core_render_messages
+from flo_coord.models import ChatMessage
+
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_TOKENS",
@@ -85,8 +88,8 @@ def full_answer_text(prompt: str, n_tokens: int = DEFAULT_TOKENS) -> str:
 
 
 def render_messages(messages: Iterable[Any]) -> str:
-    """The fixed plain rendering of chat messages ("role: content\\n" each): the chat "prompt"."""
-    return "".join(f"{_field(m, 'role')}: {_field(m, 'content')}\n" for m in messages)
+    """The chat "prompt": flo_coord's own rendering (``core.render_messages``) of request bodies."""
+    return core_render_messages([ChatMessage(_field(m, "role"), _field(m, "content")) for m in messages])
 
 
 def _field(message: Any, name: str) -> str:

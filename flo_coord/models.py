@@ -64,9 +64,6 @@ class ServingBackend(enum.StrEnum):
         except ValueError:
             raise ConfigError(f"unknown backend {name!r}; expected one of {', '.join(b.value for b in cls)}") from None
 
-    def __str__(self) -> str:
-        return self.value
-
 
 _B = ServingBackend
 _LOCAL = frozenset({_B.Realizar, _B.Ollama, _B.LlamaCpp, _B.Llamafile, _B.Candle, _B.Vllm, _B.Tgi, _B.LocalAI})
