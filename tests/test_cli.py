@@ -175,7 +175,12 @@ def test_bench_forwards_every_argument(tmp_path: Path, monkeypatch: pytest.Monke
     from flo_coord.cli import serve
 
     script = tmp_path / "bench.py"
-    script.write_text("import json, sys\ndef main(argv):\n    print(json.dumps(argv))\n    return 3\n")
+    # a dataclass with string annotations, as scripts/bench.py has: it needs the module in sys.modules
+    script.write_text(
+        "from __future__ import annotations\nimport json, sys\nfrom dataclasses import dataclass, field\n"
+        "@dataclass\nclass Args:\n    argv: list[str] = field(default_factory=list)\n"
+        "def main(argv):\n    print(json.dumps(Args(argv).argv))\n    return 3\n"
+    )
     monkeypatch.setattr(serve, "_bench_script", lambda: script)
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
