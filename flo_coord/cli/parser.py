@@ -151,11 +151,22 @@ def build_parser() -> Parser:
     p = command(
         "submit",
         "flo_coord.cli.client:cmd_submit",
-        "Queue a request for the workers and print its answer as it streams",
+        "Queue a request (a prompt or chat messages) for the workers and print its answer as it streams",
         (redis, logs),
     )
     p.add_argument("prompt", nargs="?", help="the prompt (or --prompt-file, or stdin with '-')")
     p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
+    p.add_argument(
+        "--message",
+        action="append",
+        metavar="ROLE=TEXT",
+        help="a chat message instead of a prompt (repeatable, in order; ROLE system, developer, user or assistant)",
+    )
+    p.add_argument(
+        "--messages-file",
+        metavar="FILE",
+        help='chat messages from a JSON file: [{"role": ..., "content": ...}, ...] or {"messages": [...]}',
+    )
     p.add_argument("--request-id", metavar="ID", help="request id (default: a random one)")
     p.add_argument("--primary", metavar="BACKEND", help="backend to try first (e.g. Vllm)")
     p.add_argument("--max-tokens", type=count, metavar="N", help="answer length limit")
@@ -239,4 +250,12 @@ def build_parser() -> Parser:
         "Run scripts/bench.py; every argument after 'bench' goes to it ('bench -- --help' for its help)",
     )
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for scripts/bench.py")
+    return parser
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (``parser`` itself for None or an unknown name)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]  # type: ignore[no-any-return]
     return parser
