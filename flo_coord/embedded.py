@@ -66,15 +66,20 @@ class EmbeddedRedisError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+#: Environment variables naming the binaries to use (a path or a name looked up on PATH).
+REDIS_SERVER_ENV = "FLO_REDIS_SERVER"
+REDIS_CLI_ENV = "FLO_REDIS_CLI"
+
+
 def redis_server_binary() -> str | None:
     """Path of the ``redis-server`` to use, or None; ``FLO_REDIS_SERVER`` (path or name) overrides the PATH lookup."""
-    override = os.environ.get("FLO_REDIS_SERVER")
+    override = os.environ.get(REDIS_SERVER_ENV)
     return shutil.which(override) if override else shutil.which("redis-server")
 
 
 def redis_cli_binary() -> str | None:
     """Path of ``redis-cli`` (``FLO_REDIS_CLI`` overrides), falling back to the directory of ``redis-server``."""
-    override = os.environ.get("FLO_REDIS_CLI")
+    override = os.environ.get(REDIS_CLI_ENV)
     if override:
         return shutil.which(override)
     found = shutil.which("redis-cli")

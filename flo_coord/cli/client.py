@@ -172,7 +172,7 @@ def _messages_file(path: str) -> list[dict[str, str]]:
         ok = isinstance(item, dict) and item.get("role") in CHAT_ROLES and isinstance(item.get("content"), str)
         if not ok or set(item) != {"role", "content"}:
             raise UsageError(
-                f"--messages-file {path!r}: message {i} must be {{\"role\": ROLE, \"content\": TEXT}} "
+                f'--messages-file {path!r}: message {i} must be {{"role": ROLE, "content": TEXT}} '
                 f"with ROLE one of {', '.join(CHAT_ROLES)}, got {json.dumps(item)[:80]}"
             )
     return [{"role": item["role"], "content": item["content"]} for item in data]
@@ -203,9 +203,7 @@ def cmd_submit(args: Any) -> int:
     return run(_submit(manager, request_id, prompt, messages, args))
 
 
-async def _submit(
-    manager: AsyncFailoverManager, request_id: str, prompt: str | None, messages: Any, args: Any
-) -> int:
+async def _submit(manager: AsyncFailoverManager, request_id: str, prompt: str | None, messages: Any, args: Any) -> int:
     from flo_coord import queue
 
     try:

@@ -139,7 +139,9 @@ def build_parser() -> Parser:
         "Run a worker: take submitted requests, stream them with failover, take over orphans",
         (redis, logs),
     )
-    p.add_argument("--worker-id", metavar="ID", help="unique id of this replica (env FLO_WORKER_ID; default host-pid)")
+    p.add_argument(
+        "--worker-id", metavar="ID", help="unique id of this replica (env FLO_WORKER_ID; default <host>-<pid>-<random>)"
+    )
     p.add_argument("--lease-ttl", type=seconds, metavar="S", help="lease in seconds (env FLO_LEASE_TTL; default 5)")
     p.add_argument("--concurrency", type=count, metavar="N", help="requests run at once (env FLO_CONCURRENCY; 64)")
     p.add_argument("--grace", type=seconds0, default=10.0, metavar="S", help="on SIGTERM, time to finish (10)")
@@ -239,7 +241,13 @@ def build_parser() -> Parser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=8001, help="port (default 8001)")
-    p.add_argument("--fault", action="append", default=[], metavar="MODEL=SPEC", help="e.g. m=cut:5 (MODEL may be *)")
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="MODEL=SPEC",
+        help="inject a fault: e.g. m=cut:5 (MODEL may be *; repeatable; SPECs in docs/CLI.md)",
+    )
     p.add_argument("--token-delay", type=seconds0, default=0.0, metavar="S", help="seconds between tokens")
     p.add_argument("--model-delay", action="append", default=[], metavar="MODEL=S", help="per-model token delay")
     p.add_argument("--tokens", type=count, default=48, metavar="N", help="answer length in tokens (48)")

@@ -114,6 +114,7 @@ async def _worker(
 
 def cmd_fake_llm(args: Any) -> int:
     from flo_coord import fakellm
+    from flo_coord.cli.reference import fault_grammar
 
     argv = [
         "--host",
@@ -132,7 +133,8 @@ def cmd_fake_llm(args: Any) -> int:
         try:
             fakellm.parse_fault(spec)
         except ValueError as exc:
-            raise UsageError(f"--fault {value!r}: {exc}") from None
+            valid = ", ".join(grammar for grammar, _ in fault_grammar())
+            raise UsageError(f"--fault {value!r}: {exc}; SPEC is one of {valid} (optionally *TIMES)") from None
         argv += ["--fault", value]
     for value in args.model_delay:
         model, sep, delay = value.partition("=")
