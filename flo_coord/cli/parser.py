@@ -182,7 +182,7 @@ def build_parser() -> Parser:
         "Print a request's answer from an offset, live, until it ends (from any replica)",
         (redis, logs),
     )
-    p.add_argument("request_id", metavar="REQUEST_ID")
+    p.add_argument("request_id", metavar="REQUEST_ID", help="the request (its id, as submit prints it)")
     p.add_argument("--offset", type=offset, default=0, metavar="N", help="start at character N (default 0)")
     p.add_argument("--wait", type=seconds0, default=0.0, metavar="S", help="wait S for the request to appear")
     p.add_argument("--timeout", type=seconds, default=600.0, metavar="S", help="give up after S (600)")
@@ -193,7 +193,7 @@ def build_parser() -> Parser:
         "Show one request: its live context or its outcome",
         (redis, logs, output),
     )
-    p.add_argument("request_id", metavar="REQUEST_ID")
+    p.add_argument("request_id", metavar="REQUEST_ID", help="the request (its id, as submit prints it)")
     p.add_argument("--full", action="store_true", help="do not shorten the prompt and answer")
 
     command(
