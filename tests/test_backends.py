@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from flo_coord.backends import (
     Backend,
+    BackendConfigError,
     BackendConnectError,
     BackendError,
     BackendHTTPError,
@@ -448,8 +449,10 @@ async def test_api_key_is_sent_as_bearer_and_never_shown(
 @pytest.mark.asyncio
 async def test_missing_key_env_is_a_config_error(make: Callable[..., Backend], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLO_MISSING_KEY", raising=False)
-    with pytest.raises(ConfigError, match="FLO_MISSING_KEY"):
-        await collect(make(api_key_env="FLO_MISSING_KEY"), GenerationRequest(prompt=PROMPT))
+    # a backend fault (issue 11: the next backend continues), still a ConfigError
+    events, error = await collect(make(api_key_env="FLO_MISSING_KEY"), GenerationRequest(prompt=PROMPT))
+    assert events == [] and isinstance(error, BackendConfigError) and isinstance(error, ConfigError)
+    assert "FLO_MISSING_KEY" in str(error)
 
 
 @pytest.mark.asyncio
