@@ -91,6 +91,8 @@ def decode_outcome(request_id: str, fields: list[Any] | dict[Any, Any]) -> Reque
         raw["request_id"] = request_id
         if "finished" in raw:
             raw["finished_at"] = int(raw.pop("finished")) / 1000.0
+        if "usage" in raw:
+            raw["usage"] = msgspec.json.decode(raw["usage"])
         return msgspec.convert(raw, RequestOutcome, strict=False)
     except (msgspec.ValidationError, ValueError) as exc:
         raise CorruptStateError(request_id, f"outcome does not decode: {exc}") from None

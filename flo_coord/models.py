@@ -364,3 +364,8 @@ class RequestOutcome(msgspec.Struct, kw_only=True):
     model: str | None = None
     token_count: int = 0
     finished_at: float | None = None
+    #: how the answer ended: "stop", "length" (cut by a token limit), "content_filter"; None if unknown
+    finish_reason: str | None = None
+    #: token usage summed over every attempt of the request (prompt tokens billed by each attempt,
+    #: completion tokens); each attempt's own usage is in the history. None when no backend reported any.
+    usage: dict[str, int] | None = None
