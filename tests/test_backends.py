@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import subprocess
 import sys
 import time
@@ -437,7 +438,10 @@ async def test_api_key_is_sent_as_bearer_and_never_shown(
     monkeypatch.setenv("FLO_TEST_KEY", SECRET)
     backend = make(api_key_env="FLO_TEST_KEY")
     _, error = await collect(backend, GenerationRequest(prompt=PROMPT))
-    assert error is None and server.requests[-1]["authorization"] == f"Bearer {SECRET}"
+    # the fake's request log keeps only a digest of the credential (issue 16), never the key
+    sent = hashlib.sha256(f"Bearer {SECRET}".encode()).hexdigest()
+    assert error is None and server.requests[-1]["authorization_sha256"] == sent
+    assert SECRET not in str(server.requests)
     server.set_fault("m", "http5xx:1")
     backend = make(api_key_env="FLO_TEST_KEY")
     _, error = await collect(backend, GenerationRequest(prompt=PROMPT))
