@@ -720,6 +720,8 @@ class _HTTPBackend:
 
     def _in_band_error(self, error: Any, ending: _Ending, key: str | None) -> BackendHTTPError:
         """An error object (or text) the backend sent inside a 200 stream, classified like its HTTP status."""
+        if isinstance(error, dict) and isinstance(error.get("error"), dict | str):
+            error = error["error"]  # ``event: error`` frames wrap the object once more
         body = _redact(msgspec.json.encode({"error": error}).decode(), key)
         message, code, kind = _error_fields(body)
         status = _stream_error_status(code, message, kind)

@@ -917,7 +917,8 @@ class FakeLLMServer:
         if fault.kind == "stream_error":
             await conn.write(wire.error("fake internal error while generating"))
         elif fault.kind == "finish":
-            await conn.write(wire.finish(fault.arg or "stop", usage, True))
+            sent = entry["tokens_sent"]  # usage counts what this response really sent
+            await conn.write(wire.finish(fault.arg or "stop", _usage(usage["prompt_tokens"], sent), True))
         elif fault.kind == "inband":
             await conn.write(wire.inband(fault.arg or "data", fault.arg2 or "server"))
         elif fault.kind == "echo_key":
