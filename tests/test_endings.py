@@ -16,19 +16,19 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from flo_coord import (
+from flo_coord import (  # Coordinator, BackendSpec, ExecutorConfig: importable from the package
+    AnswerStream,
+    BackendSpec,
     ChatMessage,
     ContentPolicyError,
+    Coordinator,
+    ExecutorConfig,
     FailoverConfig,
     GenerationError,
     RequestFailedError,
     ServingBackend,
 )
-from flo_coord.backends import BackendSpec
-from flo_coord.executor import AnswerStream, Coordinator, ExecutorConfig
 from flo_coord.fakellm import FakeLLMServer, full_answer, full_answer_text, parse_fault, render_messages
-
-pytestmark = pytest.mark.asyncio
 
 PROMPT = "How does a stream end truthfully?"
 MESSAGES = [ChatMessage("user", "tell me about endings")]
