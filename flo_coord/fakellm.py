@@ -636,7 +636,8 @@ class FakeLLMServer:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = await asyncio.start_server(self._on_connect, host, port)
+        # a deep backlog: hundreds of streams may connect at once (the capacity tests)
+        self._server = await asyncio.start_server(self._on_connect, host, port, backlog=1024)
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
 
     async def stop(self) -> None:
