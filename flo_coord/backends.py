@@ -923,7 +923,7 @@ def _openai_chunk(
 
 
 def _delta_kind(delta: dict[str, Any]) -> str | None:
-    """"tool_call" or "reasoning" for a delta that carries one, else None.
+    """The progress kind of a delta without text: "tool_call", "reasoning", or None.
 
     Reasoning deltas: vLLM/DeepSeek ``reasoning_content``, OpenRouter ``reasoning``, Ollama ``thinking``.
     """

@@ -331,6 +331,11 @@ class FailoverCore:
         rid, rk = self._rid(request_id)
         return self._update(rid, rk, "+failed", self._backend_name(backend))
 
+    def set_usage(self, request_id: Any, usage: dict[str, int]) -> Operation[None]:
+        """Store the usage summed over the request's attempts so far (fenced), for a takeover to continue."""
+        rid, rk = self._rid(request_id)
+        return self._update(rid, rk, *_ending_fields(None, usage, self.limits))
+
     def set_current_backend(self, request_id: Any, backend: ServingBackend | str) -> Operation[None]:
         rid, rk = self._rid(request_id)
         return self._update(rid, rk, "current_backend", self._backend_name(backend))

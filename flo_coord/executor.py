@@ -377,8 +377,8 @@ class Coordinator:
                 log.warning("resumed request %s ended with %s", ctx.request_id, exc)
 
     async def _generate(self, ctx: StreamingContext, answer: AnswerStream | None = None) -> AsyncGenerator[str, None]:
-        run = _Run(ctx=ctx, prefix=ctx.generated_prefix, failed=set(ctx.failed_backends))
-        run.spent_tokens = estimate_tokens(ctx.generated_prefix)  # committed before this worker: no usage known
+        run = _Run(ctx=ctx, prefix=ctx.generated_prefix, failed=set(ctx.failed_backends), usage=dict(ctx.usage or {}))
+        run.spent_tokens = estimate_tokens(ctx.generated_prefix)  # committed before this worker: conservative
         try:
             try:
                 async with contextlib.aclosing(self._attempts(run)) as chunks:
@@ -499,7 +499,11 @@ class Coordinator:
         modes = {n: self.backends[n].spec.continues_chat for n in names}
         names = [n for n in names if modes[n] != "none"]
         asked = [(n, modes[n]) for n in names if modes[n] != "completions"]  # only prefills are remembered
-        forgotten = await self.manager.shell.run(self.capabilities.missing(asked), "capability", run.request_id)
+        try:
+            forgotten = await self.manager.shell.run(self.capabilities.missing(asked), "capability", run.request_id)
+        except CoordinatorUnavailableError as exc:  # a shared hint only: each request still learns by itself
+            log.warning("could not read remembered capabilities: %s", exc)
+            forgotten = set()
         return [n for n in names if n not in forgotten]
 
     async def _breaker_allows(self, run: _Run, name: str) -> bool:
@@ -577,13 +581,13 @@ class Coordinator:
                 if isinstance(last, BaseException):
                     raise last
                 if isinstance(last, StreamEnd):
-                    self._spend(run, last.usage, text_here, produced)
+                    await self._spend(run, last.usage, text_here, produced)
                     run.finish, run.finished_by = last, name
                     await self._record(run, name, FailoverResult.Success, started, produced, last.usage, last.model)
                     await self._breaker(name, True)
                     return
         except BackendError as exc:
-            self._spend(run, exc.usage, text_here, produced)
+            await self._spend(run, exc.usage, text_here, produced)
             timed_out = isinstance(exc, StallTimeoutError)
             result = FailoverResult.Timeout if timed_out else FailoverResult.BackendError(str(exc))
             await self._record(run, name, result, started, produced, exc.usage)
@@ -598,12 +602,21 @@ class Coordinator:
         for piece in _pieces(text, self.manager.core.limits.max_chunk_bytes):
             await self.manager.append_tokens(run.request_id, piece)
 
-    def _spend(self, run: _Run, usage: dict[str, int] | None, text: str, deltas: int) -> None:
-        """Count one attempt's tokens against the budget and add its usage to the request's."""
+    async def _spend(self, run: _Run, usage: dict[str, int] | None, text: str, deltas: int) -> None:
+        """Count one attempt's tokens against the budget and add its usage to the request's.
+
+        The sum is stored with the request, so a replica that takes it over keeps counting.
+        """
         reported = (usage or {}).get("completion_tokens")
         run.spent_tokens += reported if reported is not None else estimate_tokens(text, deltas)
-        for key, value in (usage or {}).items():
+        if not usage:
+            return
+        for key, value in usage.items():
             run.usage[key] = run.usage.get(key, 0) + value
+        try:
+            await self.manager.set_usage(run.request_id, run.usage)
+        except CoordinatorUnavailableError as exc:  # accounting only: the answer matters more
+            log.warning("could not store the usage of %s: %s", run.request_id, exc)
 
     async def _next_items(self, run: _Run, backend: Backend, inbox: asyncio.Queue[Any], *, first: bool) -> list[Any]:
         """Wait (within the first-token or stall timeout) for one event, then take all that are queued.

@@ -283,6 +283,9 @@ class AsyncFailoverManager(_Facade):
     async def set_state(self, request_id: str, state: StreamState) -> None:
         await self._run(self.core.update_state(request_id, state), "set_state", request_id)
 
+    async def set_usage(self, request_id: str, usage: dict[str, int]) -> None:
+        await self._run(self.core.set_usage(request_id, usage), "set_usage", request_id)
+
     async def set_current_backend(self, request_id: str, backend: ServingBackend | str) -> None:
         await self._run(self.core.set_current_backend(request_id, backend), "set_current_backend", request_id)
 

@@ -218,6 +218,9 @@ class StreamingContext(msgspec.Struct, kw_only=True):
     current_backend: str | None = None
     created_at: float | None = None
     takeovers: int = 0
+    #: token usage the backends reported for this request so far, summed over attempts (JSON
+    #: field "usage"), so a replica that takes it over reports the whole request's usage
+    usage: dict[str, int] | None = None
 
     @classmethod
     def new(cls, prompt: str, request_id: str) -> StreamingContext:

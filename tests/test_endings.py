@@ -351,3 +351,36 @@ def test_bad_fault_spec_lists_the_kinds() -> None:
 def test_spec_hides_url_credentials() -> None:
     spec = BackendSpec(name="Vllm", base_url="http://user:pw-secret@host:8000", model="m")
     assert "pw-secret" not in repr(spec) and "pw-secret" not in spec.safe_url and "host:8000" in spec.safe_url
+
+
+async def test_usage_is_summed_over_attempts_across_a_takeover(make: Any, fake: FakeLLMServer) -> None:
+    fake.set_fault(MODELS["Vllm"], "finish:abort:5")  # reports usage for its 5 tokens, then aborts
+    fake.set_fault(MODELS["Together"], "stall:2:30*1")  # the first Together call stalls after 2 tokens
+    first, second = make(), make()
+    request_id = rid()
+    ctx = await first.manager.start_tracking(request_id, PROMPT)
+    first.resume_in_background(ctx)
+    await asyncio.sleep(0.5)  # Vllm aborted, Together is stalled
+    await first.aclose()  # hands the request back
+    await second.start(reap=True, reap_interval=0.1)
+    assert await asyncio.wait_for(committed(second, request_id), 10.0) == full_answer_text(PROMPT)
+    outcome = await second.outcome(request_id)
+    n = len(full_answer(PROMPT))
+    assert outcome is not None and outcome.owner == second.worker_id and outcome.finish_reason == "stop"
+    assert outcome.usage is not None and outcome.usage["completion_tokens"] == 5 + (n - 7)
+
+
+def test_toml_overrides_the_continuation_default(tmp_path: Any) -> None:
+    from flo_coord.errors import ConfigError
+    from flo_coord.settings import load_settings
+
+    base = '[[backends]]\nname = "Vllm"\nbase_url = "http://h:1"\nmodel = "m"\n'
+    path = tmp_path / "flo.toml"
+    path.write_text(base, encoding="utf-8")
+    assert load_settings(path, environ={}).backends[0].continues_chat == "continue_final_message"
+    path.write_text(base + 'continuation = "completions"\nmax_connections = 8\n', encoding="utf-8")
+    spec = load_settings(path, environ={}).backends[0]
+    assert (spec.continues_chat, spec.max_connections) == ("completions", 8)
+    path.write_text(base + 'continuation = "guess"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="continuation"):
+        load_settings(path, environ={})
