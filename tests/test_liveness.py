@@ -145,3 +145,33 @@ async def test_500_concurrent_streams_through_one_coordinator_all_exact(redis_se
             assert await co.manager.shell.run(co.breaker.allow("Vllm"), "breaker") == "CLOSED"
         finally:
             await co.aclose()
+
+
+async def test_a_url_that_does_not_resolve_fails_that_backend_only(redis_server: Any, fake: FakeLLMServer) -> None:
+    specs = [
+        BackendSpec(name="Vllm", base_url="http://no-such-host.invalid:8000", model="m", connect_timeout=2.0),
+        BackendSpec(name="Together", base_url=fake.base_url, model="fake"),
+    ]
+    co = coordinator(redis_server.url, f"u{uuid.uuid4().hex[:8]}", specs)
+    try:
+        assert await read(co.stream("unresolved", PROMPT)) == full_answer_text(PROMPT)
+        (attempt, done) = [a for a in await co.manager.history() if getattr(a, "request_id", None) == "unresolved"]
+        assert attempt.backend == ServingBackend.Vllm and "connection failed" in str(attempt.result)
+        assert done.backend == ServingBackend.Together
+    finally:
+        await co.aclose()
+
+
+async def test_a_failed_request_reads_as_one_sentence_to_its_follower(redis_server: Any, fake: FakeLLMServer) -> None:
+    fake.set_fault("*", "cut:3")
+    spec = BackendSpec(name="Vllm", base_url=fake.base_url, model="fake")
+    co = coordinator(redis_server.url, f"o{uuid.uuid4().hex[:8]}", [spec])
+    try:
+        with pytest.raises(GenerationError) as caught:
+            await read(co.stream("cut-all", PROMPT))
+        with pytest.raises(RequestFailedError) as followed:
+            await read(co.follow("cut-all"))
+        for message in (str(caught.value), str(followed.value)):
+            assert message.count("failed:") == 1, message
+    finally:
+        await co.aclose()
