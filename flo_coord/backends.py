@@ -876,7 +876,7 @@ class OpenAIBackend(_HTTPBackend):
         except (msgspec.DecodeError, _ChunkShapeError) as exc:
             if not complete:
                 return []  # a half-written final event is a cut, not garbage
-            raise self._malformed(f"malformed stream chunk ({exc})", data, ending.received) from None
+            raise self._malformed(f"malformed stream chunk ({exc})", _redact(data, key), ending.received) from None
         if error is not None:
             raise self._in_band_error(error, ending, key)
         ending.finish = finish or ending.finish
@@ -973,7 +973,9 @@ class OllamaBackend(_HTTPBackend):
                 except (msgspec.DecodeError, _ChunkShapeError) as exc:
                     if not complete:
                         break  # a half-written last line is a cut, not garbage
-                    raise self._malformed(f"malformed stream line ({exc})", line, ending.received) from None
+                    raise self._malformed(
+                        f"malformed stream line ({exc})", _redact(line, key), ending.received
+                    ) from None
                 if obj.get("error") is not None:
                     raise self._in_band_error(obj["error"], ending, key)
                 ending.tool_calls = ending.tool_calls or kind == "tool_call"
