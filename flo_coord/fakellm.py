@@ -5,7 +5,9 @@ and /api/chat (NDJSON). The answer to a prompt is a fixed function of it, and a 
 ends with a prefix of its own answer is continued from there, so a client that fails over
 mid-stream can check it got exactly the rest. Faults (resets, 5xx, 429, cuts, stalls,
 garbage, 4xx kinds) are set per model at start-up, at runtime via ``POST /_faults``, or per
-request with the ``X-Fake-Fault`` header. Every request is recorded at ``GET /_requests``.
+request with the ``X-Fake-Fault`` header. Every request is recorded at ``GET /_requests``
+(credentials never: an ``Authorization`` header is kept only as its SHA-256,
+``authorization_sha256``). It listens on 127.0.0.1 unless told otherwise.
 
 Fault syntax: ``kind[:args][*times]``; without ``*times`` a fault hits every request, except
 ``http5xx:N`` (the first N requests) and ``rate429`` (the first request).

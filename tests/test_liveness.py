@@ -175,3 +175,41 @@ async def test_a_failed_request_reads_as_one_sentence_to_its_follower(redis_serv
             assert message.count("failed:") == 1, message
     finally:
         await co.aclose()
+
+
+class _BuggyBackend:
+    """A backend adapter with a bug: one chunk, then an exception no adapter should raise."""
+
+    def __init__(self) -> None:
+        self.spec = BackendSpec(name="Vllm", base_url="http://127.0.0.1:9", model="buggy")
+
+    async def stream(self, request: Any) -> AsyncIterator[Any]:
+        from flo_coord.backends import TextChunk
+
+        yield TextChunk("<|answer|>")
+        raise ZeroDivisionError("a bug in an adapter")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_bug_while_generating_ends_the_request(redis_server: Any) -> None:
+    co = Coordinator(
+        {"Vllm": _BuggyBackend()},  # type: ignore[dict-item]
+        url=redis_server.url,
+        namespace=f"g{uuid.uuid4().hex[:8]}",
+        config=FailoverConfig(fallback_order=[ServingBackend.Vllm]),
+        executor=FAST,
+    )
+    try:
+        follower = asyncio.create_task(read(co.follow("buggy", wait=5.0)))
+        with pytest.raises(GenerationError, match="ZeroDivisionError: a bug in an adapter"):
+            await read(co.stream("buggy", PROMPT))
+        failed_at = time.monotonic()
+        with pytest.raises(RequestFailedError, match="ZeroDivisionError"):
+            await follower
+        assert time.monotonic() - failed_at < DEADLINE + 1.0
+        outcome = await co.outcome("buggy")
+        assert outcome is not None and outcome.state == "Failed" and "buggy" not in co.manager.held()
+    finally:
+        await co.aclose()
