@@ -161,6 +161,9 @@ class FailoverCore:
         self.lease_ttl = validation.positive_seconds("lease_ttl", lease_ttl)
         self.max_age = validation.positive_seconds("max_age", max_age)
         self.retention = validation.positive_seconds("retention", retention)
+        #: deployment names (besides ServingBackend names) this core accepts as a backend;
+        #: the Coordinator registers its configured deployments here
+        self.deployments: frozenset[str] = frozenset()
         self._held: dict[str, Holding] = {}
         self._held_lock = threading.Lock()
 
@@ -243,6 +246,8 @@ class FailoverCore:
             return self.config.fallback_order[0].value
         if isinstance(backend, ServingBackend):
             return backend.value
+        if isinstance(backend, str) and backend in self.deployments:
+            return backend
         if isinstance(backend, str):
             return ServingBackend.parse(backend).value
         raise ValidationError(f"backend must be a ServingBackend, got {type(backend).__name__}")
@@ -339,6 +344,11 @@ class FailoverCore:
     def set_current_backend(self, request_id: Any, backend: ServingBackend | str) -> Operation[None]:
         rid, rk = self._rid(request_id)
         return self._update(rid, rk, "current_backend", self._backend_name(backend))
+
+    def set_model_group(self, request_id: Any, model_group: str) -> Operation[None]:
+        """Store the model group a request runs against (fenced), for a takeover to use the same."""
+        rid, rk = self._rid(request_id)
+        return self._update(rid, rk, "model_group", validation.label("model_group", model_group, self.limits))
 
     def _update(self, rid: str, rk: RequestKeys, *pairs_: str) -> Operation[None]:
         call, epoch = self._fenced(UPDATE, rk, rid, *pairs_)
@@ -483,7 +493,7 @@ class FailoverCore:
         rid = attempt.request_id
         failed = attempt.result is not None and attempt.result.is_failure()
         if mark_failed and failed and rid is not None and rid in self._held:
-            yield from self._update(rid, self.keys.request(rid), "+failed", attempt.backend.value)
+            yield from self._update(rid, self.keys.request(rid), "+failed", str(attempt.backend))
 
     def _history_add(self, entry: HistoryEntry) -> Cmd:
         return Cmd(("XADD", self.keys.history, "MAXLEN", defaults.HISTORY_MAXLEN, "*", "e", encode_history(entry)))
