@@ -354,6 +354,53 @@ return {f[1] or 'closed', failures}
 """,
 )
 
+INFLIGHT_PICK = Script(
+    "inflight_pick",
+    _PRELUDE
+    + r"""
+-- Pick the deployment to call and count the call as in flight on it, in one step.
+-- The least busy by in-flight calls per unit of weight wins; ties go by weighted chance.
+-- KEYS: one in-flight sorted set per candidate deployment (member -> deadline ms), all in
+-- one hash slot. ARGV: member, ttl_ms, a random number in [0, 1), then one weight per key.
+-- Members whose deadline passed (their worker died) are dropped first: self-healing.
+-- Reply: {index of the chosen key (1-based), in-flight count of every key before the pick}.
+local now = now_ms()
+local ties, best, counts, total = {}, nil, {}, 0
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  counts[i] = redis.call('ZCARD', KEYS[i])
+  local load = counts[i] / tonumber(ARGV[3 + i])
+  if best == nil or load < best then
+    ties, best = {i}, load
+  elseif load == best then
+    ties[#ties + 1] = i
+  end
+end
+for _, i in ipairs(ties) do total = total + tonumber(ARGV[3 + i]) end
+local left, chosen = tonumber(ARGV[3]) * total, ties[#ties]
+for _, i in ipairs(ties) do
+  left = left - tonumber(ARGV[3 + i])
+  if left < 0 then chosen = i break end
+end
+redis.call('ZADD', KEYS[chosen], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[chosen], tonumber(ARGV[2]))
+return {chosen, counts}
+""",
+)
+
+INFLIGHT_RENEW = Script(
+    "inflight_renew",
+    _PRELUDE
+    + r"""
+-- Push the deadline of this worker's calls still in flight on one deployment (XX: a call
+-- already released stays released). KEYS[1] in-flight sorted set. ARGV: ttl_ms, members...
+local deadline = now_ms() + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1])) end
+return {'OK'}
+""",
+)
+
 ALL: tuple[Script, ...] = (
     START,
     APPEND,
@@ -369,4 +416,6 @@ ALL: tuple[Script, ...] = (
     ORPHAN_CANDIDATES,
     BREAKER_ALLOW,
     BREAKER_RECORD,
+    INFLIGHT_PICK,
+    INFLIGHT_RENEW,
 )
