@@ -208,7 +208,7 @@ class BackendSpec(msgspec.Struct, kw_only=True):
     @property
     def backend(self) -> ServingBackend:
         """The provider (a ServingBackend): is_local(), privacy tier and defaults come from it."""
-        return ServingBackend(self.provider)  # normalised by __post_init__
+        return ServingBackend(str(self.provider))  # normalised by __post_init__
 
     def __repr__(self) -> str:
         # headers may carry credentials a user put there by hand: never print their values
@@ -1203,7 +1203,7 @@ class AnthropicBackend(_HTTPBackend):
             raise _ChunkShapeError("event is not an object with a type")
         kind = obj["type"]
         if kind == "message_start":
-            message = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+            message: dict[str, Any] = obj["message"] if isinstance(obj.get("message"), dict) else {}
             ending.model = _optional_str(message, "model") or ending.model
             self._add_usage(ending, message.get("usage"))
         elif kind == "content_block_delta":
@@ -1226,7 +1226,7 @@ class AnthropicBackend(_HTTPBackend):
                 ending.tool_calls = True
                 return Progress("tool_call"), False
         elif kind == "message_delta":
-            delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
+            delta = obj["delta"] if isinstance(obj.get("delta"), dict) else {}
             ending.finish = _optional_str(delta, "stop_reason") or ending.finish
             self._add_usage(ending, obj.get("usage"))
         elif kind == "message_stop":

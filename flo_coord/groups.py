@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping, Sequence
+
 import msgspec
 
 from flo_coord.backends import BackendSpec

@@ -35,10 +35,11 @@ the defaults in ``flo_coord.defaults``. Example (every key, with its default)::
     cooldown = 10.0
     probe_ttl = 30.0
 
-    [[backends]]
-    name = "Vllm"                      # a ServingBackend name
-    kind = "openai"                    # or "ollama"
-    base_url = "http://vllm:8000"
+    [[backends]]                       # one deployment; several may share a provider
+    name = "vllm-a"                    # free and unique: keys its breaker, in-flight count, ...
+    provider = "Vllm"                  # a ServingBackend (any case); default: the name, if it is one
+    kind = "openai"                    # or "ollama", "anthropic"; default "anthropic" for Anthropic
+    base_url = "http://vllm:8000"      # default for OpenAI, Anthropic, Groq, Together, Fireworks: their API
     model = "meta-llama/Llama-3.1-8B-Instruct"
     api_key_env = "VLLM_API_KEY"       # the variable's NAME; the key is never stored
     prefill = true
@@ -51,6 +52,13 @@ the defaults in ``flo_coord.defaults``. Example (every key, with its default)::
     # OpenAI/AzureOpenAI none, every other prefill)
     continuation = "continue_final_message"
     max_connections = 64               # its HTTP pool; default: the worker's --concurrency
+
+    [[models]]                         # a model group: what clients ask for (``model=``)
+    name = "llama"
+    deployments = ["vllm-a", { name = "vllm-b", weight = 2 }, { name = "groq", tier = 2 }]
+    fallbacks = ["llama-small"]        # other groups, after every deployment here failed
+    context_window_fallbacks = ["llama-long"]  # instead, after a context-too-long failure
+    privacy = "Standard"               # "Sovereign": local providers only; "Private": + private clouds
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ from flo_coord.backends import BackendSpec
 from flo_coord.breaker import BreakerConfig
 from flo_coord.errors import ConfigError
 from flo_coord.executor import ExecutorConfig
+from flo_coord.groups import ModelGroup, Router, check_unique
 from flo_coord.models import FailoverConfig
 
 #: Environment variables that override the file (and are overridden by flags).
@@ -99,11 +108,17 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     executor: ExecutorConfig = msgspec.field(default_factory=ExecutorConfig)
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     backends: list[BackendSpec] = msgspec.field(default_factory=list)
+    models: list[ModelGroup] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_unique(self.backends)
+        Router(self.models, {spec.name: spec.backend for spec in self.backends})  # raises ConfigError
 
     def coordinator_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Coordinator`` (backends included)."""
         return {
             "backends": self.backends,
+            "models": self.models,
             "url": self.redis.url,
             "namespace": self.redis.namespace,
             "config": self.failover,

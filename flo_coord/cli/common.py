@@ -6,7 +6,7 @@ import asyncio
 import os
 import re
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
@@ -68,22 +68,33 @@ def pick(flag: T | None, key: str, cast: Callable[[str], T], what: str, default:
     return default if value is None else value
 
 
-_BACKEND_RE = re.compile(r"^(?P<name>[A-Za-z0-9]+)=(?P<url>[^,]+),(?P<model>[^,]+)(?:,(?P<kind>[a-z]+))?$")
+_BACKEND_RE = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)=(?P<url>[^,]+),(?P<model>[^,]+)"
+    r"(?:,(?P<kind>[a-z]*))?(?:,(?P<provider>[A-Za-z0-9]+))?$"
+)
 
 
 def parse_backend(value: str) -> BackendSpec:
-    """``NAME=URL,MODEL[,KIND]`` (KIND: openai (default) or ollama) as a BackendSpec."""
+    """``NAME=URL,MODEL[,KIND[,PROVIDER]]`` as a BackendSpec (a deployment).
+
+    KIND: openai (default), ollama or anthropic; PROVIDER: a ServingBackend, needed when
+    NAME is not one (``vllm-a=http://h:8000,llama,,Vllm``).
+    """
     from flo_coord.backends import BackendSpec
     from flo_coord.errors import ConfigError
 
     match = _BACKEND_RE.match(value.strip())
     if match is None:
-        raise UsageError(f"--backend {value!r}: expected NAME=URL,MODEL[,KIND], e.g. Vllm=http://localhost:8000,llama")
+        raise UsageError(
+            f"--backend {value!r}: expected NAME=URL,MODEL[,KIND[,PROVIDER]], e.g. Vllm=http://localhost:8000,llama"
+        )
     try:
-        if match["kind"] not in (None, "openai", "ollama"):
-            raise UsageError(f"--backend {value!r}: KIND must be openai or ollama, got {match['kind']!r}")
-        kind: Literal["openai", "ollama"] = "ollama" if match["kind"] == "ollama" else "openai"
-        return BackendSpec(name=match["name"], base_url=match["url"], model=match["model"], kind=kind)
+        if match["kind"] not in (None, "", "openai", "ollama", "anthropic"):
+            raise UsageError(f"--backend {value!r}: KIND must be openai, ollama or anthropic, got {match['kind']!r}")
+        kind: Any = match["kind"] or None
+        return BackendSpec(
+            name=match["name"], provider=match["provider"], base_url=match["url"], model=match["model"], kind=kind
+        )
     except ConfigError as exc:
         raise UsageError(f"--backend {value!r}: {exc}") from None
 
@@ -92,7 +103,7 @@ def load(args: Any) -> Settings:
     """Settings for a subcommand: its flags, then FLO_* variables, then the TOML file, then the defaults."""
     import msgspec
 
-    from flo_coord.models import ServingBackend
+    from flo_coord.errors import ConfigError
     from flo_coord.settings import load_settings
 
     overrides = {
@@ -103,17 +114,25 @@ def load(args: Any) -> Settings:
     settings = load_settings(getattr(args, "config", None), overrides=overrides)
     specs = [parse_backend(v) for v in getattr(args, "backend", None) or []]
     if specs:
-        # Flags win over the file: these backends, tried in the order given, then the file's order.
+        from flo_coord.groups import check_unique
+
+        try:
+            check_unique(specs)  # a second --backend with the same NAME never silently replaces the first
+        except ConfigError as exc:
+            raise UsageError(f"--backend: {exc}") from None
+        # Flags win over the file: these backends, tried in the order given (deployments of one
+        # provider share its place, load-balanced), then the file's order.
         settings.backends = specs
-        order = [ServingBackend.parse(s.name) for s in specs] + list(settings.failover.fallback_order)
+        order = [s.backend for s in specs] + list(settings.failover.fallback_order)
         settings.failover = msgspec.structs.replace(settings.failover, fallback_order=list(dict.fromkeys(order)))
     return settings
 
 
 def unused_backends(settings: Settings) -> list[str]:
     """Configured backends that ``failover.fallback_order`` never reaches (a worker warns about them)."""
-    order = {b.value for b in settings.failover.fallback_order}
-    return [spec.name for spec in settings.backends if spec.name not in order]
+    reached = {b.value for b in settings.failover.fallback_order}
+    reached |= {entry.name for group in settings.models for entry in group.entries}
+    return [s.name for s in settings.backends if not {s.name, s.backend.value} & reached]
 
 
 def check_redis(url: str, timeout: float = 3.0) -> None:

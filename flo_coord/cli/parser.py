@@ -90,9 +90,10 @@ def _backend_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--backend",
         action="append",
-        metavar="NAME=URL,MODEL[,KIND]",
-        help=f"{what} (repeatable; tried in the order given; KIND openai (default) or ollama; "
-        "replaces the TOML file's [[backends]])",
+        metavar="NAME=URL,MODEL[,KIND[,PROVIDER]]",
+        help=f"{what} (repeatable, each NAME once; tried in the order given, deployments of one provider "
+        "load-balanced; KIND openai (default), ollama or anthropic; PROVIDER a ServingBackend, needed when "
+        "NAME is not one; replaces the TOML file's [[backends]])",
     )
 
 
