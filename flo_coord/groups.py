@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import msgspec
 
@@ -46,6 +47,18 @@ class GroupDeployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: str
     weight: float = 1.0
     tier: int = 1
+
+
+def _entry(entry: Any) -> GroupDeployment:
+    """A deployment entry as given in Python (a name, a dict, a GroupDeployment) or decoded from TOML."""
+    if isinstance(entry, GroupDeployment):
+        return entry
+    if isinstance(entry, str):
+        return GroupDeployment(name=entry)
+    try:
+        return msgspec.convert(entry, GroupDeployment)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"a model group deployment must be a name or a table with name/weight/tier: {exc}") from None
 
 
 class ModelGroup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -89,7 +102,7 @@ class ModelGroup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def entries(self) -> list[GroupDeployment]:
         """The deployments as GroupDeployment (a bare name is weight 1, tier 1), in list order."""
-        return [GroupDeployment(name=e) if isinstance(e, str) else e for e in self.deployments]
+        return [_entry(e) for e in self.deployments]
 
     @property
     def tier(self) -> PrivacyTier:
