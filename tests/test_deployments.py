@@ -362,7 +362,7 @@ async def test_anthropic_cut_stream_is_continued_from_the_prefix(
     stream = co.stream(rid(), MESSAGES, model="claude")
     assert await collect(stream) == CHAT_ANSWER
     assert stream.outcome is not None and stream.outcome.backend == "claude-2"
-    continued = [r for r in fake.requests if r["model"] == "claude-2-m"][0]
+    continued = next(r for r in fake.requests if r["model"] == "claude-2-m")
     prefix = "".join(full_answer(render_messages(MESSAGES))[:7])
     assert continued["messages"][-1] == {"role": "assistant", "content": prefix.rstrip()}
 
