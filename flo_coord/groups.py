@@ -245,9 +245,7 @@ class InFlight:
             by_deployment.setdefault(deployment, []).append(member)
         if not by_deployment:
             return
-        replies = yield [
-            Eval(INFLIGHT_RENEW, (self.key(d),), (self.ttl_ms, *ms)) for d, ms in by_deployment.items()
-        ]
+        replies = yield [Eval(INFLIGHT_RENEW, (self.key(d),), (self.ttl_ms, *ms)) for d, ms in by_deployment.items()]
         for reply in replies:
             ok(reply)
 

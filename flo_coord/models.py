@@ -27,7 +27,6 @@ def is_deployment_name(name: object) -> bool:
     return isinstance(name, str) and _DEPLOYMENT_NAME.fullmatch(name) is not None
 
 
-
 class ServingBackend(enum.StrEnum):
     """Where a model is served. Serialised as the exact Rust variant name."""
 
