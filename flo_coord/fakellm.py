@@ -894,11 +894,7 @@ class FakeLLMServer:
         try:
             if fault is not None and await self._refuse_early(conn, gen, wire, fault):
                 return
-            if (
-                api == "anthropic"
-                and _prefill(gen)
-                and _field((gen.messages or [])[-1], "content") != _field((gen.messages or [])[-1], "content").rstrip()
-            ):
+            if api == "anthropic" and _prefill(gen) and _field((gen.messages or [])[-1], "content")[-1:].isspace():
                 # the Messages API's own rule, so the adapter's prefill is checked against it
                 message = "messages: final assistant content cannot end with trailing whitespace"
                 await conn.send_json(400, wire.error_body(message, "invalid_request_error"))
