@@ -154,8 +154,8 @@ class BackendSpec(msgspec.Struct, kw_only=True):
                 self.provider = ServingBackend.parse(self.name)
             except ConfigError:
                 raise ConfigError(
-                    f"backend {self.name}: provider is required when the name is not a ServingBackend "
-                    f"(one of {', '.join(b.value for b in ServingBackend)})"
+                    f"backend {self.name}: unknown backend {self.name!r} and no provider; a free deployment name "
+                    f"needs provider = one of {', '.join(b.value for b in ServingBackend)}"
                 ) from None
         else:
             self.provider = ServingBackend.parse(self.provider)
@@ -1110,8 +1110,9 @@ class AnthropicBackend(_HTTPBackend):
     ServerError). Authenticates with ``x-api-key`` and sends ``anthropic-version``.
     Continuation is an assistant prefill; the API refuses a final assistant message that
     ends in whitespace, so that whitespace is left out of the prefill and dropped from the
-    start of the continued text. System messages go to the top-level ``system`` field, and
-    a completion prompt is sent as one user message.
+    start of the continued text. System messages go to the top-level ``system`` field.
+    The Messages API has no text completion: a prompt (non-chat) request is refused locally
+    (UnsupportedRequestError), so the Coordinator moves on to a deployment that has one.
     """
 
     _accept = "text/event-stream"
@@ -1123,16 +1124,16 @@ class AnthropicBackend(_HTTPBackend):
         return headers
 
     def _check_capabilities(self, request: GenerationRequest) -> None:
+        if not request.is_chat:
+            raise self._local_error(UnsupportedRequestError, "the Messages API serves chat requests only")
         if request.prefix and self.spec.continues_chat == "none":
             raise self._local_error(PrefillRejectedError, "this backend cannot continue an answer (continuation)")
         if request.is_chat and not self.spec.chat:
             raise self._local_error(UnsupportedRequestError, "chat requests are disabled for this backend")
 
     def _build(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        if request.messages is None:
-            chat = [{"role": "user", "content": request.prompt or ""}]
-        else:
-            chat = [{"role": m.role, "content": m.content} for m in request.messages]
+        assert request.messages is not None  # _check_capabilities refused prompts
+        chat = [{"role": m.role, "content": m.content} for m in request.messages]
         system = "\n\n".join(m["content"] for m in chat if m["role"] == "system")
         messages = [m for m in chat if m["role"] != "system"]
         prefill = request.prefix.rstrip()  # the API rejects a final assistant message ending in whitespace

@@ -36,6 +36,7 @@ COMMANDS = [
     "top",
     "reap",
     "serve-fake-llm",
+    "import-litellm",
     "bench",
 ]
 CLI = [sys.executable, "-m", "flo_coord"]

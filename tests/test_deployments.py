@@ -104,7 +104,7 @@ def test_two_deployments_of_one_provider_and_old_names_still_work() -> None:
     assert old.backend is ServingBackend.Groq and old.name == "Groq"
     hosted = BackendSpec(name="claude", provider="ANTHROPIC", model="claude-x")
     assert (hosted.kind, hosted.base_url) == ("anthropic", "https://api.anthropic.com")
-    with pytest.raises(ConfigError, match="provider is required"):
+    with pytest.raises(ConfigError, match="no provider"):
         BackendSpec(name="my-box", base_url="http://h", model="m")
     with pytest.raises(ConfigError, match="not a valid deployment name"):
         BackendSpec(name="a,b", provider="Vllm", base_url="http://h", model="m")
@@ -377,3 +377,16 @@ async def test_anthropic_in_band_overloaded_error_fails_over(
     history = await co.manager.history()
     failed = [e for e in history if isinstance(e, FailoverAttempt) and e.request_id == request_id]
     assert failed[0].backend == "claude-1" and "overloaded_error" in str(failed[0].result)
+
+
+async def test_anthropic_refuses_a_text_completion_locally(fake: FakeLLMServer, anthropic_key: str) -> None:
+    from flo_coord.backends import UnsupportedRequestError
+
+    backend = make_backend(claude("claude-1", fake.base_url, "claude-m"))
+    try:
+        with pytest.raises(UnsupportedRequestError, match="chat requests only"):
+            async for _ in backend.stream(GenerationRequest(prompt=PROMPT)):
+                pass
+    finally:
+        await backend.aclose()
+    assert fake.requests == []  # refused before any HTTP: the Coordinator moves on without a call

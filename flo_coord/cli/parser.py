@@ -254,6 +254,13 @@ def build_parser() -> Parser:
     p.add_argument("--tokens", type=count, default=48, metavar="N", help="answer length in tokens (48)")
 
     p = command(
+        "import-litellm",
+        "flo_coord.cli.imports:cmd_import_litellm",
+        "Print the flo_coord TOML equivalent of a LiteLLM config.yaml; untranslated keys go to stderr",
+    )
+    p.add_argument("config_yaml", metavar="CONFIG_YAML", help="the LiteLLM proxy config (model_list, router_settings)")
+
+    p = command(
         "bench",
         "flo_coord.cli.serve:cmd_bench",
         "Run scripts/bench.py; every argument after 'bench' goes to it ('bench -- --help' for its help)",
