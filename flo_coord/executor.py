@@ -929,7 +929,7 @@ def _backend_map(
     backends: Mapping[ServingBackend | str, Backend | BackendSpec] | Iterable[BackendSpec],
     concurrency: int | None = None,
 ) -> dict[str, Backend]:
-    """Deployment name -> adapter. A ServingBackend key (or name, any case) becomes its canonical name."""
+    """Deployment name -> adapter (names are case-sensitive; a ServingBackend key becomes its value)."""
     if isinstance(backends, Mapping):
         items = list(backends.items())
     else:
@@ -946,14 +946,12 @@ def _backend_map(
 
 
 def _deployment_key(key: object) -> str:
+    """A backend map key as a deployment name: a ServingBackend's value, else the name as given."""
     if isinstance(key, ServingBackend):
         return key.value
-    try:
-        return ServingBackend.parse(str(key)).value
-    except ConfigError:
-        if is_deployment_name(key):
-            return str(key)
-        raise ConfigError(f"backend key {key!r} is neither a ServingBackend nor a valid deployment name") from None
+    if is_deployment_name(key):
+        return str(key)
+    raise ConfigError(f"backend key {key!r} is neither a ServingBackend nor a valid deployment name")
 
 
 async def _read_events(events: Any, inbox: asyncio.Queue[Any], backend: Backend) -> None:
