@@ -244,6 +244,28 @@ async def test_the_model_group_is_stored_with_the_request(make: Make, fake: Fake
         co.stream(rid(), PROMPT, model="nope")
 
 
+async def test_a_replica_that_takes_a_request_over_routes_it_through_the_same_group(
+    make: Make, fake: FakeLLMServer
+) -> None:
+    fake.set_token_delay(0.02)
+    specs = [vllm("d-one", fake.base_url, "one-m")]
+    group = ModelGroup(name="solo", deployments=["d-one"])
+    # fallback_order (the default: Realizar, Ollama, Together, Groq) reaches no deployment: only the group does
+    dying = make(specs, [group], lease_ttl=0.5, worker_id="dying")
+    taker = make(specs, [group], lease_ttl=0.5, worker_id="taker")
+    request_id = rid()
+    stream = dying.stream(request_id, PROMPT, model="solo")
+    first = [await anext(stream) for _ in range(5)]
+    await asyncio.sleep(0.7)  # the worker freezes: no heartbeats
+    (ctx,) = await taker.manager.claim_orphans()
+    assert ctx.model_group == "solo"
+    await taker.resume(ctx)
+    assert await collect(taker.follow(request_id)) == ANSWER
+    outcome = await taker.outcome(request_id)
+    assert outcome is not None and (outcome.owner, outcome.backend) == ("taker", "d-one")
+    assert "".join(first) + await collect(stream) == ANSWER  # the frozen stream delivers the taker's text
+
+
 # -------------------------------------------------------------------------------- privacy
 
 
