@@ -480,7 +480,8 @@ class FailoverCore:
             checked = None
         if not isinstance(checked, FailoverAttempt):
             raise ValidationError(f"attempt has a field of the wrong type or value: {attempt!r:.200}")
-        attempt = checked
+        # a ServingBackend or one of the deployments registered here (the Coordinator's)
+        attempt = msgspec.structs.replace(checked, backend=self._backend_name(str(checked.backend)))
         if attempt.request_id is not None:
             validation.request_id(attempt.request_id, self.limits)
         if attempt.worker_id is None:
