@@ -256,5 +256,5 @@ class InFlight:
         (reply,) = yield [Cmd(("TIME",))]
         seconds, micros = (int(text(v)) for v in ok(reply))
         now = seconds * 1000 + micros // 1000
-        replies = yield [Cmd(("ZCOUNT", self.key(d), f"({now}", "+inf")) for d in deployments]
-        return {d: int(ok(r)) for d, r in zip(deployments, replies, strict=True)}
+        replies = yield [Cmd(("ZRANGEBYSCORE", self.key(d), f"({now}", "+inf")) for d in deployments]
+        return {d: len(ok(r)) for d, r in zip(deployments, replies, strict=True)}

@@ -367,7 +367,9 @@ INFLIGHT_PICK = Script(
 local now = now_ms()
 local ties, best, counts, total = {}, nil, {}, 0
 for i = 1, #KEYS do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  -- ZRANGEBYSCORE + ZREM rather than ZREMRANGEBYSCORE: the worker ACL (docs/OPERATING.md) allows these
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', now, 'LIMIT', 0, 1000)
+  if #dead > 0 then redis.call('ZREM', KEYS[i], unpack(dead)) end
   counts[i] = redis.call('ZCARD', KEYS[i])
   local load = counts[i] / tonumber(ARGV[3 + i])
   if best == nil or load < best then

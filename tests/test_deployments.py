@@ -412,3 +412,25 @@ async def test_anthropic_refuses_a_text_completion_locally(fake: FakeLLMServer, 
     finally:
         await backend.aclose()
     assert fake.requests == []  # refused before any HTTP: the Coordinator moves on without a call
+
+
+async def test_a_worker_with_the_least_privilege_acl_runs_model_groups(
+    redis_server: Any, fake: FakeLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The in-flight scripts use only commands of the documented worker ACL (docs/OPERATING.md)."""
+    import redis as redis_py
+    from test_acl import WORKER_RULES, setuser
+
+    namespace, password = f"a{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin = redis_py.Redis(host=redis_server.host, port=redis_server.port)
+    setuser(admin, f"worker-{namespace}", password, namespace, WORKER_RULES)
+    url = f"redis://worker-{namespace}:{password}@{redis_server.host}:{redis_server.port}/0"
+    specs = [vllm("vllm-a", dead_url(), "a-m"), vllm("vllm-b", fake.base_url, "b-m")]
+    group = ModelGroup(name="llama", deployments=["vllm-a", "vllm-b"])
+    async with Coordinator(specs, models=[group], url=url, namespace=namespace, executor=FAST) as co:
+        for _ in range(3):
+            assert await collect(co.stream(rid(), PROMPT, model="llama")) == ANSWER
+        counts = await co.manager.shell.run(co.inflight.counts(["vllm-a", "vllm-b"]), "t")
+    assert counts == {"vllm-a": 0, "vllm-b": 0} and "in-flight" not in caplog.text  # picked and released
+    admin.execute_command("ACL", "DELUSER", f"worker-{namespace}")
+    admin.close()
