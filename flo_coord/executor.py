@@ -332,8 +332,7 @@ class Coordinator:
             primary = self.router.group(model).entries[0].name
         ctx = await self.manager.start_tracking(request_id, prompt, primary, messages=messages, max_tokens=max_tokens)
         if model is not None:
-            await self.manager.shell.run(self.manager.core.set_model_group(ctx.request_id, model), "model_group")
-            ctx.model_group = model
+            await self.assign_model(ctx, model)
         delivered = 0
         try:
             # aclosing: a caller that stops early must end the request (and close the backend's
@@ -365,6 +364,16 @@ class Coordinator:
             async for _ in chunks:
                 pass
         return await self.manager.outcome(request_id)
+
+    async def assign_model(self, ctx: StreamingContext, model: str) -> None:
+        """Route the tracked request ``ctx`` (held by this worker) through model group ``model``.
+
+        Stored with the request (one fenced write), so a replica that takes it over uses
+        the same group. Raises UnknownModelError when no group is called ``model``.
+        """
+        self.router.group(model)
+        await self.manager.shell.run(self.manager.core.set_model_group(ctx.request_id, model), "model_group")
+        ctx.model_group = model
 
     async def resume(self, ctx: StreamingContext) -> None:
         """Finish a request this worker claimed, from its committed prefix."""

@@ -15,6 +15,7 @@ import signal
 from typing import Any
 
 from flo_coord import queue
+from flo_coord.errors import UnknownModelError
 from flo_coord.executor import Coordinator
 from flo_coord.queue import Submission
 
@@ -86,11 +87,23 @@ class Worker:
             messages=submission.messages,
             max_tokens=submission.max_tokens,
         )
+        if submission.model is not None and not await self._assign_model(ctx, submission.model):
+            await self._run(queue.ack(core, entry_id))
+            return
         await self._run(queue.ack(core, entry_id))
         log.info("request %s accepted", rid, extra={"request_id": rid, "epoch": ctx.epoch})
         task = self.coordinator.resume_in_background(ctx)
         self._running.add(task)
         task.add_done_callback(self._done)
+
+    async def _assign_model(self, ctx: Any, model: str) -> bool:
+        """Route the request through model group ``model``; an unknown one ends it failed (False)."""
+        try:
+            await self.coordinator.assign_model(ctx, model)
+        except UnknownModelError as exc:
+            await self.manager.fail(ctx.request_id, str(exc), kind=type(exc).__name__)
+            return False
+        return True
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._running.discard(task)

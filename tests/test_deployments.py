@@ -434,3 +434,32 @@ async def test_a_worker_with_the_least_privilege_acl_runs_model_groups(
     assert counts == {"vllm-a": 0, "vllm-b": 0} and "in-flight" not in caplog.text  # picked and released
     admin.execute_command("ACL", "DELUSER", f"worker-{namespace}")
     admin.close()
+
+
+async def test_a_submitted_request_runs_through_its_model_group(redis_server: Any, fake: FakeLLMServer) -> None:
+    from flo_coord import queue
+    from flo_coord.worker import Worker
+
+    specs = [vllm("d-one", fake.base_url, "one-m")]
+    co = Coordinator(
+        specs, models=[ModelGroup(name="solo", deployments=["d-one"])], url=redis_server.url, namespace=rid()
+    )
+    worker = Worker(co, concurrency=4, block=0.1)
+    running = asyncio.create_task(worker.run())
+    try:
+        shell, core = co.manager.shell, co.manager.core
+        good, bad = rid(), rid()
+        await shell.run(queue.submit(core, queue.Submission(request_id=good, prompt=PROMPT, model="solo")), "t")
+        await shell.run(queue.submit(core, queue.Submission(request_id=bad, prompt=PROMPT, model="nope")), "t")
+        assert await collect(co.follow(good, wait=5.0)) == ANSWER
+        outcome = await co.outcome(good)
+        assert outcome is not None and outcome.backend == "d-one"
+        for _ in range(100):
+            failed = await co.outcome(bad)
+            if failed is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert failed is not None and failed.error_kind == "UnknownModelError" and "nope" in (failed.error or "")
+    finally:
+        worker.request_stop()
+        await running

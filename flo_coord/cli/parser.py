@@ -171,7 +171,12 @@ def build_parser() -> Parser:
         help='chat messages from a JSON file: [{"role": ..., "content": ...}, ...] or {"messages": [...]}',
     )
     p.add_argument("--request-id", metavar="ID", help="request id (default: a random one)")
-    p.add_argument("--primary", metavar="BACKEND", help="backend to try first (e.g. Vllm)")
+    p.add_argument(
+        "--primary", metavar="BACKEND", help="backend (deployment or ServingBackend) to try first (e.g. Vllm)"
+    )
+    p.add_argument(
+        "--model", metavar="GROUP", help="a model group ([[models]] of the workers' config) to run it through"
+    )
     p.add_argument("--max-tokens", type=count, metavar="N", help="answer length limit")
     p.add_argument("--no-follow", action="store_true", help="print the request id and return at once")
     p.add_argument("--wait", type=seconds, default=30.0, metavar="S", help="time for a worker to take it (30)")
