@@ -2,7 +2,12 @@
 
 ``stream()`` tracks a request, commits every chunk to Redis (fenced, seq-numbered,
 batched) before handing it to the caller, and when a backend fails continues on the
-next backend that has not failed for this request, from the committed prefix. When a
+next backend that has not failed for this request, from the committed prefix.
+Backends are deployments, keyed by their unique name (breaker, failed set, capability
+memory, in-flight counts, history). A request for a model group (``model=``) runs
+through that group's tiers, picked by weight and fleet-wide in-flight calls, then its
+fallbacks (``context_window_fallbacks`` after a context-too-long failure), under its
+privacy tier (groups.py); otherwise ``primary`` then ``fallback_order``. When a
 worker dies, another replica's reaper claims the request and ``resume()`` finishes it;
 any client can ``follow()`` the answer from any replica.
 

@@ -327,7 +327,7 @@ class _Conn:
         return self._gone is not None and self._gone.done()
 
     async def send_head(self, status: int, headers: Mapping[str, str]) -> None:
-        lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "Connection: close"]
+        lines = [f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}", "Connection: close"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         await self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
@@ -1023,6 +1023,10 @@ class FakeLLMServer:
             conn.reset()
         entry["outcome"] = fault.kind
         return True  # cut: the caller's finally closes cleanly (FIN, no terminator)
+
+
+#: reason phrases, plus Anthropic's 529 (overloaded), which http.HTTPStatus does not know
+_PHRASES = {s.value: s.phrase for s in http.HTTPStatus} | {529: "Overloaded"}
 
 
 def _digest(value: str | None) -> str | None:

@@ -355,6 +355,43 @@ async def test_anthropic_endings(fake: FakeLLMServer, anthropic_key: str, fault:
         await backend.aclose()
 
 
+@pytest.mark.parametrize("fault", ["no_done", "finish_reset", "pings", "bom", "empty_frames", "reasoning:2"])
+async def test_anthropic_streams_that_end_complete(fake: FakeLLMServer, anthropic_key: str, fault: str) -> None:
+    fake.set_fault("claude-m", fault)
+    backend = make_backend(claude("claude-1", fake.base_url, "claude-m"))
+    try:
+        events = [e async for e in backend.stream(GenerationRequest(messages=MESSAGES))]
+    finally:
+        await backend.aclose()
+    assert "".join(e.text for e in events if isinstance(e, TextChunk)) == CHAT_ANSWER
+    assert isinstance(events[-1], StreamEnd) and events[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        ("cut:5", "StreamCutError"),
+        ("malformed:3", "MalformedChunkError"),
+        ("tool_calls", "ToolCallsOnlyError"),
+        ("echo_key", "ServerError"),
+        ("context_length", "ContextLengthError"),
+        ("http5xx:1:529", "ServerError"),
+        ("rate429:2", "RateLimitedError"),
+    ],
+)
+async def test_anthropic_failures_are_typed(fake: FakeLLMServer, anthropic_key: str, fault: str, error: str) -> None:
+    fake.set_fault("claude-m", fault)
+    backend = make_backend(claude("claude-1", fake.base_url, "claude-m"))
+    try:
+        with pytest.raises(Exception) as caught:
+            async for _ in backend.stream(GenerationRequest(messages=MESSAGES)):
+                pass
+    finally:
+        await backend.aclose()
+    assert type(caught.value).__name__ == error
+    assert anthropic_key not in str(caught.value)  # an echoed key is redacted
+
+
 async def test_anthropic_prefill_ending_in_whitespace_is_trimmed_and_continued(
     fake: FakeLLMServer, anthropic_key: str
 ) -> None:
