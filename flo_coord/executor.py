@@ -54,6 +54,7 @@ from flo_coord.errors import (
     ConfigError,
     ContentPolicyError,
     CoordinatorUnavailableError,
+    FloCoordError,
     GenerationError,
     LeaseLostError,
     ValidationError,
@@ -156,6 +157,7 @@ class Coordinator:
         self.executor = executor or ExecutorConfig()
         self.breaker = CircuitBreaker(self.manager.core.keys, self.manager.worker_id, breaker)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._generations: dict[str, tuple[int, asyncio.Task[Any]]] = {}  # request -> (epoch, task)
         self._heartbeat: Any = None
         self._reaper: AsyncReaper | None = None
         self._closing = False
@@ -163,6 +165,18 @@ class Coordinator:
     @property
     def worker_id(self) -> str:
         return self.manager.worker_id
+
+    @property
+    def redis_available(self) -> bool:
+        """False while Redis does not answer (the last operation raised
+        CoordinatorUnavailableError); for a readiness probe (``/readyz``) and metrics."""
+        return self.manager.shell.health.available
+
+    @property
+    def health(self) -> Any:
+        """The ``retry.RedisHealth`` of this Coordinator's Redis client: ``available``,
+        ``down_for()`` (seconds), ``last_success`` (monotonic seconds), ``outages``."""
+        return self.manager.shell.health
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,25 +189,52 @@ class Coordinator:
             self._reaper.start()
         return self
 
-    async def aclose(self, *, hand_back: bool = True) -> None:
-        """Stop; with ``hand_back``, release every request still held so others take it at once."""
+    async def aclose(self, *, hand_back: bool = True, timeout: float = defaults.HAND_BACK_TIMEOUT) -> list[str]:
+        """Stop; with ``hand_back``, release every request still held so others take it at once.
+
+        Running generations are cancelled; the hand-back of all held requests runs at once
+        and is bounded by ``timeout`` seconds (also when Redis is gone or frozen). Returns
+        (and logs) the request ids it could not hand back: their leases expire within
+        ``lease_ttl`` and another replica takes them over then.
+        """
         self._closing = True
         if self._reaper is not None:
-            await self._reaper.stop()
+            await _bounded(self._reaper.stop(), timeout)
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _bounded(asyncio.gather(*self._tasks, return_exceptions=True), timeout)
+        failed: list[str] = []
         if hand_back:
-            for rid in self.manager.held():
-                try:
-                    await self.manager.release(rid)
-                except Exception as exc:  # best effort: the lease expires anyway
-                    log.warning("could not hand back %s: %s", rid, exc)
+            failed = await self._hand_back(self.manager.held(), timeout)
         if self._heartbeat is not None:
-            await self._heartbeat.stop()
+            await _bounded(self._heartbeat.stop(), timeout)
         for backend in self.backends.values():
             await backend.aclose()
-        await self.manager.aclose()
+        await _bounded(self.manager.aclose(), timeout)
+        return failed
+
+    async def _hand_back(self, request_ids: list[str], timeout: float) -> list[str]:
+        """Release ``request_ids`` concurrently within ``timeout``; the ids not released."""
+        if not request_ids:
+            return []
+        tasks = {rid: asyncio.ensure_future(self.manager.release(rid)) for rid in request_ids}
+        await asyncio.wait(tasks.values(), timeout=timeout)
+        failed = []
+        for rid, task in tasks.items():
+            if not task.done():
+                task.cancel()
+                failed.append(rid)
+            elif task.exception() is not None and not isinstance(task.exception(), LeaseLostError):
+                failed.append(rid)
+        if failed:
+            log.warning(
+                "could not hand back %d requests (their leases expire in %.1fs, then another replica "
+                "takes them): %s",
+                len(failed),
+                self.manager.lease_ttl,
+                ", ".join(failed),
+            )
+        return failed
 
     async def __aenter__(self) -> Coordinator:
         return await self.start()
@@ -222,6 +263,9 @@ class Coordinator:
                 async for chunk in chunks:
                     delivered += len(chunk)
                     yield chunk
+        except CoordinatorUnavailableError:
+            self._stopped_by_outage(ctx)
+            raise
         except LeaseLostError:
             # We stalled past our lease and another replica took over: deliver its commits.
             log.warning("lost %s to another worker; following its commits", request_id)
@@ -252,6 +296,16 @@ class Coordinator:
                     pass
         except LeaseLostError:
             log.warning("lost %s again while resuming it", ctx.request_id)
+        except CoordinatorUnavailableError:
+            self._stopped_by_outage(ctx)
+            raise
+
+    def _stopped_by_outage(self, ctx: StreamingContext) -> None:
+        """A generation whose commits could not be made stopped (its backend stream is
+        closed): stop renewing its lease, so that after the outage the request is taken
+        over (by any replica, this one included) from its committed prefix."""
+        self.manager.core.forget(ctx.request_id, ctx.epoch)
+        log.warning("request %s stopped: Redis unreachable; it is taken over after the outage", ctx.request_id)
 
     def follow(self, request_id: str, offset: int = 0, *, wait: float = 0.0) -> AsyncGenerator[str, None]:
         """The committed answer from character ``offset`` on, live, from any replica.
@@ -266,11 +320,28 @@ class Coordinator:
     # ------------------------------------------------------------------ internals
 
     def resume_in_background(self, ctx: StreamingContext) -> asyncio.Task[None]:
-        """Finish ``ctx`` in a task this Coordinator tracks (``aclose`` hands it back)."""
-        task = asyncio.get_running_loop().create_task(self._resume_logged(ctx), name=f"resume-{ctx.request_id}")
+        """Finish ``ctx`` in a task this Coordinator tracks (``aclose`` hands it back).
+
+        One generation per request: an older generation of the same request still running
+        here (this worker re-claimed the request after its lease expired, e.g. in a Redis
+        outage) is cancelled first; its writes were already fenced out by their epoch.
+        """
+        rid = ctx.request_id
+        older = self._generations.get(rid)
+        if older is not None and older[0] < ctx.epoch and not older[1].done():
+            log.info("request %s: stopping the generation of epoch %d for epoch %d", rid, older[0], ctx.epoch)
+            older[1].cancel()
+        task = asyncio.get_running_loop().create_task(self._resume_logged(ctx), name=f"resume-{rid}")
         self._tasks.add(task)
+        self._generations[rid] = (ctx.epoch, task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._generation_done(rid, t))
         return task
+
+    def _generation_done(self, rid: str, task: asyncio.Task[Any]) -> None:
+        current = self._generations.get(rid)
+        if current is not None and current[1] is task:
+            del self._generations[rid]
 
     async def _resume_logged(self, ctx: StreamingContext) -> None:
         # every line logged while running this request (in its own task) names it
@@ -280,8 +351,22 @@ class Coordinator:
                 await self.resume(ctx)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                log.warning("resumed request %s ended with %s", ctx.request_id, exc)
+            except CoordinatorUnavailableError as exc:
+                log.warning("resumed request %s stopped: %s", ctx.request_id, exc)
+            except Exception as exc:  # a request this worker cannot run: end it, typed, and go on
+                log.warning("resumed request %s ended with %r", ctx.request_id, exc)
+                await self._end_unrunnable(ctx, exc)
+
+    async def _end_unrunnable(self, ctx: StreamingContext, exc: Exception) -> None:
+        """End a request whose generation raised an unexpected error as Failed (fenced on its
+        generation's epoch), so it is not held, heartbeated and stuck for ever."""
+        if self.manager.core.holding(ctx.request_id) is None:
+            return
+        kind = type(exc).__name__ if isinstance(exc, FloCoordError) else "InternalError"
+        try:
+            await self.manager.fail(ctx.request_id, f"the request cannot be run: {exc}", kind=kind, epoch=ctx.epoch)
+        except FloCoordError as error:
+            log.warning("could not end %s: %s", ctx.request_id, error)
 
     async def _generate(self, ctx: StreamingContext) -> AsyncGenerator[str, None]:
         run = _Run(ctx=ctx, prefix=ctx.generated_prefix, failed=set(ctx.failed_backends))
@@ -294,20 +379,26 @@ class Coordinator:
                 async with contextlib.aclosing(self._try_backend(run, backend)) as chunks:
                     async for chunk in chunks:
                         yield chunk
-            await self.manager.complete(run.request_id, backend=run.finished_by, model=run.finish.model)
+            await self.manager.complete(
+                run.request_id, backend=run.finished_by, model=run.finish.model, epoch=run.ctx.epoch
+            )
         except (asyncio.CancelledError, GeneratorExit):
             await self._abandon(run)
             raise
 
     async def _abandon(self, run: _Run) -> None:
-        """The consumer went away or we are shutting down: hand the request back, or end it."""
-        if self.manager.core.holding(run.request_id) is None:
+        """The consumer went away or we are shutting down: hand the request back, or end it.
+
+        Only the generation that holds the request now acts (an older generation of a
+        request this worker re-claimed changes nothing); on shutdown ``aclose`` hands every
+        held request back at once, within its timeout.
+        """
+        held = self.manager.core.holding(run.request_id)
+        if held is None or held.epoch != run.ctx.epoch or self._closing:
             return
         try:
-            if self._closing:
-                await asyncio.shield(self.manager.release(run.request_id))
-            else:
-                await asyncio.shield(self.manager.fail(run.request_id, "cancelled by the caller", kind="Cancelled"))
+            op = self.manager.fail(run.request_id, "cancelled by the caller", kind="Cancelled", epoch=run.ctx.epoch)
+            await asyncio.shield(op)
         except (Exception, asyncio.CancelledError) as exc:
             log.warning("could not end %s cleanly: %r", run.request_id, exc)
 
@@ -389,7 +480,7 @@ class Coordinator:
             request_id=ctx.request_id,
         )
         started, produced = time.time(), 0
-        await self.manager.set_current_backend(ctx.request_id, name)
+        await self.manager.set_current_backend(ctx.request_id, name, epoch=ctx.epoch)
         events = aiter(backend.stream(request))
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         reader = asyncio.get_running_loop().create_task(_read_events(events, inbox, backend))
@@ -399,7 +490,7 @@ class Coordinator:
                 chunks = [item.text for item in items if isinstance(item, TextChunk) and item.text]
                 if chunks:
                     text = "".join(chunks)
-                    await self.manager.append_tokens(ctx.request_id, text)
+                    await self.manager.append_tokens(ctx.request_id, text, epoch=ctx.epoch)
                     run.prefix += text
                     produced += len(chunks)
                     run.recovery_deadline = None  # recovered: failover_timeout bounds only the way back
@@ -449,7 +540,7 @@ class Coordinator:
     async def _fail_over(self, run: _Run, name: str, exc: BackendError) -> None:
         """Mark ``name`` failed for this request and check the failover budget."""
         run.failed.add(name)
-        await self.manager.mark_backend_failed(run.request_id, name)
+        await self.manager.mark_backend_failed(run.request_id, name, epoch=run.ctx.epoch)
         # a 4xx, or this request's own failover budget running out, says nothing about the backend
         request_specific = isinstance(exc, BadRequestError) or getattr(exc, "budget_exhausted", False)
         if not request_specific:
@@ -520,8 +611,18 @@ class Coordinator:
         error = error or GenerationError(run.request_id, f"request {run.request_id!r} failed: {cause}")
         error.attempts = list(run.attempts)
         with contextlib.suppress(LeaseLostError):
-            await self.manager.fail(run.request_id, str(error), kind=type(error).__name__)
+            await self.manager.fail(run.request_id, str(error), kind=type(error).__name__, epoch=run.ctx.epoch)
         return error
+
+
+async def _bounded(awaitable: Any, timeout: float) -> None:
+    """Await ``awaitable`` for at most ``timeout`` seconds (a shutdown step on a gone Redis)."""
+    try:
+        await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        log.warning("a shutdown step did not finish within %.1fs; going on", timeout)
+    except Exception as exc:
+        log.warning("a shutdown step failed: %r", exc)
 
 
 def _remaining_tokens(max_tokens: int | None, prefix: str) -> int | None:

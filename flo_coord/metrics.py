@@ -111,10 +111,10 @@ class ObservedManager(AsyncFailoverManager):
         self.metrics.started.inc()
         return ctx
 
-    async def append_tokens(self, request_id: str, tokens: str, *, seq: int | None = None) -> Any:
+    async def append_tokens(self, request_id: str, tokens: str, *, seq: int | None = None, **kw: Any) -> Any:
         started = time.perf_counter()
         try:
-            ack = await super().append_tokens(request_id, tokens, seq=seq)
+            ack = await super().append_tokens(request_id, tokens, seq=seq, **kw)
         except LeaseLostError:
             self.metrics.lease_lost.inc()
             raise
@@ -148,14 +148,16 @@ class ObservedManager(AsyncFailoverManager):
         self.metrics.lease_renewals.inc(renewed)
         return renewed
 
-    async def complete(self, request_id: str, *, backend: str | None = None, model: str | None = None) -> bool:
-        done = await super().complete(request_id, backend=backend, model=model)
+    async def complete(
+        self, request_id: str, *, backend: str | None = None, model: str | None = None, **kw: Any
+    ) -> bool:
+        done = await super().complete(request_id, backend=backend, model=model, **kw)
         if done:
             self.metrics.finished.labels(state="completed").inc()
         return done
 
-    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError") -> bool:
-        done = await super().fail(request_id, reason, kind=kind)
+    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError", **kw: Any) -> bool:
+        done = await super().fail(request_id, reason, kind=kind, **kw)
         if done:
             self.metrics.finished.labels(state="failed").inc()
         return done

@@ -39,14 +39,14 @@ from flo_coord.errors import (
     FloCoordError,
     ValidationError,
 )
-from flo_coord.retry import RetryPolicy, disable_client_retries, is_async_client, is_transient, not_sent
-from flo_coord.scripts import APPEND, APPEND_MANY, FINISH, START, Script
+from flo_coord.retry import RedisHealth, RetryPolicy, disable_client_retries, is_async_client, is_transient, not_sent
+from flo_coord.scripts import APPEND, APPEND_MANY, FINISH, REJECT, START, START_NEW, Script
 
 T = TypeVar("T")
 log = logging.getLogger("flo_coord.shell")
 
 # Writes that a ``durability="replica"`` shell confirms with WAIT before reporting them.
-_DURABLE_SCRIPTS = frozenset({APPEND.sha, APPEND_MANY.sha, FINISH.sha, START.sha})
+_DURABLE_SCRIPTS = frozenset({s.sha for s in (APPEND, APPEND_MANY, FINISH, START, START_NEW, REJECT)})
 #: Calls that are not idempotent: sending one twice adds a second stream entry.
 _NOT_IDEMPOTENT = frozenset({"XADD"})
 #: NOSCRIPT reloads within one attempt before it counts as a fault.
@@ -205,6 +205,8 @@ class _ShellBase:
         self._merge_appends = not _is_cluster(client)
         self.durability = durability
         self.wait_timeout_ms = wait_timeout_ms
+        #: whether Redis answered the last operation (``Coordinator.redis_available`` reads it)
+        self.health = RedisHealth()
         # One retry layer: switch off the client's own retries (redis-py retries 10x by default).
         disable_client_retries(client)
 
@@ -225,7 +227,10 @@ class _ShellBase:
         return remaining + extra
 
     def _error(self, exc: Exception, operation: str, request_id: str | None) -> BaseException:
-        return public_error(exc, operation, request_id)
+        error = public_error(exc, operation, request_id)
+        if isinstance(error, CoordinatorUnavailableError):
+            self.health.failure(error)
+        return error
 
 
 #: Script or command errors that only foreign data in a key of ours can cause.
@@ -329,7 +334,9 @@ class SyncShell(_ShellBase):
     def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:
         deadline_at = self.policy.deadline_at()
         try:
-            return drive(op, lambda batch: self.execute(batch, deadline_at))
+            result = drive(op, lambda batch: self.execute(batch, deadline_at))
+            self.health.success()
+            return result
         except Exception as exc:
             error = self._error(exc, operation, request_id)
             if error is exc:
@@ -398,7 +405,9 @@ class AsyncShell(_ShellBase):
     async def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:
         deadline_at = self.policy.deadline_at()
         try:
-            return await adrive(op, lambda batch: self.execute(batch, deadline_at))
+            result = await adrive(op, lambda batch: self.execute(batch, deadline_at))
+            self.health.success()
+            return result
         except Exception as exc:
             error = self._error(exc, operation, request_id)
             if error is exc:
@@ -415,8 +424,11 @@ class AsyncShell(_ShellBase):
         try:
             if self._merge_appends:
                 merged, unmerge = merge_appends(batch)
-                return unmerge(await self.execute(merged))
-            return await self.execute(batch)
+                replies = unmerge(await self.execute(merged))
+            else:
+                replies = await self.execute(batch)
+            self.health.success()
+            return replies
         except Exception as exc:
             error = self._error(exc, operation, request_id)
             if error is exc:
