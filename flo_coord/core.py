@@ -367,9 +367,7 @@ class FailoverCore:
         validation.chunk(tokens, self.limits)
         return held
 
-    def append_many(
-        self, request_id: str, chunks: list[str], epoch: int | None = None
-    ) -> Operation[AppendAck | None]:
+    def append_many(self, request_id: str, chunks: list[str], epoch: int | None = None) -> Operation[AppendAck | None]:
         """Commit several already-validated chunks as one append (the batcher's path)."""
         rid, rk = self._rid(request_id)
         return self._append(rid, rk, chunks, None, epoch)

@@ -198,19 +198,23 @@ class Coordinator:
         ``lease_ttl`` and another replica takes them over then.
         """
         self._closing = True
+        ends = time.monotonic() + timeout
+
+        def left() -> float:  # one budget for every step, so the whole close is bounded
+            return max(0.05, ends - time.monotonic())
+
         if self._reaper is not None:
-            await _bounded(self._reaper.stop(), timeout)
+            await _bounded(self._reaper.stop(), left())
         for task in list(self._tasks):
             task.cancel()
-        await _bounded(asyncio.gather(*self._tasks, return_exceptions=True), timeout)
-        failed: list[str] = []
-        if hand_back:
-            failed = await self._hand_back(self.manager.held(), timeout)
+        if self._tasks:
+            await _bounded(asyncio.gather(*self._tasks, return_exceptions=True), left())
+        failed = await self._hand_back(self.manager.held(), left()) if hand_back else []
         if self._heartbeat is not None:
-            await _bounded(self._heartbeat.stop(), timeout)
+            await _bounded(self._heartbeat.stop(), left())
         for backend in self.backends.values():
-            await backend.aclose()
-        await _bounded(self.manager.aclose(), timeout)
+            await _bounded(backend.aclose(), left())
+        await _bounded(self.manager.aclose(), left())
         return failed
 
     async def _hand_back(self, request_ids: list[str], timeout: float) -> list[str]:
@@ -228,8 +232,7 @@ class Coordinator:
                 failed.append(rid)
         if failed:
             log.warning(
-                "could not hand back %d requests (their leases expire in %.1fs, then another replica "
-                "takes them): %s",
+                "could not hand back %d requests (their leases expire in %.1fs, then another replica takes them): %s",
                 len(failed),
                 self.manager.lease_ttl,
                 ", ".join(failed),

@@ -171,9 +171,7 @@ class FailoverManager(_Facade):
     def next_backend_for(self, request_id: str) -> ServingBackend | None:
         return self._run(self.core.next_backend_for(request_id), "next_backend_for", request_id)
 
-    def mark_backend_failed(
-        self, request_id: str, backend: ServingBackend | str, *, epoch: int | None = None
-    ) -> None:
+    def mark_backend_failed(self, request_id: str, backend: ServingBackend | str, *, epoch: int | None = None) -> None:
         op = self.core.mark_backend_failed(request_id, backend, epoch=epoch)
         self._run(op, "mark_backend_failed", request_id)
 

@@ -322,21 +322,23 @@ class SyncShell(_ShellBase):
         deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
         run = self._new_run(batch)
         try:  # the first attempt outside tenacity: the common case pays no retry machinery
-            return self._attempt(run)
+            replies = self._attempt(run)
+            self.health.success()
+            return replies
         except Exception as exc:
             if not run.may_retry(exc) or time.monotonic() >= deadline_at:
                 raise
         for attempt in Retrying(**self.policy.tenacity_kwargs(deadline_at, run.may_retry)):
             with attempt:
-                return self._attempt(run)
+                replies = self._attempt(run)
+                self.health.success()
+                return replies
         raise AssertionError("unreachable")  # pragma: no cover
 
     def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:
         deadline_at = self.policy.deadline_at()
         try:
-            result = drive(op, lambda batch: self.execute(batch, deadline_at))
-            self.health.success()
-            return result
+            return drive(op, lambda batch: self.execute(batch, deadline_at))
         except Exception as exc:
             error = self._error(exc, operation, request_id)
             if error is exc:
@@ -393,21 +395,23 @@ class AsyncShell(_ShellBase):
         deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
         run = self._new_run(batch)
         try:  # the first attempt outside tenacity: the common case pays no retry machinery
-            return await self._bounded_attempt(run, deadline_at)
+            replies = await self._bounded_attempt(run, deadline_at)
+            self.health.success()
+            return replies
         except Exception as exc:
             if not run.may_retry(exc) or time.monotonic() >= deadline_at:
                 raise
         async for attempt in AsyncRetrying(**self.policy.tenacity_kwargs(deadline_at, run.may_retry)):
             with attempt:
-                return await self._bounded_attempt(run, deadline_at)
+                replies = await self._bounded_attempt(run, deadline_at)
+                self.health.success()
+                return replies
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:
         deadline_at = self.policy.deadline_at()
         try:
-            result = await adrive(op, lambda batch: self.execute(batch, deadline_at))
-            self.health.success()
-            return result
+            return await adrive(op, lambda batch: self.execute(batch, deadline_at))
         except Exception as exc:
             error = self._error(exc, operation, request_id)
             if error is exc:
@@ -424,11 +428,8 @@ class AsyncShell(_ShellBase):
         try:
             if self._merge_appends:
                 merged, unmerge = merge_appends(batch)
-                replies = unmerge(await self.execute(merged))
-            else:
-                replies = await self.execute(batch)
-            self.health.success()
-            return replies
+                return unmerge(await self.execute(merged))
+            return await self.execute(batch)
         except Exception as exc:
             error = self._error(exc, operation, request_id)
             if error is exc:

@@ -89,10 +89,8 @@ async def test_a_worker_reclaiming_its_own_request_mid_stream_keeps_the_answer_e
     rid = f"req-{uuid.uuid4().hex[:8]}"
     first = await co.manager.start_tracking(rid, PROMPT)
     follower = asyncio.create_task(_collect(co.follow(rid, wait=5.0)))
-    if how == "two tasks":  # both generations run unsupervised: only the fence can stop the first
-        older = asyncio.create_task(co.resume(first))
-    else:
-        older = co.resume_in_background(first)
+    # "two tasks": both generations run unsupervised, so only the fence can stop the first
+    older = asyncio.create_task(co.resume(first)) if how == "two tasks" else co.resume_in_background(first)
     await wait_for_text(co, rid, len(ANSWER) // 4)
     second = await lose_and_reclaim(co, rid)
     assert (second.owner, second.epoch) == ("w1", first.epoch + 1)
