@@ -105,22 +105,24 @@ REJECT = _script(
 -- ARGV: owner, error, error_kind, retention_ms
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'EXISTS'} end
 local epoch = 1
-if redis.call('TYPE', KEYS[1]).ok == 'hash' then
-  local f = redis.call('HMGET', KEYS[1], 'lease', 'epoch')
+-- pcall: a key of another type is foreign data, replaced (no TYPE: the worker ACL lacks it)
+local read, f = pcall(redis.call, 'HMGET', KEYS[1], 'lease', 'epoch')
+if read then
   local lease, old = tonumber(f[1] or ''), tonumber(f[2] or '')
   if lease and old and lease > now_ms() then return {'LIVE', f[2]} end
-  if old and old == old and old < 2^53 then epoch = math.floor(old) + 1 end
+  if old and old == old and old >= 0 and old < 2^53 then epoch = math.floor(old) + 1 end
 end
 redis.call('DEL', KEYS[1])
-for _, k in ipairs({KEYS[3], KEYS[4]}) do
-  local kind = redis.call('TYPE', k).ok
-  if kind ~= 'none' and kind ~= (k == KEYS[3] and 'string' or 'stream') then redis.call('DEL', k) end
-end
+local got, text = pcall(redis.call, 'GET', KEYS[3])
+if not got then redis.call('DEL', KEYS[3]); text = false end
 redis.call('HSET', KEYS[2], 'state', 'Failed', 'owner', ARGV[1], 'epoch', epoch, 'error', ARGV[2],
   'error_kind', ARGV[3], 'backend', '', 'model', '', 'token_count', 0, 'finished', now_ms())
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('SET', KEYS[3], redis.call('GET', KEYS[3]) or '', 'PX', ARGV[4])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'end', 'Failed')
+redis.call('SET', KEYS[3], text or '', 'PX', ARGV[4])
+if not pcall(redis.call, 'XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'end', 'Failed') then
+  redis.call('DEL', KEYS[4])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'end', 'Failed')
+end
 redis.call('PEXPIRE', KEYS[4], ARGV[4])
 return {'OK', epoch}
 """,

@@ -172,3 +172,40 @@ async def test_sigterm_with_redis_gone_exits_within_grace_and_names_what_it_kept
     log = workers.log("w0")
     assert "could not hand back 5 requests" in log
     assert all(f"req-{i}" in log.split("could not hand back")[1] for i in range(5))
+
+
+async def test_a_restart_without_persistence_loses_the_requests_but_no_worker(
+    fake: FakeLLMServerThread, tmp_path: Path
+) -> None:
+    require_redis_server()
+    with RedisServer() as server:  # no AOF: a restart forgets everything
+        namespace = f"n{uuid.uuid4().hex[:10]}"
+        workers = Workers(server.url, namespace, fake.base_url, tmp_path)
+        client = AsyncFailoverManager(
+            url=server.url, namespace=namespace, worker_id="c", retry=RetryPolicy(deadline=2.0)
+        )
+        try:
+            for i in range(2):
+                await workers.spawn(f"w{i}", lease_ttl=LEASE, block=0.2)
+            await workers.wait_ready()
+            for i in range(5):
+                await submit_patiently(client, f"lost-{i}", prompt(i))
+            async with asyncio.timeout(15):
+                while len(fake.requests) < 5:
+                    await asyncio.sleep(0.05)
+            await asyncio.to_thread(server.kill)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(server.restart)
+            # the queue and its consumer group are gone too: the workers recreate the group
+            stats = {"reconnects": 0}
+            await submit_patiently(client, "after", prompt(7))
+            async with asyncio.timeout(30):
+                text = await reconnecting_follower(client, "after", stats)
+            assert text == full_answer_text(prompt(7))
+            assert await client.outcome("lost-0") is None  # gone: clients must resubmit
+            assert all(proc.returncode is None for proc in workers.procs.values())
+        finally:
+            await workers.close()
+            await client.aclose()
+            for worker_id in workers.procs:
+                print(f"---- {worker_id} ----\n{workers.log(worker_id)}")
