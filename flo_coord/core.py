@@ -610,7 +610,7 @@ class FailoverCore:
         """Requests whose lease expired. Cost grows with expired leases, not active ones."""
         return self._orphans(validation.limit(limit))
 
-    def _orphans(self, limit: int) -> Operation[list[str]]:
+    def _orphans(self, limit: int, corrupt: list[str] | None = None) -> Operation[list[str]]:
         (reply,) = yield [Eval(ORPHAN_CANDIDATES, (self.keys.active,), (limit,))]
         candidates = [text(c) for c in ok(reply)[1]]
         if not candidates:
@@ -624,6 +624,8 @@ class FailoverCore:
             try:
                 status, r = _status(status_reply, rid)
             except CorruptStateError:
+                if corrupt is not None:
+                    corrupt.append(rid)
                 continue  # a corrupt request is reported by its own calls, not here
             if status == "GONE":
                 gone.append(rid)
@@ -677,13 +679,19 @@ class FailoverCore:
 
     def _claim_orphans(self, limit: int) -> Operation[list[StreamingContext]]:
         won = []
-        for rid in (yield from self._orphans(limit)):
+        corrupt: list[str] = []
+        for rid in (yield from self._orphans(limit, corrupt)):
             try:
                 ctx = yield from self._claim(rid, self.keys.request(rid), uuid.uuid4().hex)
             except CorruptStateError:
-                continue  # reported by that request's own calls; the others are still claimed
+                corrupt.append(rid)  # the others are still claimed
+                continue
             if ctx is not None:
                 won.append(ctx)
+        for rid in corrupt:  # nobody can run it: end it, typed, so it is neither stuck nor followed for ever
+            reason = "the request cannot be run: its stored context is corrupt"
+            if (yield from self._reject(rid, self.keys.request(rid), reason, "CorruptStateError")):
+                log.warning("request %s had a corrupt stored context: ended as failed", rid)
         return won
 
     def active_requests(self, limit: int = 1000) -> Operation[list[tuple[str, float]]]:

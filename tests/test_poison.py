@@ -93,6 +93,23 @@ POISON: dict[str, Poison] = {
 }
 
 
+async def test_a_running_request_whose_context_turns_corrupt_is_ended_by_the_reapers(
+    fleet: tuple[Workers, AsyncFailoverManager],
+) -> None:
+    workers, client = fleet
+    rid = f"corrupt-{uuid.uuid4().hex[:8]}"
+    await corrupt_context(client, rid)
+    await client.redis.zadd(client.core.keys.active, {rid: 0})  # indexed as an orphan
+    with pytest.raises(RequestFailedError, match="corrupt"):
+        async with asyncio.timeout(20):
+            async for _ in follow(client, rid, wait=5.0):
+                pass
+    outcome = await client.outcome(rid)
+    assert outcome is not None and (outcome.state, outcome.error_kind) == ("Failed", "CorruptStateError")
+    assert await served(client, f"good-{uuid.uuid4().hex[:8]}", PROMPT) == ANSWER
+    assert all(proc.returncode is None for proc in workers.procs.values())
+
+
 async def served(client: AsyncFailoverManager, rid: str, text: str) -> str:
     await client.shell.run(submit(client.core, Submission(request_id=rid, prompt=text)), "submit")
     async with asyncio.timeout(20):
