@@ -349,7 +349,10 @@ class Coordinator:
     async def _resume_logged(self, ctx: StreamingContext) -> None:
         # every line logged while running this request (in its own task) names it
         with logs.bound(worker_id=self.worker_id, request_id=ctx.request_id, epoch=ctx.epoch):
-            log.info("resuming %s at epoch %d from %d chars", ctx.request_id, ctx.epoch, len(ctx.generated_prefix))
+            if ctx.takeovers or ctx.generated_prefix:  # taken over (or continued): say from where
+                log.info("resuming %s at epoch %d from %d chars", ctx.request_id, ctx.epoch, len(ctx.generated_prefix))
+            else:
+                log.info("starting %s at epoch %d", ctx.request_id, ctx.epoch)
             try:
                 await self.resume(ctx)
             except asyncio.CancelledError:
