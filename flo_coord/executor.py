@@ -357,8 +357,8 @@ class Coordinator:
                 await self.resume(ctx)
             except asyncio.CancelledError:
                 raise
-            except CoordinatorUnavailableError as exc:
-                log.warning("resumed request %s stopped: %s", ctx.request_id, exc)
+            except CoordinatorUnavailableError as exc:  # already logged by _stopped_by_outage
+                log.debug("resumed request %s stopped: %s", ctx.request_id, exc)
             except Exception as exc:  # a request this worker cannot run: end it, typed, and go on
                 log.warning("resumed request %s ended with %r", ctx.request_id, exc)
                 await self._end_unrunnable(ctx, exc)
