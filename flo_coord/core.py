@@ -27,6 +27,7 @@ from flo_coord.codec import (
     decode_outcome,
     encode_history,
     encode_messages,
+    json_encoder,
     pairs,
     text,
 )
@@ -403,6 +404,11 @@ class FailoverCore:
         rid, rk = self._rid(request_id)
         return self._update(rid, rk, "+failed", self._backend_name(backend), epoch=epoch)
 
+    def set_usage(self, request_id: Any, usage: dict[str, int], *, epoch: int | None = None) -> Operation[None]:
+        """Store the usage summed over the request's attempts so far (fenced), for a takeover to continue."""
+        rid, rk = self._rid(request_id)
+        return self._update(rid, rk, *_ending_fields(None, usage, self.limits), epoch=epoch)
+
     def set_current_backend(
         self, request_id: Any, backend: ServingBackend | str, *, epoch: int | None = None
     ) -> Operation[None]:
@@ -422,23 +428,36 @@ class FailoverCore:
         *,
         backend: str | None = None,
         model: str | None = None,
+        finish_reason: str | None = None,
+        usage: dict[str, int] | None = None,
         epoch: int | None = None,
     ) -> Operation[bool]:
         rid, rk = self._rid(request_id)
         backend = validation.label("backend", backend or "", self.limits)
         model = validation.label("model", model or "", self.limits)
-        return self._finish(rid, rk, "Completed", "", "", backend, model, epoch=epoch)
+        extra = _ending_fields(finish_reason, usage, self.limits)
+        return self._finish(rid, rk, "Completed", "", "", backend, model, extra=extra, epoch=epoch)
 
     def fail(
-        self, request_id: Any, reason: Any, *, kind: str = "GenerationError", epoch: int | None = None
+        self,
+        request_id: Any,
+        reason: Any,
+        *,
+        kind: str = "GenerationError",
+        finish_reason: str | None = None,
+        usage: dict[str, int] | None = None,
+        epoch: int | None = None,
     ) -> Operation[bool]:
         rid, rk = self._rid(request_id)
         reason = validation.text("reason", reason, self.limits.max_chunk_bytes)
         kind = validation.label("kind", kind, self.limits)
-        return self._finish(rid, rk, "Failed", reason, kind, "", "", epoch=epoch)
+        extra = _ending_fields(finish_reason, usage, self.limits)
+        return self._finish(rid, rk, "Failed", reason, kind, "", "", extra=extra, epoch=epoch)
 
-    def _finish(self, rid: str, rk: RequestKeys, state: str, *args: str, epoch: int | None = None) -> Operation[bool]:
-        call, epoch = self._fenced(FINISH, rk, rid, state, *args[:4], self._ms(self.retention), epoch=epoch)
+    def _finish(
+        self, rid: str, rk: RequestKeys, state: str, *args: str, extra: tuple[str, ...] = (), epoch: int | None = None
+    ) -> Operation[bool]:
+        call, epoch = self._fenced(FINISH, rk, rid, state, *args[:4], self._ms(self.retention), *extra, epoch=epoch)
         (reply,) = yield [call]
         status, reply = _status(reply, rid)
         finished_elsewhere = status == "LOST" and len(reply) > 3 and int(reply[3]) == 1
@@ -468,10 +487,11 @@ class FailoverCore:
         ok(replies[0])
         self._drop(rid, epoch)
 
-    def forget(self, request_id: str, epoch: int) -> None:
+    def forget(self, request_id: str, epoch: int | None = None) -> None:
         """Stop holding a request locally (no I/O): heartbeats no longer renew its lease, so
         it becomes claimable ``lease_ttl`` after the last renewal. For a generation that
-        stopped because Redis was unreachable and so could not hand the request back."""
+        stopped because Redis was unreachable and so could not hand the request back or end
+        it. ``epoch``: the generation's token; a newer holding of this worker is kept."""
         self._drop(request_id, epoch)
 
     # ------------------------------------------------------------------- reading
@@ -716,6 +736,17 @@ class FailoverCore:
             return None
         chunk = reply[2] if isinstance(reply[2], bytes) else text(reply[2]).encode()
         return text(reply[1]), chunk, decode_outcome(rid, reply[3])
+
+
+def _ending_fields(finish_reason: str | None, usage: dict[str, int] | None, limits: Any) -> tuple[str, ...]:
+    """The outcome's finish_reason and usage (JSON) as FINISH's extra field/value pairs."""
+    out: tuple[str, ...] = ()
+    if finish_reason:
+        out += ("finish_reason", validation.label("finish_reason", finish_reason, limits))
+    if usage:
+        clean = {str(k)[:64]: int(v) for k, v in list(usage.items())[:32] if isinstance(v, int)}
+        out += ("usage", json_encoder.encode(clean).decode())
+    return out
 
 
 def astuple(rk: RequestKeys) -> tuple[str, str, str, str]:

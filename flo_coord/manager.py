@@ -271,15 +271,17 @@ class AsyncFailoverManager(_Facade):
         return await self._run(self.core.append_tokens(request_id, tokens, seq=seq), "append_tokens", request_id)
 
     async def complete(
-        self, request_id: str, *, backend: str | None = None, model: str | None = None, epoch: int | None = None
+        self, request_id: str, *, backend: str | None = None, model: str | None = None, **ending: Any
     ) -> bool:
-        op = self.core.complete(request_id, backend=backend, model=model, epoch=epoch)
+        """Finish as Completed; ``ending``: optional ``finish_reason`` and ``usage`` kept in the
+        outcome, and ``epoch``, the caller's generation token (see ``append_tokens``)."""
+        op = self.core.complete(request_id, backend=backend, model=model, **ending)
         return await self._run(op, "complete", request_id)
 
-    async def fail(
-        self, request_id: str, reason: str, *, kind: str = "GenerationError", epoch: int | None = None
-    ) -> bool:
-        return await self._run(self.core.fail(request_id, reason, kind=kind, epoch=epoch), "fail", request_id)
+    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError", **ending: Any) -> bool:
+        """Finish as Failed; ``ending``: optional ``finish_reason`` and ``usage`` kept in the
+        outcome, and ``epoch``, the caller's generation token (see ``append_tokens``)."""
+        return await self._run(self.core.fail(request_id, reason, kind=kind, **ending), "fail", request_id)
 
     async def release(self, request_id: str, *, epoch: int | None = None) -> None:
         await self._run(self.core.release(request_id, epoch=epoch), "release", request_id)
@@ -304,6 +306,9 @@ class AsyncFailoverManager(_Facade):
 
     async def set_state(self, request_id: str, state: StreamState, *, epoch: int | None = None) -> None:
         await self._run(self.core.update_state(request_id, state, epoch=epoch), "set_state", request_id)
+
+    async def set_usage(self, request_id: str, usage: dict[str, int], *, epoch: int | None = None) -> None:
+        await self._run(self.core.set_usage(request_id, usage, epoch=epoch), "set_usage", request_id)
 
     async def set_current_backend(
         self, request_id: str, backend: ServingBackend | str, *, epoch: int | None = None

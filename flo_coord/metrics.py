@@ -161,15 +161,15 @@ class ObservedManager(AsyncFailoverManager):
         return renewed
 
     async def complete(
-        self, request_id: str, *, backend: str | None = None, model: str | None = None, **kw: Any
+        self, request_id: str, *, backend: str | None = None, model: str | None = None, **ending: Any
     ) -> bool:
-        done = await super().complete(request_id, backend=backend, model=model, **kw)
+        done = await super().complete(request_id, backend=backend, model=model, **ending)
         if done:
             self.metrics.finished.labels(state="completed").inc()
         return done
 
-    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError", **kw: Any) -> bool:
-        done = await super().fail(request_id, reason, kind=kind, **kw)
+    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError", **ending: Any) -> bool:
+        done = await super().fail(request_id, reason, kind=kind, **ending)
         if done:
             self.metrics.finished.labels(state="failed").inc()
         return done

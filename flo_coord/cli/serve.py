@@ -87,14 +87,18 @@ async def _worker(
             durability=settings.redis.durability,
         )
         coordinator = Coordinator(
-            settings.backends, manager=manager, executor=settings.executor, breaker=settings.breaker
+            settings.backends,
+            manager=manager,
+            executor=settings.executor,
+            breaker=settings.breaker,
+            concurrency=concurrency,
         )
     else:
-        coordinator = Coordinator(**settings.coordinator_options(), worker_id=worker_id)
+        coordinator = Coordinator(**settings.coordinator_options(), worker_id=worker_id, concurrency=concurrency)
     worker = Worker(coordinator, concurrency=concurrency, grace=grace)
     worker.install_signal_handlers()
     watch = asyncio.create_task(_watch_parent(worker.request_stop)) if exit_with_parent else None
-    backends = ", ".join(f"{s.name}={s.base_url} ({s.model})" for s in settings.backends)
+    backends = ", ".join(f"{s.name}={s.safe_url} ({s.model})" for s in settings.backends)  # no URL credentials
     log.info("backends: %s; lease %.1fs; concurrency %d", backends, settings.ownership.lease_ttl, concurrency)
     try:
         # The group exists from here on, so anything submitted now is taken (Worker.run creates it too).
