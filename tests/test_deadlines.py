@@ -37,6 +37,7 @@ ASYNC_CALLS = [
     ("record_attempt", (_attempt(),), {}, "req-1"),
     ("append_direct", ("req-1", "y"), {}, "req-1"),
     ("set_current_backend", ("req-1", ServingBackend.Groq), {}, "req-1"),
+    ("set_usage", ("req-1", {"completion_tokens": 1}), {}, "req-1"),
 ]
 
 
