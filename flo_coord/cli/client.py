@@ -285,6 +285,7 @@ async def _inspect(manager: AsyncFailoverManager, args: Any) -> int:
             ("owner", ctx.owner),
             ("epoch", ctx.epoch),
             ("lease remaining", render.seconds(remaining) if remaining is not None else None),
+            ("model group", ctx.model_group),
             ("primary backend", ctx.primary_backend),
             ("current backend", ctx.current_backend),
             ("failed backends", ", ".join(ctx.failed_backends)),
