@@ -27,6 +27,7 @@ from flo_coord.codec import (
     decode_outcome,
     encode_history,
     encode_messages,
+    encode_params,
     pairs,
     text,
 )
@@ -216,6 +217,7 @@ class FailoverCore:
         *,
         messages: Any = None,
         max_tokens: int | None = None,
+        params: dict[str, Any] | None = None,
     ) -> Operation[StreamingContext]:
         rid, rk = self._rid(request_id)
         msgs = validation.messages(messages, self.limits) if messages is not None else None
@@ -227,7 +229,9 @@ class FailoverCore:
             isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
         ):
             raise ValidationError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        return self._start(rid, rk, prompt, primary, msgs, max_tokens)
+        if params is not None and not isinstance(params, dict):
+            raise ValidationError(f"params must be a dict of JSON values, got {type(params).__name__}")
+        return self._start(rid, rk, prompt, primary, msgs, max_tokens, params or None)
 
     def _backend_name(self, backend: ServingBackend | str | None) -> str:
         if backend is None:
@@ -246,6 +250,7 @@ class FailoverCore:
         primary: str,
         msgs: list[ChatMessage] | None,
         max_tokens: int | None,
+        params: dict[str, Any] | None = None,
     ) -> Operation[StreamingContext]:
         ttl = self._ms(self.lease_ttl)
         args = (
@@ -257,6 +262,7 @@ class FailoverCore:
             self._ms(self.max_age),
             encode_messages(msgs),
             max_tokens or "",
+            _encode_params(params, self.limits),
         )
         # The index hint goes first: a live request is never missing from the index.
         replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid)), Eval(START, astuple(rk), args)]
@@ -270,6 +276,7 @@ class FailoverCore:
             primary_backend=primary,
             messages=msgs,
             max_tokens=max_tokens,
+            params=params,
             owner=self.worker_id,
             epoch=epoch,
             lease_deadline=lease / 1000,
@@ -610,6 +617,17 @@ class FailoverCore:
 def astuple(rk: RequestKeys) -> tuple[str, str, str, str]:
     """A request's keys in the order every per-request script takes them."""
     return (rk.ctx, rk.result, rk.text, rk.feed)
+
+
+def _encode_params(params: dict[str, Any] | None, limits: validation.Limits) -> bytes:
+    """Request parameters as JSON; ValidationError when not JSON or over ``max_chunk_bytes``."""
+    try:
+        data = encode_params(params)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise ValidationError(f"params must hold only JSON values: {exc}") from None
+    if len(data) > limits.max_chunk_bytes:
+        raise ValidationError(f"params are {len(data)} bytes as JSON; the limit is {limits.max_chunk_bytes}")
+    return data
 
 
 def render_messages(messages: list[ChatMessage]) -> str:

@@ -210,10 +210,17 @@ class Coordinator:
         *,
         primary: ServingBackend | str | None = None,
         max_tokens: int | None = None,
+        params: dict[str, Any] | None = None,
     ) -> AsyncGenerator[str, None]:
-        """Track, generate and yield the answer's chunks, each once it is committed."""
+        """Track, generate and yield the answer's chunks, each once it is committed.
+
+        ``params``: sampling parameters (JSON values) stored with the request and added to
+        every backend call's payload, also by a replica that takes the request over.
+        """
         prompt, messages = _split(prompt_or_messages)
-        ctx = await self.manager.start_tracking(request_id, prompt, primary, messages=messages, max_tokens=max_tokens)
+        ctx = await self.manager.start_tracking(
+            request_id, prompt, primary, messages=messages, max_tokens=max_tokens, params=params
+        )
         delivered = 0
         try:
             # aclosing: a caller that stops early must end the request (and close the backend's
@@ -236,9 +243,10 @@ class Coordinator:
         *,
         primary: ServingBackend | str | None = None,
         max_tokens: int | None = None,
+        params: dict[str, Any] | None = None,
     ) -> RequestOutcome | None:
         """Generate to the end without a consumer (clients ``follow``); returns the outcome."""
-        stream = self.stream(request_id, prompt_or_messages, primary=primary, max_tokens=max_tokens)
+        stream = self.stream(request_id, prompt_or_messages, primary=primary, max_tokens=max_tokens, params=params)
         async with contextlib.aclosing(stream) as chunks:
             async for _ in chunks:
                 pass
@@ -387,6 +395,7 @@ class Coordinator:
             prefix=run.prefix,
             max_tokens=_remaining_tokens(ctx.max_tokens, run.prefix),
             request_id=ctx.request_id,
+            params=ctx.params,
         )
         started, produced = time.time(), 0
         await self.manager.set_current_backend(ctx.request_id, name)

@@ -218,6 +218,9 @@ class StreamingContext(msgspec.Struct, kw_only=True):
     current_backend: str | None = None
     created_at: float | None = None
     takeovers: int = 0
+    # sampling parameters passed to every backend call (temperature, stop, ...), so a
+    # replica that takes the request over continues with the same ones (JSON in the ctx hash)
+    params: dict[str, Any] | None = None
 
     @classmethod
     def new(cls, prompt: str, request_id: str) -> StreamingContext:
