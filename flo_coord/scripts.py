@@ -353,6 +353,23 @@ return {f[1] or 'closed', failures}
 """,
 )
 
+CANCEL = _script(
+    "cancel",
+    r"""
+-- Ask for a request to be cancelled (any replica may): flag its context; the owner's
+-- cancel watcher sees the flag and ends the request, fenced, as failed ("cancelled").
+-- KEYS: the usual four. Replies: {'OK', owner, epoch}, {'DONE', state} or {'GONE'}.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'cancel', '1')
+  local f = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
+  return {'OK', f[1] or '', f[2] or ''}
+end
+local state = redis.call('HGET', KEYS[2], 'state')
+if state then return {'DONE', state} end
+return {'GONE'}
+""",
+)
+
 ALL: tuple[Script, ...] = (
     START,
     APPEND,
@@ -368,4 +385,5 @@ ALL: tuple[Script, ...] = (
     ORPHAN_CANDIDATES,
     BREAKER_ALLOW,
     BREAKER_RECORD,
+    CANCEL,
 )
