@@ -370,6 +370,19 @@ return {'GONE'}
 """,
 )
 
+IDEMPOTENCY_CLAIM = Script(
+    "idempotency_claim",
+    r"""
+-- Bind an idempotency key (its hash) to a request unless it is bound already.
+-- KEYS[1] the key's string. ARGV: value ('<body sha256> <request id>'), ttl_ms.
+-- Replies: {'NEW'} when bound now, {'OLD', value} with the earlier binding.
+local old = redis.call('GET', KEYS[1])
+if old then return {'OLD', old} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {'NEW'}
+""",
+)
+
 ALL: tuple[Script, ...] = (
     START,
     APPEND,
@@ -386,4 +399,5 @@ ALL: tuple[Script, ...] = (
     BREAKER_ALLOW,
     BREAKER_RECORD,
     CANCEL,
+    IDEMPOTENCY_CLAIM,
 )

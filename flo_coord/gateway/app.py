@@ -249,7 +249,7 @@ class Gateway:
                 raise InvalidParameterError(
                     f"Idempotency-Key must be 1-{_MAX_KEY_LENGTH} characters", "Idempotency-Key"
                 )
-            body_hash = hashlib.sha256(raw).hexdigest()
+            body_hash = protocol.body_hash(raw)
             claim = store.claim_idempotency(self.manager, key, body_hash, rid, self.retention)
             earlier = await self.manager.shell.run(claim, "idempotency")
             if earlier is not None:

@@ -7,6 +7,7 @@ them (``n`` > 1, ``logprobs``, ``tools``...), never silently dropped; unknown fi
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated, Any
 
@@ -170,6 +171,12 @@ def _content(message: Message, index: int) -> str:
             raise InvalidParameterError(f"only text content parts are supported, got {part.type!r}", param)
         parts.append(part.text)
     return "".join(parts)
+
+
+def body_hash(raw: bytes) -> str:
+    """SHA-256 of a (valid JSON) body in canonical form: key order and spacing do not matter."""
+    canonical = msgspec.json.encode(msgspec.json.decode(raw), order="sorted")
+    return hashlib.sha256(canonical).hexdigest()
 
 
 # ------------------------------------------------------------------- responses

@@ -1,8 +1,8 @@
 """What the gateway keeps in Redis besides the request itself: idempotency keys, the
 answer's presentation (object, model, created, include_usage) and cancellation.
 
-- Idempotency: ``SET <ns>:idem:<sha256(key)> "<body sha256> <request id>" NX GET PX``
-  (one atomic command: Redis >= 7.0). The key itself is never stored, only its hash.
+- Idempotency: ``<ns>:idem:<sha256(key)>`` = ``"<body sha256> <request id>"``, set if
+  absent by the IDEMPOTENCY_CLAIM script. The key itself is never stored, only its hash.
 - Presentation: a hash in the request's slot, written before the request starts, so
   any replica can continue the same event stream (``resume``) after a takeover.
 - Cancel: the CANCEL script flags the request's context (any replica may); each replica's
@@ -25,7 +25,7 @@ from flo_coord.codec import pairs, text
 from flo_coord.core import Cmd, Eval, Operation, astuple, ok
 from flo_coord.errors import FloCoordError
 from flo_coord.manager import AsyncFailoverManager
-from flo_coord.scripts import CANCEL
+from flo_coord.scripts import CANCEL, IDEMPOTENCY_CLAIM
 
 log = logging.getLogger("flo_coord.gateway")
 
@@ -58,11 +58,11 @@ def claim_idempotency(
     """
     name = manager.core.keys.idempotency(key_hash(key))
     value = f"{body_hash} {request_id}"
-    (reply,) = yield [Cmd(("SET", name, value, "NX", "GET", "PX", max(1, int(ttl * 1000))))]
-    old = ok(reply)
-    if old is None:
+    (reply,) = yield [Eval(IDEMPOTENCY_CLAIM, (name,), (value, max(1, int(ttl * 1000))))]
+    reply = ok(reply)
+    if text(reply[0]) == "NEW":
         return None
-    old_hash, _, old_id = text(old).partition(" ")
+    old_hash, _, old_id = text(reply[1]).partition(" ")
     if old_id == request_id:
         return None  # our own SET, retried after a lost reply
     if old_hash != body_hash:
