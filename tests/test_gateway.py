@@ -379,3 +379,22 @@ def test_models_health_readiness_and_metrics(pair: list[Replica]) -> None:
         assert "flo_gateway_requests_total" in http.get("/metrics").text
     assert httpx.get(f"{pair[0].url}/healthz").status_code == 200  # no key needed
     assert httpx.get(f"{pair[0].url}/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["serve"], {}, "no backends configured"),
+        (["serve", "--backend", "Vllm=http://h:1,m", "--key-env", "FLO_TEST_UNSET_KEY"], {}, "is not set"),
+        (["serve", "--backend", "Vllm=http://h:1,m", "--redis-url", "redis://127.0.0.1:1/0"], {}, "cannot reach"),
+        (["serve", "--port", "70000"], {}, "TCP port"),
+        (["serve", "--backend", "Vllm=http://h:1,m"], {"FLO_GATEWAY_PORT": "http"}, "invalid configuration"),
+    ],
+)
+def test_serve_usage_mistakes_are_one_line_errors(argv: list[str], env: dict[str, str], message: str) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLO_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "flo_coord", *argv], capture_output=True, text=True, env={**clean, **env}, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
