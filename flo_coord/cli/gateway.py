@@ -62,7 +62,17 @@ def cmd_serve(args: Any) -> int:
         log.warning("backend %s is configured but not in failover.fallback_order: it is never used", name)
     keys = bearer_keys(gateway)
     check_redis(settings.redis.url)
-    return asyncio.run(_serve(settings, gateway, worker_id, keys, args))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_serve(settings, gateway, worker_id, keys, args))
+
+
+def _loop_factory() -> Any:
+    """uvloop's event loop when installed (the gateway extra brings it): less time per event."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], args: Any) -> int:

@@ -256,8 +256,17 @@ class Gateway:
                 request.scope["flo_request_id"] = earlier
                 offset = self._offset(request, earlier)
                 return await self._respond(earlier, shape, offset, parsed.stream, resumed=offset > 0)
-        await self.manager.shell.run(store.save_presentation(self.manager, rid, shape, self.retention), "gateway", rid)
+        # written while the generation starts (no round trip added to the time to first token);
+        # awaited before the response, so a client can resume only once it is there
+        saved = asyncio.ensure_future(
+            self.manager.shell.run(store.save_presentation(self.manager, rid, shape, self.retention), "gateway", rid)
+        )
         self._start(rid, parsed, backends[0])
+        try:
+            await saved
+        except BaseException:
+            self.cancel_local(rid)
+            raise
         return await self._respond(rid, shape, 0, parsed.stream, resumed=False)
 
     async def _body(self, request: Request) -> bytes:
