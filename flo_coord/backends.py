@@ -413,6 +413,11 @@ def _redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
 
 
+#: One stream holds one connection for its whole answer: httpx's default of 100 connections
+#: would queue a replica's 101st concurrent stream (and fail it after the pool timeout).
+_POOL = httpx.Limits(max_connections=10_000, max_keepalive_connections=256)
+
+
 class _HTTPBackend:
     """Shared plumbing: request building hooks, HTTP status handling, transport error mapping."""
 
@@ -421,7 +426,7 @@ class _HTTPBackend:
     def __init__(self, spec: BackendSpec, client: httpx.AsyncClient | None = None) -> None:
         self.spec = spec
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient(timeout=self._timeout())
+        self._client = client if client is not None else httpx.AsyncClient(timeout=self._timeout(), limits=_POOL)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec.name}, model={self.spec.model!r}, base_url={self.spec.base_url!r})"

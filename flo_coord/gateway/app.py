@@ -370,7 +370,7 @@ class Gateway:
                 while True:
                     if pending:
                         position += len(pending)
-                        yield protocol.sse(shaper.text(pending, with_usage), protocol.event_id(rid, position))
+                        yield shaper.text_event(pending, with_usage, protocol.event_id(rid, position))
                     try:
                         pending = await anext(chunks)
                     except StopAsyncIteration:

@@ -207,6 +207,7 @@ class Shaper:
         self.chat = obj == "chat.completion"
         self.model = model
         self.created = created
+        self._templates: dict[bool, tuple[bytes, bytes]] = {}
         self._head = {
             "id": request_id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -224,6 +225,16 @@ class Shaper:
         """The chat stream's first chunk: the assistant role, no text."""
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         return self._chunk(choice, None, with_usage)
+
+    def text_event(self, text: str, with_usage: bool, event_id: str) -> bytes:
+        """The SSE event of one text delta, encoded around a prepared template (the hot path)."""
+        template = self._templates.get(with_usage)
+        if template is None:
+            marker = "\x00flo\x00"
+            whole = _encoder.encode(self.text(marker, with_usage))
+            before, _, after = whole.partition(_encoder.encode(marker))
+            template = self._templates[with_usage] = (b"data: " + before, after + b"\n\n")
+        return b"".join((b"id: ", event_id.encode(), b"\n", template[0], _encoder.encode(text), template[1]))
 
     def text(self, text: str, with_usage: bool) -> dict[str, Any]:
         if self.chat:
