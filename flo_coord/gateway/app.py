@@ -363,14 +363,18 @@ class Gateway:
             self.metrics.streams.inc()
         try:
             async with contextlib.aclosing(chunks):
-                if shaper.chat and not resumed:
-                    yield protocol.sse(shaper.role(with_usage))
+                # the role chunk goes out in one write with the first text (one send less)
+                head = protocol.sse(shaper.role(with_usage)) if shaper.chat and not resumed else b""
                 position = offset
                 pending = first
                 while True:
                     if pending:
                         position += len(pending)
-                        yield shaper.text_event(pending, with_usage, protocol.event_id(rid, position))
+                        yield head + shaper.text_event(pending, with_usage, protocol.event_id(rid, position))
+                        head = b""
+                    elif head:
+                        yield head
+                        head = b""
                     try:
                         pending = await anext(chunks)
                     except StopAsyncIteration:
