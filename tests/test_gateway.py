@@ -215,7 +215,8 @@ def test_serving_replica_sigkilled_mid_answer_client_resumes_on_the_other_exactl
     fake.set_token_delay(0.05)
     tag = uuid.uuid4().hex
     with replicas(redis_server, fake, 2) as (a, b):
-        with a.http() as http, http.stream("POST", "/v1/chat/completions", json=_chat_body(f"kill {tag}")) as resp:
+        body = _chat_body(f"kill {tag}", temperature=0.25, seed=11, stop=["never"])
+        with a.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as resp:
             assert resp.status_code == 200
             rid = resp.headers["x-flo-request-id"]
             first = Events(resp)
@@ -234,6 +235,11 @@ def test_serving_replica_sigkilled_mid_answer_client_resumes_on_the_other_exactl
         assert "".join(first.texts) + rest == chat_answer(f"kill {tag}")
         status = b.http().get(f"/v1/requests/{rid}").json()
         assert status["state"] == "Completed" and status["owner"] == b.worker_id and status["epoch"] >= 2
+    # the replica that took over continued with the request's own parameters
+    calls = generations(fake, f"kill {tag}")
+    assert len(calls) == 2 and calls[1]["messages"][-1]["role"] == "assistant"  # a continuation
+    for call in calls:
+        assert (call["body"]["temperature"], call["body"]["seed"], call["body"]["stop"]) == (0.25, 11, ["never"])
 
 
 def test_client_disconnects_and_resumes_later_on_the_other_replica(
@@ -398,3 +404,21 @@ def test_serve_usage_mistakes_are_one_line_errors(argv: list[str], env: dict[str
     )
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_on_disconnect_cancel_ends_a_request_whose_client_left_and_did_not_come_back(
+    redis_server: RedisServer, fake: FakeLLMServerThread
+) -> None:
+    fake.set_token_delay(0.1)
+    tag = uuid.uuid4().hex
+    with replicas(redis_server, fake, 1, "--on-disconnect", "cancel", "--disconnect-grace", "0.3") as (a,):
+        with a.http() as http, http.stream("POST", "/v1/chat/completions", json=_chat_body(f"gone {tag}")) as resp:
+            rid = resp.headers["x-flo-request-id"]
+            Events(resp).read(2)
+        status = wait_for(
+            lambda: (s := a.http().get(f"/v1/requests/{rid}").json())["state"] in ("Failed", "Completed") and s,
+            10,
+            "the request to end",
+        )
+    assert status["state"] == "Failed" and "cancelled" in status["error"]
+    assert generations(fake, f"gone {tag}")[0]["tokens_sent"] < TOKENS
