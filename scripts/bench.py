@@ -884,7 +884,7 @@ def bench_scaling(env: Env, keep: bool) -> dict[str, Any]:
     return asyncio.run(_scaling(env, env.args.sizes, keep))
 
 
-GATEWAY_TOKENS = 64  # tokens per answer in the throughput run
+GATEWAY_TOKENS = 256  # tokens per answer: about 5 s per stream, so the start of 200 requests is not all it measures
 
 
 def _spawn_logged(argv: list[str], ready: str, timeout: float = 30.0) -> tuple[subprocess.Popen[str], str]:
