@@ -422,3 +422,25 @@ def test_on_disconnect_cancel_ends_a_request_whose_client_left_and_did_not_come_
         )
     assert status["state"] == "Failed" and "cancelled" in status["error"]
     assert generations(fake, f"gone {tag}")[0]["tokens_sent"] < TOKENS
+
+
+def test_sigterm_hands_requests_back_and_ends_local_streams_with_an_error_event(
+    redis_server: RedisServer, fake: FakeLLMServerThread
+) -> None:
+    fake.set_token_delay(0.05)
+    tag = uuid.uuid4().hex
+    with replicas(redis_server, fake, 2, "--grace", "0.3") as (a, b):
+        with a.http() as http, http.stream("POST", "/v1/chat/completions", json=_chat_body(f"term {tag}")) as resp:
+            rid = resp.headers["x-flo-request-id"]
+            first = Events(resp)
+            first.read(5)
+            a.proc.send_signal(signal.SIGTERM)
+            first.rest()
+        assert first.error is not None and first.error["code"] == "replica_shutting_down" and not first.done
+        assert a.proc.wait(15) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it is done
+        with (
+            b.http() as http,
+            http.stream("GET", f"/v1/requests/{rid}/stream", headers={"last-event-id": str(first.last_id)}) as resp,
+        ):
+            rest = Events(resp).rest()
+        assert "".join(first.texts) + rest == chat_answer(f"term {tag}")

@@ -15,6 +15,25 @@ from flo_coord.cli.common import UsageError, check_redis, load, pick, setup_logg
 log = logging.getLogger("flo_coord.cli")
 
 
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, plus: the first SIGTERM/SIGINT starts the gateway's drain."""
+
+        def __init__(self, config: Any, front: Any, grace: float) -> None:
+            super().__init__(config)
+            self.front, self.grace = front, grace
+            self.draining: asyncio.Task[None] | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if self.draining is None:
+                self.draining = asyncio.get_running_loop().create_task(self.front.drain(self.grace))
+
+    return Server
+
+
 def gateway_settings(args: Any, settings: Any) -> Any:
     """The [gateway] section with the flags applied (flags > env > TOML > defaults)."""
     flags = {
@@ -110,10 +129,10 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
         port=gateway.port,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=int(args.grace) or None,
+        timeout_graceful_shutdown=int(args.grace) + 5,  # a backstop: drain() ends our streams first
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config, front, args.grace)
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.02)

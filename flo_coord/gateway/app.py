@@ -136,6 +136,7 @@ class Gateway:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.watcher = store.CancelWatcher(self.manager, self.cancel_local)
         self._background: set[asyncio.Task[Any]] = set()
+        self.closing = False
         self._check_models()
 
     def _check_models(self) -> None:
@@ -156,10 +157,28 @@ class Gateway:
             yield
         finally:
             await self.watcher.stop()
-            for task in list(self.tasks.values()) + list(self._background):
-                task.cancel()
-            await self.coordinator.aclose()  # hands back what is still generating
-            await asyncio.gather(*self.tasks.values(), *self._background, return_exceptions=True)
+            await self.hand_back()
+            await self.coordinator.aclose()
+
+    async def drain(self, grace: float) -> None:
+        """On SIGTERM: let streams run ``grace`` seconds, then hand back what is still generating.
+
+        Local streams then end with an error event (503, ``replica_shutting_down``) instead of
+        a cut connection, and their clients resume on another replica.
+        """
+        await asyncio.sleep(grace)
+        await self.hand_back()
+
+    async def hand_back(self) -> None:
+        """Stop generating here; the requests go back to Redis for another replica (idempotent)."""
+        self.closing = True
+        # The Coordinator hands a request back (instead of failing it) when it is closing;
+        # our generations must see that before they are cancelled.
+        self.coordinator._closing = True
+        running = list(self.tasks.values()) + list(self._background)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     def app(self) -> Starlette:
         routes = [
@@ -301,7 +320,11 @@ class Gateway:
                     live.push(chunk)
             live.finish()
         except asyncio.CancelledError:
-            live.finish(GenerationError(rid, f"request {rid!r} failed: cancelled"))
+            if self.closing:
+                why = "this replica is shutting down; the request goes on elsewhere: resume with Last-Event-ID"
+                live.finish(HTTPError(503, why, "server_error", "replica_shutting_down"))
+            else:
+                live.finish(GenerationError(rid, f"request {rid!r} failed: cancelled"))
         except Exception as exc:
             live.finish(exc)
         finally:
