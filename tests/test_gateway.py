@@ -444,3 +444,19 @@ def test_sigterm_hands_requests_back_and_ends_local_streams_with_an_error_event(
         ):
             rest = Events(resp).rest()
         assert "".join(first.texts) + rest == chat_answer(f"term {tag}")
+
+
+def test_every_backend_rate_limited_is_a_429_and_none_answering_a_502(
+    pair: list[Replica], fake: FakeLLMServerThread
+) -> None:
+    client = pair[0].client()
+    fake.set_fault("*", "rate429:0*100")
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="vllm-m", messages=[{"role": "user", "content": "limits"}])
+    assert limited.value.status_code == 429 and limited.value.response.headers["x-flo-request-id"]
+    fake.set_fault("*", "http5xx:100:500")
+    with pytest.raises(openai.APIStatusError) as failed:
+        list(
+            client.chat.completions.create(model="vllm-m", messages=[{"role": "user", "content": "down"}], stream=True)
+        )
+    assert failed.value.status_code == 502

@@ -39,7 +39,7 @@ from flo_coord.gateway import protocol, store
 from flo_coord.gateway.live import Live
 from flo_coord.gateway.protocol import InvalidParameterError, Parsed, Shaper
 from flo_coord.gateway.store import IdempotencyConflictError, Presentation
-from flo_coord.models import count_tokens
+from flo_coord.models import FailoverResult, count_tokens
 from flo_coord.settings import GatewaySettings
 
 log = logging.getLogger("flo_coord.gateway")
@@ -71,13 +71,25 @@ def failure(exc: BaseException) -> HTTPError:
     if isinstance(exc, CoordinatorUnavailableError):
         return HTTPError(503, f"coordination store unavailable: {exc}", "server_error", "store_unavailable")
     if isinstance(exc, GenerationError):
-        if _caused_by(exc, RateLimitedError):
+        failures = [a for a in exc.attempts or [] if _failed_call(a)]
+        if _caused_by(exc, RateLimitedError) or (failures and all(_rate_limited(a) for a in failures)):
             return HTTPError(429, str(exc), "rate_limit_error", "rate_limit_exceeded")
-        if "no backend available" in str(exc):
-            return HTTPError(503, str(exc), "server_error", "no_backend_available")
+        if not failures and "no backend available" in str(exc):
+            return HTTPError(503, str(exc), "server_error", "no_backend_available")  # e.g. every breaker open
         return HTTPError(502, str(exc), "server_error", "backend_error")
     log.error("unexpected gateway error: %r", exc)
     return HTTPError(500, "internal error", "server_error", "internal_error")
+
+
+def _failed_call(attempt: Any) -> bool:
+    """A backend call that failed (not the closing "no backend available" record)."""
+    result = attempt.result
+    return result is not None and result.is_failure() and result != FailoverResult.NoBackendsAvailable
+
+
+def _rate_limited(attempt: Any) -> bool:
+    """Whether a failed attempt was a 429 (attempts keep the failure as text: RateLimitedError's)."""
+    return "HTTP 429" in (getattr(attempt.result, "message", None) or "")
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
