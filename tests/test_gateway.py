@@ -49,10 +49,16 @@ class Replica:
         self.lines = lines
 
     def wait_ready(self, timeout: float = 30.0) -> Replica:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"{self.worker_id} did not start in {timeout}s") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"{self.worker_id} exited with {self.proc.returncode}") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{self.worker_id} did not start in {timeout}s") from None
         assert "listening on " in line, line
         self.url = line.split("listening on ")[1].split()[0]
         return self
@@ -460,3 +466,26 @@ def test_every_backend_rate_limited_is_a_429_and_none_answering_a_502(
             client.chat.completions.create(model="vllm-m", messages=[{"role": "user", "content": "down"}], stream=True)
         )
     assert failed.value.status_code == 502
+
+
+def test_toml_model_groups_and_hashed_keys(redis_server: RedisServer, fake: FakeLLMServerThread, tmp_path: Any) -> None:
+    import hashlib
+
+    other_key = "sk-hashed-" + uuid.uuid4().hex
+    config = tmp_path / "flo.toml"
+    config.write_text(
+        "[gateway]\n"
+        f'key_hashes = ["sha256:{hashlib.sha256(other_key.encode()).hexdigest()}"]\n'
+        "[gateway.models]\n"
+        '"team-model" = ["Together", "Vllm"]\n'
+    )
+    tag = uuid.uuid4().hex
+    with replicas(redis_server, fake, 1, "--config", str(config)) as (a,):
+        client = openai.OpenAI(base_url=f"{a.url}/v1", api_key=other_key, max_retries=0)
+        assert [m.id for m in client.models.list()] == ["team-model"]
+        answer = client.completions.create(model="team-model", prompt=f"group {tag}")
+        assert answer.choices[0].text == full_answer_text(f"group {tag}", TOKENS)
+        assert [r["model"] for r in generations(fake, f"group {tag}")] == ["together-m"]  # the group's first
+        assert a.client().models.list().data  # the key from --key-env works too
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="vllm-m", prompt="not in the mapping")

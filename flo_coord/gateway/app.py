@@ -39,7 +39,7 @@ from flo_coord.gateway import protocol, store
 from flo_coord.gateway.live import Live
 from flo_coord.gateway.protocol import InvalidParameterError, Parsed, Shaper
 from flo_coord.gateway.store import IdempotencyConflictError, Presentation
-from flo_coord.models import FailoverResult, count_tokens
+from flo_coord.models import FailoverResult, ServingBackend, count_tokens
 from flo_coord.settings import GatewaySettings
 
 log = logging.getLogger("flo_coord.gateway")
@@ -108,6 +108,16 @@ def _json(status: int, body: Any, request_id: str | None = None) -> JSONResponse
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _canonical(models: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``[gateway.models]`` with backend names in their canonical spelling (ConfigError if unknown)."""
+    from flo_coord.errors import ConfigError
+
+    try:
+        return {model: [ServingBackend.parse(name).value for name in names] for model, names in models.items()}
+    except ValidationError as exc:
+        raise ConfigError(f"[gateway.models]: {exc}") from None
+
+
 def default_models(coordinator: Coordinator) -> dict[str, list[str]]:
     """Each configured backend's model name -> that backend first (the rest by fallback order)."""
     out: dict[str, list[str]] = {}
@@ -138,7 +148,7 @@ class Gateway:
         self.coordinator = coordinator
         self.manager = coordinator.manager
         self.settings = settings or GatewaySettings()
-        self.models = dict(self.settings.models) or default_models(coordinator)
+        self.models = _canonical(self.settings.models) or default_models(coordinator)
         self.keys = frozenset(keys)
         self.retention = retention
         self.limits = limits or coordinator.manager.core.limits
@@ -286,7 +296,8 @@ class Gateway:
             if earlier is not None:
                 request.scope["flo_request_id"] = earlier
                 offset = self._offset(request, earlier)
-                return await self._respond(earlier, shape, offset, parsed.stream, resumed=offset > 0)
+                stored = await self.manager.shell.run(store.load_presentation(self.manager, earlier), "gateway")
+                return await self._respond(earlier, stored or shape, offset, parsed.stream, resumed=offset > 0)
         # written while the generation starts (no round trip added to the time to first token);
         # awaited before the response, so a client can resume only once it is there
         saved = asyncio.ensure_future(
