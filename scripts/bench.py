@@ -929,7 +929,7 @@ async def _stream_tokens(client: Any, url: str, body: dict[str, Any]) -> int:
     return len("".join(text).split())
 
 
-async def _gateway_runs(direct: str, gateway: str, samples: int, streams: int) -> dict[str, Any]:
+async def _gateway_runs(direct: str, gateway: str, samples: int, streams: int, tokens: int) -> dict[str, Any]:
     import httpx
 
     limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
@@ -944,7 +944,7 @@ async def _gateway_runs(direct: str, gateway: str, samples: int, streams: int) -
                 seconds = await _first_token(client, f"{url}/v1/chat/completions", body(f"ttft {i}", "bench-m"))
                 if i >= 10:  # warm-up
                     ttft[name].append(seconds)
-        out: dict[str, Any] = {"samples": samples, "streams": streams, "tokens_per_answer": GATEWAY_TOKENS}
+        out: dict[str, Any] = {"samples": samples, "streams": streams, "tokens_per_answer": tokens}
         for name, values in ttft.items():
             out[f"ttft_{name}_ms"] = summary(values, 1e3)
         for name, url in (("direct", direct), ("gateway", gateway)):
@@ -969,9 +969,10 @@ def bench_gateway(env: Env) -> dict[str, Any]:
     """
     samples = env.args.gateway_samples or (50 if env.quick else 200)
     streams = env.args.gateway_streams or (50 if env.quick else 200)
+    tokens = 64 if env.quick else GATEWAY_TOKENS
     ns = namespace("gateway")
     fake, line = _spawn_logged(
-        [sys.executable, "-m", "flo_coord.fakellm", "--port", "0", "--tokens", str(GATEWAY_TOKENS),
+        [sys.executable, "-m", "flo_coord.fakellm", "--port", "0", "--tokens", str(tokens),
          "--model-delay", "slow-m=0.02"],
         "listening on", 30,
     )  # fmt: skip
@@ -984,7 +985,7 @@ def bench_gateway(env: Env) -> dict[str, Any]:
     try:
         gateway_proc, line = _spawn_logged(serve_argv, "listening on", 60)
         gateway = line.split("listening on ")[1].split()[0]
-        result = asyncio.run(_gateway_runs(direct, gateway, samples, streams))
+        result = asyncio.run(_gateway_runs(direct, gateway, samples, streams, tokens))
     finally:
         for proc in (gateway_proc, fake):
             if proc is not None:
