@@ -489,3 +489,17 @@ def test_toml_model_groups_and_hashed_keys(redis_server: RedisServer, fake: Fake
         assert a.client().models.list().data  # the key from --key-env works too
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="vllm-m", prompt="not in the mapping")
+
+
+def test_a_client_that_reads_nothing_does_not_hold_up_its_generation(
+    pair: list[Replica], fake: FakeLLMServerThread
+) -> None:
+    a, b = pair
+    tag = uuid.uuid4().hex
+    with a.http() as http, http.stream("POST", "/v1/chat/completions", json=_chat_body(f"slow {tag}")) as resp:
+        rid = resp.headers["x-flo-request-id"]
+        # not reading: the answer is generated (and committed) at the backend's pace all the same
+        wait_for(lambda: b.http().get(f"/v1/requests/{rid}").json()["state"] == "Completed", 10, "completion")
+        quick = b.client().chat.completions.create(model="vllm-m", messages=[{"role": "user", "content": f"o {tag}"}])
+        assert quick.choices[0].message.content == chat_answer(f"o {tag}")
+        assert Events(resp).rest() == chat_answer(f"slow {tag}")  # and the slow reader still gets all of it
