@@ -66,7 +66,7 @@ def decode_context(request_id: str, fields: list[Any] | dict[Any, Any], prefix: 
         raw: dict[str, Any] = {}
         for name, value in pairs(fields).items():  # type: ignore[arg-type]
             attr = _RENAMED.get(name, name)
-            if attr not in _CONTEXT_FIELDS or attr in ("messages", "failed_backends", "params"):
+            if attr not in _CONTEXT_FIELDS or attr in ("messages", "failed_backends", "params", "backends"):
                 continue
             raw[attr] = int(value) / 1000.0 if name in _MS_FIELDS else value
         raw["generated_prefix"] = text(prefix)
@@ -78,6 +78,7 @@ def decode_context(request_id: str, fields: list[Any] | dict[Any, Any], prefix: 
         if extra.get("messages"):
             ctx.messages = _messages_decoder.decode(extra["messages"])
         ctx.failed_backends = [b for b in extra.get("failed_backends", "").split(",") if b]
+        ctx.backends = [b for b in extra.get("backends", "").split(",") if b] or None
         if extra.get("params"):
             ctx.params = _params_decoder.decode(extra["params"])
         return ctx

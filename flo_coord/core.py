@@ -218,6 +218,7 @@ class FailoverCore:
         messages: Any = None,
         max_tokens: int | None = None,
         params: dict[str, Any] | None = None,
+        backends: list[ServingBackend | str] | None = None,
     ) -> Operation[StreamingContext]:
         rid, rk = self._rid(request_id)
         msgs = validation.messages(messages, self.limits) if messages is not None else None
@@ -231,7 +232,8 @@ class FailoverCore:
             raise ValidationError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if params is not None and not isinstance(params, dict):
             raise ValidationError(f"params must be a dict of JSON values, got {type(params).__name__}")
-        return self._start(rid, rk, prompt, primary, msgs, max_tokens, params or None)
+        order = [self._backend_name(b) for b in backends] if backends else None
+        return self._start(rid, rk, prompt, primary, msgs, max_tokens, params or None, order)
 
     def _backend_name(self, backend: ServingBackend | str | None) -> str:
         if backend is None:
@@ -251,6 +253,7 @@ class FailoverCore:
         msgs: list[ChatMessage] | None,
         max_tokens: int | None,
         params: dict[str, Any] | None = None,
+        backends: list[str] | None = None,
     ) -> Operation[StreamingContext]:
         ttl = self._ms(self.lease_ttl)
         args = (
@@ -263,6 +266,7 @@ class FailoverCore:
             encode_messages(msgs),
             max_tokens or "",
             _encode_params(params, self.limits),
+            ",".join(backends or ()),
         )
         # The index hint goes first: a live request is never missing from the index.
         replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid)), Eval(START, astuple(rk), args)]
@@ -277,6 +281,7 @@ class FailoverCore:
             messages=msgs,
             max_tokens=max_tokens,
             params=params,
+            backends=backends,
             owner=self.worker_id,
             epoch=epoch,
             lease_deadline=lease / 1000,

@@ -211,15 +211,18 @@ class Coordinator:
         primary: ServingBackend | str | None = None,
         max_tokens: int | None = None,
         params: dict[str, Any] | None = None,
+        backends: list[ServingBackend | str] | None = None,
     ) -> AsyncGenerator[str, None]:
         """Track, generate and yield the answer's chunks, each once it is committed.
 
         ``params``: sampling parameters (JSON values) stored with the request and added to
         every backend call's payload, also by a replica that takes the request over.
+        ``backends``: this request's own fallback order (e.g. a model group) instead of
+        ``failover.fallback_order``, also stored with the request.
         """
         prompt, messages = _split(prompt_or_messages)
         ctx = await self.manager.start_tracking(
-            request_id, prompt, primary, messages=messages, max_tokens=max_tokens, params=params
+            request_id, prompt, primary, messages=messages, max_tokens=max_tokens, params=params, backends=backends
         )
         delivered = 0
         try:
@@ -322,7 +325,7 @@ class Coordinator:
     def _order(self, run: _Run) -> list[str]:
         primary = run.ctx.primary_backend
         names = [primary] if primary else []
-        names += [b.value for b in self.manager.config().fallback_order]
+        names += run.ctx.backends or [b.value for b in self.manager.config().fallback_order]
         return list(dict.fromkeys(names))
 
     def _fallback_name(self, run: _Run) -> ServingBackend:

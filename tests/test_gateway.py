@@ -453,19 +453,20 @@ def test_sigterm_hands_requests_back_and_ends_local_streams_with_an_error_event(
 
 
 def test_every_backend_rate_limited_is_a_429_and_none_answering_a_502(
-    pair: list[Replica], fake: FakeLLMServerThread
+    redis_server: RedisServer, fake: FakeLLMServerThread
 ) -> None:
-    client = pair[0].client()
-    fake.set_fault("*", "rate429:0*100")
-    with pytest.raises(openai.RateLimitError) as limited:
-        client.chat.completions.create(model="vllm-m", messages=[{"role": "user", "content": "limits"}])
-    assert limited.value.status_code == 429 and limited.value.response.headers["x-flo-request-id"]
-    fake.set_fault("*", "http5xx:100:500")
-    with pytest.raises(openai.APIStatusError) as failed:
-        list(
-            client.chat.completions.create(model="vllm-m", messages=[{"role": "user", "content": "down"}], stream=True)
-        )
-    assert failed.value.status_code == 502
+    # replicas of its own: the failures open the namespace's circuit breakers
+    with replicas(redis_server, fake, 1) as (a,):
+        client = a.client()
+        fake.set_fault("*", "rate429:0*100")
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.chat.completions.create(model="vllm-m", messages=[{"role": "user", "content": "limits"}])
+        assert limited.value.status_code == 429 and limited.value.response.headers["x-flo-request-id"]
+        fake.set_fault("*", "http5xx:100:500")
+        with pytest.raises(openai.APIStatusError) as failed:
+            list(client.chat.completions.create(
+                model="vllm-m", messages=[{"role": "user", "content": "down"}], stream=True))  # fmt: skip
+        assert failed.value.status_code == 502
 
 
 def test_toml_model_groups_and_hashed_keys(redis_server: RedisServer, fake: FakeLLMServerThread, tmp_path: Any) -> None:
@@ -503,3 +504,22 @@ def test_a_client_that_reads_nothing_does_not_hold_up_its_generation(
         quick = b.client().chat.completions.create(model="vllm-m", messages=[{"role": "user", "content": f"o {tag}"}])
         assert quick.choices[0].message.content == chat_answer(f"o {tag}")
         assert Events(resp).rest() == chat_answer(f"slow {tag}")  # and the slow reader still gets all of it
+
+
+def test_a_model_group_fails_over_only_within_its_own_backends(
+    redis_server: RedisServer, fake: FakeLLMServerThread, tmp_path: Any
+) -> None:
+    config = tmp_path / "flo.toml"
+    config.write_text('[gateway.models]\n"solo" = ["Vllm"]\n"pair" = ["Together", "Vllm"]\n')
+    fake.set_fault("together-m", "die_after:4")
+    tag = uuid.uuid4().hex
+    with replicas(redis_server, fake, 1, "--config", str(config)) as (a,):
+        client = a.client()
+        text = "".join(c.choices[0].text for c in client.completions.create(
+            model="pair", prompt=f"pair {tag}", stream=True) if c.choices)  # fmt: skip
+        assert text == full_answer_text(f"pair {tag}", TOKENS)
+        assert [r["model"] for r in generations(fake, f"pair {tag}")] == ["together-m", "vllm-m"]
+        fake.set_fault("vllm-m", "die_after:4")
+        with pytest.raises(openai.APIError):
+            list(client.completions.create(model="solo", prompt=f"solo {tag}", stream=True))
+        assert [r["model"] for r in generations(fake, f"solo {tag}")] == ["vllm-m"]  # never Together

@@ -119,11 +119,13 @@ def _canonical(models: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 def default_models(coordinator: Coordinator) -> dict[str, list[str]]:
-    """Each configured backend's model name -> that backend first (the rest by fallback order)."""
+    """Each configured backend's model name -> the backends serving it, then the other
+    configured backends in ``failover.fallback_order`` (the worker's behaviour)."""
+    order: list[str] = [str(b) for b in coordinator.manager.config().fallback_order if b in coordinator.backends]
     out: dict[str, list[str]] = {}
     for name, backend in coordinator.backends.items():
         out.setdefault(backend.spec.model, []).append(name)
-    return out
+    return {model: list(dict.fromkeys(names + order)) for model, names in out.items()}
 
 
 class Gateway:
@@ -303,7 +305,7 @@ class Gateway:
         saved = asyncio.ensure_future(
             self.manager.shell.run(store.save_presentation(self.manager, rid, shape, self.retention), "gateway", rid)
         )
-        self._start(rid, parsed, backends[0])
+        self._start(rid, parsed, backends)
         try:
             await saved
         except BaseException:
@@ -326,16 +328,21 @@ class Gateway:
                 raise too_big
         return bytes(body)
 
-    def _start(self, rid: str, parsed: Parsed, primary: str) -> None:
+    def _start(self, rid: str, parsed: Parsed, backends: list[str]) -> None:
         live = self.live[rid] = Live()
-        task = asyncio.get_running_loop().create_task(self._produce(rid, live, parsed, primary), name=f"gw-{rid}")
+        task = asyncio.get_running_loop().create_task(self._produce(rid, live, parsed, backends), name=f"gw-{rid}")
         self.tasks[rid] = task
 
-    async def _produce(self, rid: str, live: Live, parsed: Parsed, primary: str) -> None:
+    async def _produce(self, rid: str, live: Live, parsed: Parsed, backends: list[str]) -> None:
         """Generate to the end whatever the client does (it may leave and resume)."""
         what: Any = parsed.messages if parsed.messages is not None else parsed.prompt
         stream = self.coordinator.stream(
-            rid, what, primary=primary, max_tokens=parsed.max_tokens, params=parsed.params or None
+            rid,
+            what,
+            primary=backends[0],
+            max_tokens=parsed.max_tokens,
+            params=parsed.params or None,
+            backends=list(backends),
         )
         try:
             async with contextlib.aclosing(stream) as chunks:
