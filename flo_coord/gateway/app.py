@@ -288,18 +288,9 @@ class Gateway:
         )
         key = request.headers.get("idempotency-key")
         if key is not None:
-            if not key or len(key) > _MAX_KEY_LENGTH:
-                raise InvalidParameterError(
-                    f"Idempotency-Key must be 1-{_MAX_KEY_LENGTH} characters", "Idempotency-Key"
-                )
-            body_hash = protocol.body_hash(raw)
-            claim = store.claim_idempotency(self.manager, key, body_hash, rid, self.retention)
-            earlier = await self.manager.shell.run(claim, "idempotency")
-            if earlier is not None:
-                request.scope["flo_request_id"] = earlier
-                offset = self._offset(request, earlier)
-                stored = await self.manager.shell.run(store.load_presentation(self.manager, earlier), "gateway")
-                return await self._respond(earlier, stored or shape, offset, parsed.stream, resumed=offset > 0)
+            attached = await self._attach(request, key, raw, rid, parsed, shape)
+            if attached is not None:
+                return attached
         # written while the generation starts (no round trip added to the time to first token);
         # awaited before the response, so a client can resume only once it is there
         saved = asyncio.ensure_future(
@@ -312,6 +303,22 @@ class Gateway:
             self.cancel_local(rid)
             raise
         return await self._respond(rid, shape, 0, parsed.stream, resumed=False)
+
+    async def _attach(
+        self, request: Request, key: str, raw: bytes, rid: str, parsed: Parsed, shape: Presentation
+    ) -> Response | None:
+        """Bind the Idempotency-Key to ``rid``; when it was bound before, answer from that request
+        (from ``Last-Event-ID`` when given) instead of starting another generation."""
+        if not key or len(key) > _MAX_KEY_LENGTH:
+            raise InvalidParameterError(f"Idempotency-Key must be 1-{_MAX_KEY_LENGTH} characters", "Idempotency-Key")
+        claim = store.claim_idempotency(self.manager, key, protocol.body_hash(raw), rid, self.retention)
+        earlier = await self.manager.shell.run(claim, "idempotency")
+        if earlier is None:
+            return None
+        request.scope["flo_request_id"] = earlier
+        offset = self._offset(request, earlier)
+        stored = await self.manager.shell.run(store.load_presentation(self.manager, earlier), "gateway")
+        return await self._respond(earlier, stored or shape, offset, parsed.stream, resumed=offset > 0)
 
     async def _body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
