@@ -403,8 +403,8 @@ class Gateway:
         reason = getattr(outcome, "finish_reason", None) or "stop"
         usage = getattr(outcome, "usage", None)
         if not usage:
-            ctx_prompt = outcome.token_count if outcome is not None else count_tokens(text)
-            usage = {"prompt_tokens": 0, "completion_tokens": ctx_prompt, "total_tokens": ctx_prompt}
+            completion = outcome.token_count if outcome is not None else count_tokens(text)
+            usage = {"prompt_tokens": 0, "completion_tokens": completion, "total_tokens": completion}
         return reason, dict(usage)
 
     async def _events(
