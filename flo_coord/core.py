@@ -28,6 +28,7 @@ from flo_coord.codec import (
     encode_history,
     encode_messages,
     encode_params,
+    json_encoder,
     pairs,
     text,
 )
@@ -168,6 +169,14 @@ class FailoverCore:
 
     def holding(self, request_id: str) -> Holding | None:
         return self._held.get(request_id)
+
+    def forget(self, request_id: str) -> None:
+        """Stop renewing ``request_id``'s lease: nothing on this worker works on it any more.
+
+        For a request whose failure could not be written (Redis unreachable): its lease
+        runs out, so another replica takes it over once Redis is back.
+        """
+        self._drop(request_id)
 
     def held_ids(self) -> list[str]:
         with self._held_lock:
@@ -334,6 +343,11 @@ class FailoverCore:
         rid, rk = self._rid(request_id)
         return self._update(rid, rk, "+failed", self._backend_name(backend))
 
+    def set_usage(self, request_id: Any, usage: dict[str, int]) -> Operation[None]:
+        """Store the usage summed over the request's attempts so far (fenced), for a takeover to continue."""
+        rid, rk = self._rid(request_id)
+        return self._update(rid, rk, *_ending_fields(None, usage, self.limits))
+
     def set_current_backend(self, request_id: Any, backend: ServingBackend | str) -> Operation[None]:
         rid, rk = self._rid(request_id)
         return self._update(rid, rk, "current_backend", self._backend_name(backend))
@@ -345,20 +359,40 @@ class FailoverCore:
         if status != "OK":
             raise self._lost(rid, epoch, reply)
 
-    def complete(self, request_id: Any, *, backend: str | None = None, model: str | None = None) -> Operation[bool]:
+    def complete(
+        self,
+        request_id: Any,
+        *,
+        backend: str | None = None,
+        model: str | None = None,
+        finish_reason: str | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> Operation[bool]:
         rid, rk = self._rid(request_id)
         backend = validation.label("backend", backend or "", self.limits)
         model = validation.label("model", model or "", self.limits)
-        return self._finish(rid, rk, "Completed", "", "", backend, model)
+        extra = _ending_fields(finish_reason, usage, self.limits)
+        return self._finish(rid, rk, "Completed", "", "", backend, model, extra=extra)
 
-    def fail(self, request_id: Any, reason: Any, *, kind: str = "GenerationError") -> Operation[bool]:
+    def fail(
+        self,
+        request_id: Any,
+        reason: Any,
+        *,
+        kind: str = "GenerationError",
+        finish_reason: str | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> Operation[bool]:
         rid, rk = self._rid(request_id)
         reason = validation.text("reason", reason, self.limits.max_chunk_bytes)
         kind = validation.label("kind", kind, self.limits)
-        return self._finish(rid, rk, "Failed", reason, kind, "", "")
+        extra = _ending_fields(finish_reason, usage, self.limits)
+        return self._finish(rid, rk, "Failed", reason, kind, "", "", extra=extra)
 
-    def _finish(self, rid: str, rk: RequestKeys, state: str, *args: str) -> Operation[bool]:
-        call, epoch = self._fenced(FINISH, rk, rid, state, *args[:4], self._ms(self.retention))
+    def _finish(
+        self, rid: str, rk: RequestKeys, state: str, *args: str, extra: tuple[str, ...] = ()
+    ) -> Operation[bool]:
+        call, epoch = self._fenced(FINISH, rk, rid, state, *args[:4], self._ms(self.retention), *extra)
         (reply,) = yield [call]
         status, reply = _status(reply, rid)
         finished_elsewhere = status == "LOST" and len(reply) > 3 and int(reply[3]) == 1
@@ -617,6 +651,17 @@ class FailoverCore:
             return None
         chunk = reply[2] if isinstance(reply[2], bytes) else text(reply[2]).encode()
         return text(reply[1]), chunk, decode_outcome(rid, reply[3])
+
+
+def _ending_fields(finish_reason: str | None, usage: dict[str, int] | None, limits: Any) -> tuple[str, ...]:
+    """The outcome's finish_reason and usage (JSON) as FINISH's extra field/value pairs."""
+    out: tuple[str, ...] = ()
+    if finish_reason:
+        out += ("finish_reason", validation.label("finish_reason", finish_reason, limits))
+    if usage:
+        clean = {str(k)[:64]: int(v) for k, v in list(usage.items())[:32] if isinstance(v, int)}
+        out += ("usage", json_encoder.encode(clean).decode())
+    return out
 
 
 def astuple(rk: RequestKeys) -> tuple[str, str, str, str]:

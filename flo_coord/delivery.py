@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING
 
 from flo_coord import defaults, validation
@@ -20,6 +20,7 @@ from flo_coord.errors import RequestFailedError, UnknownRequestError
 
 if TYPE_CHECKING:
     from flo_coord.manager import AsyncFailoverManager
+    from flo_coord.models import RequestOutcome
 
 
 def _wait_feed(feed: str, last_id: str, block_ms: int) -> Operation[None]:
@@ -34,12 +35,14 @@ async def follow(
     *,
     wait: float = 0.0,
     poll: float = defaults.FOLLOW_POLL,
+    on_outcome: Callable[[RequestOutcome], None] | None = None,
 ) -> AsyncGenerator[str, None]:
     """Yield the answer from character ``offset`` on, as it is committed, until it ends.
 
     Raises UnknownRequestError for a request that does not exist (after waiting up to
     ``wait`` seconds for a submitted one to be taken by a worker), and RequestFailedError
-    (with the worker's reason) when the request ended in failure.
+    (with the worker's reason) when the request ended in failure. ``on_outcome`` gets the
+    RequestOutcome read together with the end of the text (finish_reason, usage).
     """
     core = manager.core
     rid = validation.request_id(request_id, core.limits)
@@ -63,6 +66,8 @@ async def follow(
         if chunk:
             yield chunk
         if outcome is not None:
+            if on_outcome is not None:
+                on_outcome(outcome)
             if outcome.state == "Failed":
                 raise RequestFailedError(rid, f"request {rid!r} failed: {outcome.error}")
             return

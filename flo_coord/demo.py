@@ -75,20 +75,6 @@ class Stats:
     victims: int = 0
 
 
-def _preload_scripts(server: Any) -> None:
-    """fakeredis' TCP server drops a connection after any error reply, so a NOSCRIPT reply could never
-    be followed by the SCRIPT LOAD that answers it: load every script before any worker connects."""
-    from flo_coord import scripts
-
-    client = server.client()
-    try:
-        for script in vars(scripts).values():
-            if isinstance(script, scripts.Script):
-                client.script_load(script.source)
-    finally:
-        client.close()
-
-
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (None for no values)."""
     if not values:
@@ -128,8 +114,6 @@ class Demo:
             self.redis_server = start_embedded_redis()
             self.redis_url = self.redis_server.url
             kind = "redis-server" if isinstance(self.redis_server, RedisServer) else "fakeredis"
-            if kind == "fakeredis":
-                _preload_scripts(self.redis_server)
             self.redis_label = f"embedded {kind} on port {self.redis_server.port}"
             if isinstance(self.redis_server, RedisServer) and self.redis_server.pid:
                 self.pids["redis-server"] = self.redis_server.pid

@@ -251,11 +251,16 @@ class AsyncFailoverManager(_Facade):
         """One awaited script call per append, bypassing the batcher (the benchmark's naive path)."""
         return await self._run(self.core.append_tokens(request_id, tokens, seq=seq), "append_tokens", request_id)
 
-    async def complete(self, request_id: str, *, backend: str | None = None, model: str | None = None) -> bool:
-        return await self._run(self.core.complete(request_id, backend=backend, model=model), "complete", request_id)
+    async def complete(
+        self, request_id: str, *, backend: str | None = None, model: str | None = None, **ending: Any
+    ) -> bool:
+        """Finish as Completed; ``ending``: optional ``finish_reason`` and ``usage`` kept in the outcome."""
+        op = self.core.complete(request_id, backend=backend, model=model, **ending)
+        return await self._run(op, "complete", request_id)
 
-    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError") -> bool:
-        return await self._run(self.core.fail(request_id, reason, kind=kind), "fail", request_id)
+    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError", **ending: Any) -> bool:
+        """Finish as Failed; ``ending``: optional ``finish_reason`` and ``usage`` kept in the outcome."""
+        return await self._run(self.core.fail(request_id, reason, kind=kind, **ending), "fail", request_id)
 
     async def release(self, request_id: str) -> None:
         await self._run(self.core.release(request_id), "release", request_id)
@@ -277,6 +282,9 @@ class AsyncFailoverManager(_Facade):
 
     async def set_state(self, request_id: str, state: StreamState) -> None:
         await self._run(self.core.update_state(request_id, state), "set_state", request_id)
+
+    async def set_usage(self, request_id: str, usage: dict[str, int]) -> None:
+        await self._run(self.core.set_usage(request_id, usage), "set_usage", request_id)
 
     async def set_current_backend(self, request_id: str, backend: ServingBackend | str) -> None:
         await self._run(self.core.set_current_backend(request_id, backend), "set_current_backend", request_id)

@@ -148,14 +148,16 @@ class ObservedManager(AsyncFailoverManager):
         self.metrics.lease_renewals.inc(renewed)
         return renewed
 
-    async def complete(self, request_id: str, *, backend: str | None = None, model: str | None = None) -> bool:
-        done = await super().complete(request_id, backend=backend, model=model)
+    async def complete(
+        self, request_id: str, *, backend: str | None = None, model: str | None = None, **ending: Any
+    ) -> bool:
+        done = await super().complete(request_id, backend=backend, model=model, **ending)
         if done:
             self.metrics.finished.labels(state="completed").inc()
         return done
 
-    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError") -> bool:
-        done = await super().fail(request_id, reason, kind=kind)
+    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError", **ending: Any) -> bool:
+        done = await super().fail(request_id, reason, kind=kind, **ending)
         if done:
             self.metrics.finished.labels(state="failed").inc()
         return done

@@ -181,7 +181,8 @@ FINISH = _script(
     r"""
 -- Complete (or fail) a request: delete its context, keep its text and outcome for the
 -- retention period, and tell followers. Retrying a finish that already happened is OK.
--- ARGV: owner, epoch, state, error, error_kind, backend, model, retention_ms
+-- ARGV: owner, epoch, state, error, error_kind, backend, model, retention_ms, then optional
+-- extra outcome field/value pairs (finish_reason, usage)
 local f = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'token_count')
 if not f[2] then
   local r = redis.call('HMGET', KEYS[2], 'owner', 'epoch')
@@ -193,6 +194,7 @@ local now = now_ms()
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[2], 'state', ARGV[3], 'owner', ARGV[1], 'epoch', ARGV[2], 'error', ARGV[4],
   'error_kind', ARGV[5], 'backend', ARGV[6], 'model', ARGV[7], 'token_count', f[3] or 0, 'finished', now)
+for i = 9, #ARGV - 1, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
 -- Rewrite the text once: APPEND's spare capacity is not kept for the retention period.
 redis.call('SET', KEYS[3], redis.call('GET', KEYS[3]) or '', 'PX', ARGV[8])

@@ -526,6 +526,7 @@ async def test_every_async_call_fails_within_its_deadline_when_redis_is_gone() -
         ("append_direct", ("req-1", "y"), {}, "req-1"),
         ("offer_tokens", ("req-1", "z"), {}, "req-1"),
         ("set_current_backend", ("req-1", ServingBackend.Groq), {}, "req-1"),
+        ("set_usage", ("req-1", {"completion_tokens": 3}), {}, "req-1"),
     ]
     assert {c[0] for c in calls} == _public_io_methods(AsyncFailoverManager)
     results = await asyncio.gather(*(call(*c[:3]) for c in calls))

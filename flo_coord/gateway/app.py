@@ -34,7 +34,7 @@ from flo_coord.errors import (
     UnknownRequestError,
     ValidationError,
 )
-from flo_coord.executor import Coordinator
+from flo_coord.executor import AnswerStream, Coordinator
 from flo_coord.gateway import protocol, store
 from flo_coord.gateway.live import Live
 from flo_coord.gateway.protocol import InvalidParameterError, Parsed, Shaper
@@ -43,6 +43,8 @@ from flo_coord.models import FailoverResult, ServingBackend, count_tokens
 from flo_coord.settings import GatewaySettings
 
 log = logging.getLogger("flo_coord.gateway")
+#: committed text from an offset: from this replica's memory, or followed from Redis
+Chunks = AsyncGenerator[str, None] | AnswerStream
 HEADER = "x-flo-request-id"
 _MAX_KEY_LENGTH = 256
 
@@ -370,7 +372,7 @@ class Gateway:
 
     # ----------------------------------------------------------------- answering
 
-    def _source(self, rid: str, offset: int) -> AsyncGenerator[str, None]:
+    def _source(self, rid: str, offset: int) -> Chunks:
         live = self.live.get(rid)
         if live is not None:
             return live.read(offset)
@@ -398,8 +400,8 @@ class Gateway:
 
     async def _ending(self, rid: str, text: str) -> tuple[str, dict[str, int]]:
         outcome = await self.coordinator.outcome(rid)
-        # finish_reason and usage come from RequestOutcome (contract 2); until every outcome
-        # carries them, "stop" and a word count stand in
+        # finish_reason and usage come from RequestOutcome (contract 2); an outcome written
+        # before they existed, or a backend that reports no usage, gets "stop" and a word count
         reason = getattr(outcome, "finish_reason", None) or "stop"
         usage = getattr(outcome, "usage", None)
         if not usage:
@@ -414,7 +416,7 @@ class Gateway:
         shaper: Shaper,
         offset: int,
         first: str | None,
-        chunks: AsyncGenerator[str, None],
+        chunks: Chunks,
         resumed: bool,
     ) -> AsyncGenerator[bytes, None]:
         with_usage = shape.include_usage
