@@ -223,6 +223,7 @@ class Coordinator:
         self.breaker = CircuitBreaker(self.manager.core.keys, self.manager.worker_id, breaker)
         self.capabilities = CapabilityMemory(self.manager.core.keys, capability_ttl or capabilities.DEFAULT_TTL)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._generations: dict[str, tuple[int, asyncio.Task[Any]]] = {}  # request -> (epoch, task)
         self._heartbeat: Any = None
         self._reaper: AsyncReaper | None = None
         self._closing = False
@@ -230,6 +231,18 @@ class Coordinator:
     @property
     def worker_id(self) -> str:
         return self.manager.worker_id
+
+    @property
+    def redis_available(self) -> bool:
+        """False while Redis does not answer (the last operation raised
+        CoordinatorUnavailableError); for a readiness probe (``/readyz``) and metrics."""
+        return self.manager.shell.health.available
+
+    @property
+    def health(self) -> Any:
+        """The ``retry.RedisHealth`` of this Coordinator's Redis client: ``available``,
+        ``down_for()`` (seconds), ``last_success`` (monotonic seconds), ``outages``."""
+        return self.manager.shell.health
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -242,25 +255,55 @@ class Coordinator:
             self._reaper.start()
         return self
 
-    async def aclose(self, *, hand_back: bool = True) -> None:
-        """Stop; with ``hand_back``, release every request still held so others take it at once."""
+    async def aclose(self, *, hand_back: bool = True, timeout: float = defaults.HAND_BACK_TIMEOUT) -> list[str]:
+        """Stop; with ``hand_back``, release every request still held so others take it at once.
+
+        Running generations are cancelled; the hand-back of all held requests runs at once,
+        and the whole close is bounded by ``timeout`` seconds (also when Redis is gone or
+        frozen). Returns (and logs) the request ids it could not hand back: their leases
+        expire within ``lease_ttl`` and another replica takes them over then.
+        """
         self._closing = True
+        ends = time.monotonic() + timeout
+
+        def left() -> float:  # one budget for every step, so the whole close is bounded
+            return max(0.05, ends - time.monotonic())
+
         if self._reaper is not None:
-            await self._reaper.stop()
+            await _bounded(self._reaper.stop(), left())
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if hand_back:
-            for rid in self.manager.held():
-                try:
-                    await self.manager.release(rid)
-                except Exception as exc:  # best effort: the lease expires anyway
-                    log.warning("could not hand back %s: %s", rid, exc)
+        if self._tasks:
+            await _bounded(asyncio.gather(*self._tasks, return_exceptions=True), left())
+        failed = await self._hand_back(self.manager.held(), left()) if hand_back else []
         if self._heartbeat is not None:
-            await self._heartbeat.stop()
+            await _bounded(self._heartbeat.stop(), left())
         for backend in self.backends.values():
-            await backend.aclose()
-        await self.manager.aclose()
+            await _bounded(backend.aclose(), left())
+        await _bounded(self.manager.aclose(), left())
+        return failed
+
+    async def _hand_back(self, request_ids: list[str], timeout: float) -> list[str]:
+        """Release ``request_ids`` concurrently within ``timeout``; the ids not released."""
+        if not request_ids:
+            return []
+        tasks = {rid: asyncio.ensure_future(self.manager.release(rid)) for rid in request_ids}
+        await asyncio.wait(tasks.values(), timeout=timeout)
+        failed = []
+        for rid, task in tasks.items():
+            if not task.done():
+                task.cancel()
+                failed.append(rid)
+            elif task.exception() is not None and not isinstance(task.exception(), LeaseLostError):
+                failed.append(rid)
+        if failed:
+            log.warning(
+                "could not hand back %d requests (their leases expire in %.1fs, then another replica takes them): %s",
+                len(failed),
+                self.manager.lease_ttl,
+                ", ".join(failed),
+            )
+        return failed
 
     async def __aenter__(self) -> Coordinator:
         return await self.start()
@@ -370,11 +413,35 @@ class Coordinator:
     # ------------------------------------------------------------------ internals
 
     def resume_in_background(self, ctx: StreamingContext) -> asyncio.Task[None]:
-        """Finish ``ctx`` in a task this Coordinator tracks (``aclose`` hands it back)."""
-        task = asyncio.get_running_loop().create_task(self._resume_logged(ctx), name=f"resume-{ctx.request_id}")
+        """Finish ``ctx`` in a task this Coordinator tracks (``aclose`` hands it back).
+
+        One generation per request: an older generation of the same request still running
+        here (this worker re-claimed the request after its lease expired, e.g. in a Redis
+        outage) is cancelled first; its writes were already fenced out by their epoch.
+        """
+        rid = ctx.request_id
+        older = self._generations.get(rid)
+        if older is not None and older[0] < ctx.epoch and not older[1].done():
+            log.info("request %s: stopping the generation of epoch %d for epoch %d", rid, older[0], ctx.epoch)
+            older[1].cancel()
+        task = asyncio.get_running_loop().create_task(self._resume_logged(ctx), name=f"resume-{rid}")
         self._tasks.add(task)
+        self._generations[rid] = (ctx.epoch, task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._generation_done(rid, t))
         return task
+
+    def _generation_done(self, rid: str, task: asyncio.Task[Any]) -> None:
+        current = self._generations.get(rid)
+        if current is not None and current[1] is task:
+            del self._generations[rid]
+
+    def _stopped_by_outage(self, ctx: StreamingContext) -> None:
+        """A generation whose commits could not be made stopped (its backend stream is
+        closed): stop renewing its lease, so that after the outage the request is taken
+        over (by any replica, this one included) from its committed prefix."""
+        self.manager.core.forget(ctx.request_id, ctx.epoch)
+        log.warning("request %s stopped: Redis unreachable; it is taken over after the outage", ctx.request_id)
 
     async def _resume_logged(self, ctx: StreamingContext) -> None:
         # every line logged while running this request (in its own task) names it
@@ -387,6 +454,8 @@ class Coordinator:
                 await self.resume(ctx)
             except asyncio.CancelledError:
                 raise
+            except CoordinatorUnavailableError as exc:  # already logged by _stopped_by_outage
+                log.debug("resumed request %s stopped: %s", ctx.request_id, exc)
             except Exception as exc:
                 log.warning("resumed request %s ended with %s", ctx.request_id, exc)
 
@@ -401,7 +470,10 @@ class Coordinator:
                 await self._complete(run)
             except (GenerationError, LeaseLostError):
                 raise  # already ended (by _give_up) or no longer ours
-            except Exception as exc:  # every request ends: a Redis error past its deadline, a bug, ...
+            except CoordinatorUnavailableError:
+                self._stopped_by_outage(ctx)  # taken over from the committed prefix after the outage
+                raise
+            except Exception as exc:  # every request ends: a bug, ...
                 raise await self._end_on_error(run, exc) from exc
             finally:
                 if answer is not None:
@@ -429,7 +501,12 @@ class Coordinator:
         assert run.finish is not None
         end, usage = run.finish, run.usage or None
         await self.manager.complete(
-            run.request_id, backend=run.finished_by, model=end.model, finish_reason=end.finish_reason, usage=usage
+            run.request_id,
+            backend=run.finished_by,
+            model=end.model,
+            finish_reason=end.finish_reason,
+            usage=usage,
+            epoch=run.ctx.epoch,
         )
         run.outcome = self._outcome(run, "Completed", finish_reason=end.finish_reason, model=end.model)
 
@@ -454,20 +531,24 @@ class Coordinator:
             return await self._give_up(run, detail, raise_unwritten=True)
         except Exception as unwritten:  # Redis unreachable: stop renewing, so another replica takes over
             log.warning("could not end %s (%r); no longer renewing its lease", run.request_id, unwritten)
-            self.manager.core.forget(run.request_id)
+            self.manager.core.forget(run.request_id, run.ctx.epoch)
             error = GenerationError(run.request_id, f"request {run.request_id!r} failed: {detail}")
             error.attempts = list(run.attempts)
             return error
 
     async def _abandon(self, run: _Run) -> None:
-        """The consumer went away or we are shutting down: hand the request back, or end it."""
-        if self.manager.core.holding(run.request_id) is None:
+        """The consumer went away or we are shutting down: hand the request back, or end it.
+
+        Only the generation that holds the request now acts (an older generation of a
+        request this worker re-claimed changes nothing); on shutdown ``aclose`` hands every
+        held request back at once, within its timeout.
+        """
+        held = self.manager.core.holding(run.request_id)
+        if held is None or held.epoch != run.ctx.epoch or self._closing:
             return
         try:
-            if self._closing:
-                await asyncio.shield(self.manager.release(run.request_id))
-            else:
-                await asyncio.shield(self.manager.fail(run.request_id, "cancelled by the caller", kind="Cancelled"))
+            op = self.manager.fail(run.request_id, "cancelled by the caller", kind="Cancelled", epoch=run.ctx.epoch)
+            await asyncio.shield(op)
         except (Exception, asyncio.CancelledError) as exc:
             log.warning("could not end %s cleanly: %r", run.request_id, exc)
 
@@ -576,7 +657,7 @@ class Coordinator:
             params=ctx.params,
         )
         started, produced, text_here = time.time(), 0, ""
-        await self.manager.set_current_backend(ctx.request_id, name)
+        await self.manager.set_current_backend(ctx.request_id, name, epoch=ctx.epoch)
         events = aiter(backend.stream(request))
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         reader = asyncio.get_running_loop().create_task(_read_events(events, inbox, backend))
@@ -615,7 +696,7 @@ class Coordinator:
     async def _commit(self, run: _Run, text: str) -> None:
         """Append ``text``, in pieces no larger than the append limit (a huge line is split, never refused)."""
         for piece in _pieces(text, self.manager.core.limits.max_chunk_bytes):
-            await self.manager.append_tokens(run.request_id, piece)
+            await self.manager.append_tokens(run.request_id, piece, epoch=run.ctx.epoch)
 
     async def _spend(self, run: _Run, usage: dict[str, int] | None, text: str, deltas: int) -> None:
         """Count one attempt's tokens against the budget and add its usage to the request's.
@@ -629,7 +710,7 @@ class Coordinator:
         for key, value in usage.items():
             run.usage[key] = run.usage.get(key, 0) + value
         try:
-            await self.manager.set_usage(run.request_id, run.usage)
+            await self.manager.set_usage(run.request_id, run.usage, epoch=run.ctx.epoch)
         except CoordinatorUnavailableError as exc:  # accounting only: the answer matters more
             log.warning("could not store the usage of %s: %s", run.request_id, exc)
 
@@ -660,7 +741,7 @@ class Coordinator:
     async def _fail_over(self, run: _Run, name: str, exc: BackendError) -> None:
         """Mark ``name`` failed for this request and check the failover budget."""
         run.failed.add(name)
-        await self.manager.mark_backend_failed(run.request_id, name)
+        await self.manager.mark_backend_failed(run.request_id, name, epoch=run.ctx.epoch)
         # a 4xx, a local fault, or this request's own budget running out says nothing about the backend
         request_specific = isinstance(exc, BadRequestError) or exc.local or getattr(exc, "budget_exhausted", False)
         if not request_specific:
@@ -764,7 +845,12 @@ class Coordinator:
         stored = detail if len(detail) <= _MAX_REASON else detail[: _MAX_REASON - 3] + "..."
         try:
             await self.manager.fail(
-                run.request_id, stored, kind=type(error).__name__, finish_reason=finish_reason, usage=run.usage or None
+                run.request_id,
+                stored,
+                kind=type(error).__name__,
+                finish_reason=finish_reason,
+                usage=run.usage or None,
+                epoch=run.ctx.epoch,
             )
         except LeaseLostError:
             pass
@@ -772,7 +858,7 @@ class Coordinator:
             if raise_unwritten:
                 raise
             log.warning("could not record the failure of %s; no longer renewing its lease", run.request_id)
-            self.manager.core.forget(run.request_id)
+            self.manager.core.forget(run.request_id, run.ctx.epoch)
         run.outcome = self._outcome(
             run, "Failed", error=stored, error_kind=type(error).__name__, finish_reason=finish_reason
         )
@@ -787,6 +873,16 @@ class Coordinator:
 
 #: characters of a failure reason kept in the outcome (the reason travels through Redis)
 _MAX_REASON = 4000
+
+
+async def _bounded(awaitable: Any, timeout: float) -> None:
+    """Await ``awaitable`` for at most ``timeout`` seconds (a shutdown step on a gone Redis)."""
+    try:
+        await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        log.warning("a shutdown step did not finish within %.1fs; going on", timeout)
+    except Exception as exc:
+        log.warning("a shutdown step failed: %r", exc)
 
 
 def _pieces(text: str, limit: int) -> list[str]:
