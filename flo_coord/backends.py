@@ -239,6 +239,8 @@ class GenerationRequest(msgspec.Struct):
     prefix: str = ""
     max_tokens: int | None = None
     request_id: str = ""
+    #: sampling parameters (temperature, top_p, stop, seed, ...) the adapters add to the payload
+    params: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -809,6 +811,13 @@ class _HTTPBackend:
         raise NotImplementedError
 
 
+def _ollama_options(params: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenAI-style sampling parameters in Ollama's shape (``options``; ``stop`` included)."""
+    names = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty")
+    options = {name: params[name] for name in names if params and params.get(name) is not None}
+    return {"options": options} if options else {}
+
+
 # ------------------------------------------------------------------------------ OpenAI
 
 
@@ -876,7 +885,7 @@ class OpenAIBackend(_HTTPBackend):
     _accept = "text/event-stream"
 
     def _build(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        payload: dict[str, Any] = {"model": self.spec.model, "stream": True}
+        payload: dict[str, Any] = {**(request.params or {}), "model": self.spec.model, "stream": True}
         if self.spec.stream_usage:
             payload["stream_options"] = {"include_usage": True}
         if request.max_tokens is not None:
@@ -994,9 +1003,9 @@ class OllamaBackend(_HTTPBackend):
     _accept = "application/x-ndjson"
 
     def _build(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        payload: dict[str, Any] = {"model": self.spec.model, "stream": True}
+        payload: dict[str, Any] = {"model": self.spec.model, "stream": True, **_ollama_options(request.params)}
         if request.max_tokens is not None:
-            payload["options"] = {"num_predict": request.max_tokens}
+            payload["options"] = {**payload.get("options", {}), "num_predict": request.max_tokens}
         base = self.spec.base_url.rstrip("/")
         if request.messages is None or (request.prefix and self.spec.continues_chat == "completions"):
             # raw: no chat template, so prompt+prefix is continued verbatim

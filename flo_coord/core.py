@@ -27,6 +27,7 @@ from flo_coord.codec import (
     decode_outcome,
     encode_history,
     encode_messages,
+    encode_params,
     json_encoder,
     pairs,
     text,
@@ -249,8 +250,16 @@ class FailoverCore:
         *,
         messages: Any = None,
         max_tokens: int | None = None,
+        params: dict[str, Any] | None = None,
+        backends: list[ServingBackend | str] | None = None,
     ) -> Operation[StreamingContext]:
-        return self._start(*self._start_args(request_id, prompt, backend, messages, max_tokens))
+        """Track a request; ``params`` (sampling parameters, JSON values) and ``backends`` (its
+        own fallback order) are stored with it for any replica that takes it over."""
+        if params is not None and not isinstance(params, dict):
+            raise ValidationError(f"params must be a dict of JSON values, got {type(params).__name__}")
+        order = [self._backend_name(b) for b in backends] if backends else None
+        args = self._start_args(request_id, prompt, backend, messages, max_tokens)
+        return self._start(*args, params=params or None, backends=order)
 
     def start_new(
         self,
@@ -322,6 +331,8 @@ class FailoverCore:
         msgs: list[ChatMessage] | None,
         max_tokens: int | None,
         script: Script = START,
+        params: dict[str, Any] | None = None,
+        backends: list[str] | None = None,
     ) -> Operation[Any]:
         ttl = self._ms(self.lease_ttl)
         args = (
@@ -333,6 +344,8 @@ class FailoverCore:
             self._ms(self.max_age),
             encode_messages(msgs),
             max_tokens or "",
+            _encode_params(params, self.limits),
+            ",".join(backends or ()),
         )
         # The index hint goes first: a live request is never missing from the index.
         replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid)), Eval(script, astuple(rk), args)]
@@ -348,6 +361,8 @@ class FailoverCore:
             primary_backend=primary,
             messages=msgs,
             max_tokens=max_tokens,
+            params=params,
+            backends=backends,
             owner=self.worker_id,
             epoch=epoch,
             lease_deadline=lease / 1000,
@@ -764,6 +779,17 @@ def _ending_fields(finish_reason: str | None, usage: dict[str, int] | None, limi
 def astuple(rk: RequestKeys) -> tuple[str, str, str, str]:
     """A request's keys in the order every per-request script takes them."""
     return (rk.ctx, rk.result, rk.text, rk.feed)
+
+
+def _encode_params(params: dict[str, Any] | None, limits: validation.Limits) -> bytes:
+    """Request parameters as JSON; ValidationError when not JSON or over ``max_chunk_bytes``."""
+    try:
+        data = encode_params(params)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise ValidationError(f"params must hold only JSON values: {exc}") from None
+    if len(data) > limits.max_chunk_bytes:
+        raise ValidationError(f"params are {len(data)} bytes as JSON; the limit is {limits.max_chunk_bytes}")
+    return data
 
 
 def render_messages(messages: list[ChatMessage]) -> str:

@@ -349,6 +349,8 @@ class Coordinator:
         primary: ServingBackend | str | None = None,
         max_tokens: int | None = None,
         model: str | None = None,
+        params: dict[str, Any] | None = None,
+        backends: list[ServingBackend | str] | None = None,
     ) -> AnswerStream:
         """Track, generate and yield the answer's chunks, each once it is committed.
 
@@ -360,11 +362,17 @@ class Coordinator:
         and ``usage`` tell how the answer ended. Raises UnknownModelError (before anything
         is stored) for a model no group serves, else the request's typed error
         (GenerationError, ContentPolicyError, PrivacyTierError, ...) where it ends.
+        ``params``: sampling parameters (JSON values) stored with the request and added to
+        every backend call's payload, also by a replica that takes the request over.
+        ``backends``: this request's own fallback order instead of
+        ``failover.fallback_order`` (without ``model``), also stored with the request.
         """
         if model is not None:
             self.router.group(model)
         answer = AnswerStream()
-        answer._chunks = self._stream(answer, request_id, prompt_or_messages, primary, max_tokens, model)
+        answer._chunks = self._stream(
+            answer, request_id, prompt_or_messages, primary, max_tokens, model, params, backends
+        )
         return answer
 
     async def _stream(
@@ -375,11 +383,15 @@ class Coordinator:
         primary: ServingBackend | str | None,
         max_tokens: int | None,
         model: str | None = None,
+        params: dict[str, Any] | None = None,
+        backends: list[ServingBackend | str] | None = None,
     ) -> AsyncGenerator[str, None]:
         prompt, messages = _split(prompt_or_messages)
         if primary is None and model is not None:
             primary = self.router.group(model).entries[0].name
-        ctx = await self.manager.start_tracking(request_id, prompt, primary, messages=messages, max_tokens=max_tokens)
+        ctx = await self.manager.start_tracking(
+            request_id, prompt, primary, messages=messages, max_tokens=max_tokens, params=params, backends=backends
+        )
         if model is not None:
             await self.assign_model(ctx, model)
         delivered = 0
@@ -406,9 +418,12 @@ class Coordinator:
         primary: ServingBackend | str | None = None,
         max_tokens: int | None = None,
         model: str | None = None,
+        params: dict[str, Any] | None = None,
     ) -> RequestOutcome | None:
         """Generate to the end without a consumer (clients ``follow``); returns the outcome."""
-        stream = self.stream(request_id, prompt_or_messages, primary=primary, max_tokens=max_tokens, model=model)
+        stream = self.stream(
+            request_id, prompt_or_messages, primary=primary, max_tokens=max_tokens, model=model, params=params
+        )
         async with contextlib.aclosing(stream) as chunks:
             async for _ in chunks:
                 pass
@@ -605,7 +620,7 @@ class Coordinator:
             route, run.excluded = self.router.route(run.ctx.model_group, context_exceeded=run.context_exceeded)
             return route
         names = [run.ctx.primary_backend] if run.ctx.primary_backend else []
-        names += [b.value for b in self.manager.config().fallback_order]
+        names += run.ctx.backends or [b.value for b in self.manager.config().fallback_order]
         tiers: list[Tier] = []
         seen: set[str] = set()
         for name in dict.fromkeys(names):
@@ -775,6 +790,7 @@ class Coordinator:
             prefix=run.prefix,
             max_tokens=self._remaining_tokens(run),
             request_id=ctx.request_id,
+            params=ctx.params,
         )
         started, produced, text_here = time.time(), 0, ""
         await self.manager.set_current_backend(ctx.request_id, name, epoch=ctx.epoch)

@@ -241,6 +241,12 @@ class StreamingContext(msgspec.Struct, kw_only=True):
     #: the model group the client asked for (``Coordinator.stream(..., model=...)``), so a
     #: replica that takes the request over routes it through the same deployments
     model_group: str | None = None
+    # sampling parameters passed to every backend call (temperature, stop, ...), so a
+    # replica that takes the request over continues with the same ones (JSON in the ctx hash)
+    params: dict[str, Any] | None = None
+    # the request's own backend order (a gateway model group); None: the primary backend,
+    # then ``failover.fallback_order``
+    backends: list[str] | None = None
 
     @classmethod
     def new(cls, prompt: str, request_id: str) -> StreamingContext:

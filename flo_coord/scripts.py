@@ -66,7 +66,8 @@ local epoch = old + 1
 local lease = now + tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'prompt', ARGV[2], 'primary_backend', ARGV[3],
   'owner', ARGV[4], 'epoch', epoch, 'lease', lease, 'last_seq', 0, 'token_count', 0,
-  'state', 'Pending', 'created', now, 'messages', ARGV[7], 'max_tokens', ARGV[8])
+  'state', 'Pending', 'created', now, 'messages', ARGV[7], 'max_tokens', ARGV[8], 'params', ARGV[9] or '',
+  'backends', ARGV[10] or '')
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('SET', KEYS[3], '', 'PX', ARGV[6])
 return {'OK', epoch, lease, now}
@@ -76,7 +77,8 @@ START = _script(
     "start",
     r"""
 -- Track a request, overwriting any previous one with this id (as the original does).
--- ARGV: request_id, prompt, primary_backend, owner, lease_ttl_ms, max_age_ms, messages_json, max_tokens
+-- ARGV: request_id, prompt, primary_backend, owner, lease_ttl_ms, max_age_ms, messages_json, max_tokens,
+--       params_json, backends (comma-separated order; both may be absent)
 local old = math.max(num(redis.call('HGET', KEYS[1], 'epoch'), 'epoch'),
                      num(redis.call('HGET', KEYS[2], 'epoch'), 'epoch'))
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
@@ -452,6 +454,36 @@ return {'OK'}
 """,
 )
 
+CANCEL = _script(
+    "cancel",
+    r"""
+-- Ask for a request to be cancelled (any replica may): flag its context; the owner's
+-- cancel watcher sees the flag and ends the request, fenced, as failed ("cancelled").
+-- KEYS: the usual four. Replies: {'OK', owner, epoch}, {'DONE', state} or {'GONE'}.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'cancel', '1')
+  local f = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
+  return {'OK', f[1] or '', f[2] or ''}
+end
+local state = redis.call('HGET', KEYS[2], 'state')
+if state then return {'DONE', state} end
+return {'GONE'}
+""",
+)
+
+IDEMPOTENCY_CLAIM = Script(
+    "idempotency_claim",
+    r"""
+-- Bind an idempotency key (its hash) to a request unless it is bound already.
+-- KEYS[1] the key's string. ARGV: value ('<body sha256> <request id>'), ttl_ms.
+-- Replies: {'NEW'} when bound now, {'OLD', value} with the earlier binding.
+local old = redis.call('GET', KEYS[1])
+if old then return {'OLD', old} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {'NEW'}
+""",
+)
+
 ALL: tuple[Script, ...] = (
     START,
     START_NEW,
@@ -471,4 +503,6 @@ ALL: tuple[Script, ...] = (
     BREAKER_RECORD,
     INFLIGHT_PICK,
     INFLIGHT_RENEW,
+    CANCEL,
+    IDEMPOTENCY_CLAIM,
 )

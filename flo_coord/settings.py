@@ -35,6 +35,20 @@ the defaults in ``flo_coord.defaults``. Example (every key, with its default)::
     cooldown = 10.0
     probe_ttl = 30.0
 
+    [gateway]                          # flo-coord serve (docs/GATEWAY.md)
+    host = "127.0.0.1"                 # or $FLO_GATEWAY_HOST
+    port = 8080                        # or $FLO_GATEWAY_PORT
+    keys_env = []                      # NAMES of variables holding bearer keys
+    key_hashes = []                    # "sha256:<hex>" of bearer keys; no key: no auth
+    on_disconnect = "keep"             # or "cancel": end a request its client left
+    disconnect_grace = 10.0            # seconds a client has to come back first
+    cors_origins = []                  # CORS off unless origins are listed
+    max_body_bytes = 1114112           # larger bodies get a 413
+    follow_wait = 5.0                  # seconds a resume waits for a request to appear
+
+    [gateway.models]                   # model name -> backends, first tried first
+    "llama" = ["Vllm", "Together"]     # default: each backend's model -> that backend
+
     [[backends]]                       # one deployment; several may share a provider
     name = "vllm-a"                    # free and unique: keys its breaker, in-flight count, ...
     provider = "Vllm"                  # a ServingBackend (any case); default: the name, if it is one
@@ -66,7 +80,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -84,6 +98,8 @@ ENVIRONMENT = {
     "FLO_NAMESPACE": ("redis", "namespace"),
     "FLO_DURABILITY": ("redis", "durability"),
     "FLO_LEASE_TTL": ("ownership", "lease_ttl"),
+    "FLO_GATEWAY_HOST": ("gateway", "host"),
+    "FLO_GATEWAY_PORT": ("gateway", "port"),
 }
 #: Environment variable naming the TOML file when no ``--config`` flag is given.
 CONFIG_ENV = "FLO_CONFIG"
@@ -101,6 +117,23 @@ class OwnershipSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     retention: float = defaults.RETENTION
 
 
+class GatewaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``flo-coord serve``: the OpenAI-compatible HTTP gateway (docs/GATEWAY.md)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    keys_env: list[str] = msgspec.field(default_factory=list)
+    key_hashes: list[Annotated[str, msgspec.Meta(pattern="^sha256:[0-9a-f]{64}$")]] = msgspec.field(
+        default_factory=list
+    )
+    on_disconnect: Literal["keep", "cancel"] = "keep"
+    disconnect_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    cors_origins: list[str] = msgspec.field(default_factory=list)
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = defaults.MAX_PROMPT_BYTES + 65536
+    follow_wait: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    models: dict[str, list[str]] = msgspec.field(default_factory=dict)
+
+
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     ownership: OwnershipSettings = msgspec.field(default_factory=OwnershipSettings)
@@ -113,6 +146,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         check_unique(self.backends)
         Router(self.models, {spec.name: spec.backend for spec in self.backends})  # raises ConfigError
+
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
 
     def coordinator_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Coordinator`` (backends included)."""

@@ -28,6 +28,7 @@ from flo_coord.fakellm import FakeLLMServerThread, full_answer_text
 COMMANDS = [
     "demo",
     "worker",
+    "serve",
     "submit",
     "follow",
     "inspect",

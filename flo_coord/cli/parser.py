@@ -97,6 +97,26 @@ def _backend_flag(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _serve_command(command: Any, redis: argparse.ArgumentParser, logs: argparse.ArgumentParser) -> None:
+    p = command(
+        "serve",
+        "flo_coord.cli.gateway:cmd_serve",
+        "Run an OpenAI-compatible HTTP gateway that is also a worker; streams resume on any replica",
+        (redis, logs),
+    )
+    p.add_argument("--host", metavar="ADDR", help="address to listen on (env FLO_GATEWAY_HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=port, metavar="PORT", help="port, 0 for any (env FLO_GATEWAY_PORT; default 8080)")
+    p.add_argument("--worker-id", metavar="ID", help="unique id of this replica (env FLO_WORKER_ID; default host-pid)")
+    p.add_argument("--lease-ttl", type=seconds, metavar="S", help="lease in seconds (env FLO_LEASE_TTL; default 5)")
+    _backend_flag(p, "a backend to generate with")
+    p.add_argument("--key-env", action="append", metavar="VAR", help="require a bearer key; VAR holds one (repeatable)")
+    p.add_argument("--on-disconnect", choices=("keep", "cancel"), help="when a client leaves (default keep)")
+    p.add_argument("--disconnect-grace", type=seconds0, metavar="S", help="with cancel: time to come back (10)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow this CORS origin (repeatable)")
+    p.add_argument("--reap-interval", type=seconds, metavar="S", help="reaper period (default: from the lease)")
+    p.add_argument("--grace", type=seconds0, default=10.0, metavar="S", help="on SIGTERM, time for open streams (10)")
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="flo-coord",
@@ -150,6 +170,8 @@ def build_parser() -> Parser:
     p.add_argument("--metrics-port", type=port, metavar="PORT", help="serve Prometheus /metrics (env FLO_METRICS_PORT)")
     p.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR", help="address for /metrics (0.0.0.0)")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits")
+
+    _serve_command(command, redis, logs)
 
     p = command(
         "submit",
