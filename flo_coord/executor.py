@@ -164,6 +164,20 @@ def estimate_tokens(text: str, deltas: int = 0) -> int:
     return max(deltas, math.ceil(len(text.encode("utf-8")) / 4))
 
 
+class _Ending:
+    """How an answer ended, shared by an AnswerStream and the generator that fills it in.
+
+    The generator holds this, never the AnswerStream: a stream -> generator -> stream cycle
+    would leave a caller's abandoned stream to the cyclic GC, which finalises the nested
+    generators in any order at once, and the request would never be ended.
+    """
+
+    __slots__ = ("outcome",)
+
+    def __init__(self) -> None:
+        self.outcome: RequestOutcome | None = None
+
+
 class AnswerStream(AsyncIterator[str]):
     """The committed chunks of one answer (``Coordinator.stream`` and ``follow``).
 
@@ -173,8 +187,12 @@ class AnswerStream(AsyncIterator[str]):
     """
 
     def __init__(self) -> None:
-        self.outcome: RequestOutcome | None = None
+        self._ending = _Ending()
         self._chunks: AsyncGenerator[str, None] | None = None
+
+    @property
+    def outcome(self) -> RequestOutcome | None:
+        return self._ending.outcome
 
     def __aiter__(self) -> AnswerStream:
         return self
@@ -371,13 +389,13 @@ class Coordinator:
             self.router.group(model)
         answer = AnswerStream()
         answer._chunks = self._stream(
-            answer, request_id, prompt_or_messages, primary, max_tokens, model, params, backends
+            answer._ending, request_id, prompt_or_messages, primary, max_tokens, model, params, backends
         )
         return answer
 
     async def _stream(
         self,
-        answer: AnswerStream,
+        ending: _Ending,
         request_id: str,
         prompt_or_messages: PromptOrMessages,
         primary: ServingBackend | str | None,
@@ -398,7 +416,7 @@ class Coordinator:
         try:
             # aclosing: a caller that stops early must end the request (and close the backend's
             # stream) before its aclose() returns, not whenever the generators are collected
-            async with contextlib.aclosing(self._generate(ctx, answer)) as chunks:
+            async with contextlib.aclosing(self._generate(ctx, ending)) as chunks:
                 async for chunk in chunks:
                     delivered += len(chunk)
                     yield chunk
@@ -408,7 +426,7 @@ class Coordinator:
             async with contextlib.aclosing(self.follow(request_id, offset=delivered)) as rest:
                 async for chunk in rest:
                     yield chunk
-                answer.outcome = rest.outcome
+                ending.outcome = rest.outcome
 
     async def run(
         self,
@@ -457,9 +475,10 @@ class Coordinator:
         the answer ends, from the same read that saw the end (no extra round trip).
         """
         answer = AnswerStream()
+        ending = answer._ending
 
         def seen(outcome: RequestOutcome) -> None:
-            answer.outcome = outcome
+            ending.outcome = outcome
 
         answer._chunks = follow(self.manager, request_id, offset, wait=wait, on_outcome=seen)
         return answer
@@ -516,7 +535,7 @@ class Coordinator:
             except Exception as exc:
                 log.warning("resumed request %s ended with %s", ctx.request_id, exc)
 
-    async def _generate(self, ctx: StreamingContext, answer: AnswerStream | None = None) -> AsyncGenerator[str, None]:
+    async def _generate(self, ctx: StreamingContext, ending: _Ending | None = None) -> AsyncGenerator[str, None]:
         run = _Run(ctx=ctx, prefix=ctx.generated_prefix, failed=set(ctx.failed_backends), usage=dict(ctx.usage or {}))
         run.spent_tokens = estimate_tokens(ctx.generated_prefix)  # committed before this worker: conservative
         try:
@@ -533,8 +552,8 @@ class Coordinator:
             except Exception as exc:  # every request ends: a bug, ...
                 raise await self._end_on_error(run, exc) from exc
             finally:
-                if answer is not None:
-                    answer.outcome = run.outcome
+                if ending is not None:
+                    ending.outcome = run.outcome
         except (asyncio.CancelledError, GeneratorExit):
             await self._abandon(run)
             raise
