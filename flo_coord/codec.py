@@ -66,7 +66,7 @@ def decode_context(request_id: str, fields: list[Any] | dict[Any, Any], prefix: 
         raw: dict[str, Any] = {}
         for name, value in pairs(fields).items():  # type: ignore[arg-type]
             attr = _RENAMED.get(name, name)
-            if attr not in _CONTEXT_FIELDS or attr in ("messages", "failed_backends", "usage", "params", "backends"):
+            if attr not in _CONTEXT_FIELDS or attr in ("messages", "failed_backends", "usage", "params"):
                 continue
             raw[attr] = int(value) / 1000.0 if name in _MS_FIELDS else value
         raw["generated_prefix"] = text(prefix)
@@ -80,7 +80,7 @@ def decode_context(request_id: str, fields: list[Any] | dict[Any, Any], prefix: 
         ctx.failed_backends = [b for b in extra.get("failed_backends", "").split(",") if b]
         if extra.get("usage"):
             ctx.usage = msgspec.json.decode(extra["usage"], type=dict[str, int])
-        ctx.backends = [b for b in extra.get("backends", "").split(",") if b] or None
+        ctx.model_group = ctx.model_group or None  # the start script writes "" for none
         if extra.get("params"):
             ctx.params = _params_decoder.decode(extra["params"])
         return ctx

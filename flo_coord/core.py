@@ -251,15 +251,16 @@ class FailoverCore:
         messages: Any = None,
         max_tokens: int | None = None,
         params: dict[str, Any] | None = None,
-        backends: list[ServingBackend | str] | None = None,
+        model_group: str | None = None,
     ) -> Operation[StreamingContext]:
-        """Track a request; ``params`` (sampling parameters, JSON values) and ``backends`` (its
-        own fallback order) are stored with it for any replica that takes it over."""
+        """Track a request; ``params`` (sampling parameters, JSON values) and ``model_group``
+        (the model group it runs through, groups.py) are stored with it, by the same write,
+        for any replica that takes it over. Raises ValidationError for a bad one."""
         if params is not None and not isinstance(params, dict):
             raise ValidationError(f"params must be a dict of JSON values, got {type(params).__name__}")
-        order = [self._backend_name(b) for b in backends] if backends else None
+        group = validation.label("model_group", model_group, self.limits) if model_group is not None else None
         args = self._start_args(request_id, prompt, backend, messages, max_tokens)
-        return self._start(*args, params=params or None, backends=order)
+        return self._start(*args, params=params or None, model_group=group)
 
     def start_new(
         self,
@@ -332,7 +333,7 @@ class FailoverCore:
         max_tokens: int | None,
         script: Script = START,
         params: dict[str, Any] | None = None,
-        backends: list[str] | None = None,
+        model_group: str | None = None,
     ) -> Operation[Any]:
         ttl = self._ms(self.lease_ttl)
         args = (
@@ -345,7 +346,7 @@ class FailoverCore:
             encode_messages(msgs),
             max_tokens or "",
             _encode_params(params, self.limits),
-            ",".join(backends or ()),
+            model_group or "",
         )
         # The index hint goes first: a live request is never missing from the index.
         replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid)), Eval(script, astuple(rk), args)]
@@ -362,7 +363,7 @@ class FailoverCore:
             messages=msgs,
             max_tokens=max_tokens,
             params=params,
-            backends=backends,
+            model_group=model_group,
             owner=self.worker_id,
             epoch=epoch,
             lease_deadline=lease / 1000,

@@ -253,7 +253,8 @@ class Coordinator:
             **manager_options,
         )
         self.backends = _backend_map(backends, concurrency)
-        self.router = Router(models or (), {name: b.spec.backend for name, b in self.backends.items()})
+        specs = [b.spec for b in self.backends.values()]
+        self.router = Router.configured(models or (), specs, self.manager.config().fallback_order)
         self.manager.core.deployments = frozenset(self.backends)
         # a call stays counted for three leases without renewal: a dead worker's calls drop out
         self.inflight = InFlight(self.manager.core.keys, 3 * self.manager.core.lease_ttl)
@@ -368,28 +369,27 @@ class Coordinator:
         max_tokens: int | None = None,
         model: str | None = None,
         params: dict[str, Any] | None = None,
-        backends: list[ServingBackend | str] | None = None,
     ) -> AnswerStream:
         """Track, generate and yield the answer's chunks, each once it is committed.
 
         ``model``: a model group name (``[[models]]``): the request runs through that
         group's deployments and fallbacks under its privacy tier; the name is stored with
-        the request, so a replica that takes it over routes it the same way. Without it,
-        ``primary`` (a deployment or ServingBackend name) then ``fallback_order``.
+        the request (by the write that starts it), so a replica that takes it over routes it
+        the same way. Without ``[[models]]``, each deployment ``model`` names an implicit
+        group (groups.default_groups). Without ``model``, ``primary`` (a deployment or
+        ServingBackend name) then ``fallback_order``.
         Returns an AnswerStream: iterate it; afterwards its ``outcome``, ``finish_reason``
         and ``usage`` tell how the answer ended. Raises UnknownModelError (before anything
         is stored) for a model no group serves, else the request's typed error
         (GenerationError, ContentPolicyError, PrivacyTierError, ...) where it ends.
         ``params``: sampling parameters (JSON values) stored with the request and added to
         every backend call's payload, also by a replica that takes the request over.
-        ``backends``: this request's own fallback order instead of
-        ``failover.fallback_order`` (without ``model``), also stored with the request.
         """
         if model is not None:
             self.router.group(model)
         answer = AnswerStream()
         answer._chunks = self._stream(
-            answer._ending, request_id, prompt_or_messages, primary, max_tokens, model, params, backends
+            answer._ending, request_id, prompt_or_messages, primary, max_tokens, model, params
         )
         return answer
 
@@ -402,16 +402,13 @@ class Coordinator:
         max_tokens: int | None,
         model: str | None = None,
         params: dict[str, Any] | None = None,
-        backends: list[ServingBackend | str] | None = None,
     ) -> AsyncGenerator[str, None]:
         prompt, messages = _split(prompt_or_messages)
         if primary is None and model is not None:
             primary = self.router.group(model).entries[0].name
         ctx = await self.manager.start_tracking(
-            request_id, prompt, primary, messages=messages, max_tokens=max_tokens, params=params, backends=backends
+            request_id, prompt, primary, messages=messages, max_tokens=max_tokens, params=params, model_group=model
         )
-        if model is not None:
-            await self.assign_model(ctx, model)
         delivered = 0
         try:
             # aclosing: a caller that stops early must end the request (and close the backend's
@@ -639,7 +636,7 @@ class Coordinator:
             route, run.excluded = self.router.route(run.ctx.model_group, context_exceeded=run.context_exceeded)
             return route
         names = [run.ctx.primary_backend] if run.ctx.primary_backend else []
-        names += run.ctx.backends or [b.value for b in self.manager.config().fallback_order]
+        names += [b.value for b in self.manager.config().fallback_order]
         tiers: list[Tier] = []
         seen: set[str] = set()
         for name in dict.fromkeys(names):

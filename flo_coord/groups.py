@@ -15,6 +15,10 @@ member when its deployment is picked (the pick itself, one script) and removes i
 the call ends; the worker renews its members' deadlines every few seconds, so the members
 of a worker that died drop out after ``ttl`` seconds. All those sets share one hash slot,
 so the pick over several deployments is one script.
+
+Without any ``[[models]]``, the Router serves a default (``default_groups``): one implicit
+group per distinct ``model`` of the deployments, so a client (the gateway's ``model``
+field, ``submit --model``) asks for a model by the name its deployments serve.
 """
 
 from __future__ import annotations
@@ -125,12 +129,26 @@ class Router:
     def __init__(self, groups: Iterable[ModelGroup], providers: Mapping[str, ServingBackend]) -> None:
         self.groups: dict[str, ModelGroup] = {}
         self.providers = dict(providers)
+        self.implicit = False  # True: the default groups, one per deployment model (``configured``)
         for group in groups:
             if group.name in self.groups:
                 raise ConfigError(f"model group {group.name!r} is defined twice")
             self.groups[group.name] = group
         for group in self.groups.values():
             self._check(group)
+
+    @classmethod
+    def configured(
+        cls, groups: Iterable[ModelGroup], specs: Iterable[BackendSpec], fallback_order: Sequence[ServingBackend | str]
+    ) -> Router:
+        """The Router of a configuration: its ``[[models]]`` groups, or, when it has none, the
+        implicit ``default_groups`` of its deployments (``implicit`` is then True).
+        Raises ConfigError as the constructor does."""
+        specs = list(specs)
+        groups = list(groups)
+        router = cls(groups or default_groups(specs, fallback_order), {s.name: s.backend for s in specs})
+        router.implicit = not groups
+        return router
 
     def _check(self, group: ModelGroup) -> None:
         for entry in group.entries:
@@ -192,6 +210,36 @@ class Router:
         for name in start:
             visit(name)
         return tiers, excluded
+
+
+def default_groups(specs: Iterable[BackendSpec], fallback_order: Sequence[ServingBackend | str]) -> list[ModelGroup]:
+    """The implicit model groups used when none are configured: one per distinct ``model``.
+
+    ``specs``: the deployments, in configuration order; ``fallback_order``: ``failover.
+    fallback_order`` (ServingBackends or deployment names). Group ``M`` has the deployments
+    serving ``M`` in tier 1 (balanced), then, one tier per ``fallback_order`` entry, the other
+    deployments named so or of that provider (the order a request without a group fails
+    over in). A model name that cannot be a group name (too long, control characters) gets
+    no group. Returns the groups in order of each model's first deployment.
+    """
+    specs = list(specs)
+    fallback: list[list[str]] = []
+    for entry in fallback_order:
+        value = entry.value if isinstance(entry, ServingBackend) else str(entry)
+        fallback.append([s.name for s in specs if value in (s.name, s.backend.value)])
+    groups: list[ModelGroup] = []
+    for model in dict.fromkeys(s.model for s in specs):
+        own = [s.name for s in specs if s.model == model]
+        entries = [GroupDeployment(name=n) for n in own]
+        seen = set(own)
+        for tier, names in enumerate(fallback, start=2):
+            entries += [GroupDeployment(name=n, tier=tier) for n in names if n not in seen]
+            seen.update(names)
+        try:
+            groups.append(ModelGroup(name=model, deployments=list(entries)))
+        except ConfigError:
+            continue
+    return groups
 
 
 def check_unique(specs: Sequence[BackendSpec]) -> None:

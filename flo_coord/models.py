@@ -244,9 +244,6 @@ class StreamingContext(msgspec.Struct, kw_only=True):
     # sampling parameters passed to every backend call (temperature, stop, ...), so a
     # replica that takes the request over continues with the same ones (JSON in the ctx hash)
     params: dict[str, Any] | None = None
-    # the request's own backend order (a gateway model group); None: the primary backend,
-    # then ``failover.fallback_order``
-    backends: list[str] | None = None
 
     @classmethod
     def new(cls, prompt: str, request_id: str) -> StreamingContext:

@@ -67,7 +67,7 @@ local lease = now + tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'prompt', ARGV[2], 'primary_backend', ARGV[3],
   'owner', ARGV[4], 'epoch', epoch, 'lease', lease, 'last_seq', 0, 'token_count', 0,
   'state', 'Pending', 'created', now, 'messages', ARGV[7], 'max_tokens', ARGV[8], 'params', ARGV[9] or '',
-  'backends', ARGV[10] or '')
+  'model_group', ARGV[10] or '')
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('SET', KEYS[3], '', 'PX', ARGV[6])
 return {'OK', epoch, lease, now}
@@ -78,7 +78,7 @@ START = _script(
     r"""
 -- Track a request, overwriting any previous one with this id (as the original does).
 -- ARGV: request_id, prompt, primary_backend, owner, lease_ttl_ms, max_age_ms, messages_json, max_tokens,
---       params_json, backends (comma-separated order; both may be absent)
+--       params_json, model_group (both may be absent or empty)
 local old = math.max(num(redis.call('HGET', KEYS[1], 'epoch'), 'epoch'),
                      num(redis.call('HGET', KEYS[2], 'epoch'), 'epoch'))
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])

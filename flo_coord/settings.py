@@ -45,9 +45,7 @@ the defaults in ``flo_coord.defaults``. Example (every key, with its default)::
     cors_origins = []                  # CORS off unless origins are listed
     max_body_bytes = 1114112           # larger bodies get a 413
     follow_wait = 5.0                  # seconds a resume waits for a request to appear
-
-    [gateway.models]                   # model name -> backends, first tried first
-    "llama" = ["Vllm", "Together"]     # default: each backend's model -> that backend
+    # the gateway's ``model`` names a model group ([[models]] below)
 
     [[backends]]                       # one deployment; several may share a provider
     name = "vllm-a"                    # free and unique: keys its breaker, in-flight count, ...
@@ -67,7 +65,9 @@ the defaults in ``flo_coord.defaults``. Example (every key, with its default)::
     continuation = "continue_final_message"
     max_connections = 64               # its HTTP pool; default: the worker's --concurrency
 
-    [[models]]                         # a model group: what clients ask for (``model=``)
+    [[models]]                         # a model group: what clients ask for (``model=``, the gateway's
+                                       # ``model``); none: one group per deployment ``model``, its
+                                       # deployments first, then failover.fallback_order
     name = "llama"
     deployments = ["vllm-a", { name = "vllm-b", weight = 2 }, { name = "groq", tier = 2 }]
     fallbacks = ["llama-small"]        # other groups, after every deployment here failed
@@ -131,7 +131,6 @@ class GatewaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cors_origins: list[str] = msgspec.field(default_factory=list)
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = defaults.MAX_PROMPT_BYTES + 65536
     follow_wait: Annotated[float, msgspec.Meta(ge=0)] = 5.0
-    models: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -477,8 +477,8 @@ def test_toml_model_groups_and_hashed_keys(redis_server: RedisServer, fake: Fake
     config.write_text(
         "[gateway]\n"
         f'key_hashes = ["sha256:{hashlib.sha256(other_key.encode()).hexdigest()}"]\n'
-        "[gateway.models]\n"
-        '"team-model" = ["Together", "Vllm"]\n'
+        + _deployments(fake)
+        + '[[models]]\nname = "team-model"\ndeployments = ["Together", { name = "Vllm", tier = 2 }]\n'
     )
     tag = uuid.uuid4().hex
     with replicas(redis_server, fake, 1, "--config", str(config)) as (a,):
@@ -490,6 +490,14 @@ def test_toml_model_groups_and_hashed_keys(redis_server: RedisServer, fake: Fake
         assert a.client().models.list().data  # the key from --key-env works too
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="vllm-m", prompt="not in the mapping")
+
+
+def _deployments(fake: FakeLLMServerThread) -> str:
+    """The replicas' --backend flags as [[backends]] (a file's [[models]] name the file's deployments)."""
+    return "".join(
+        f'[[backends]]\nname = "{name}"\nbase_url = "{fake.base_url}"\nmodel = "{model}"\n'
+        for name, model in (("Vllm", "vllm-m"), ("Together", "together-m"))
+    )
 
 
 def test_a_client_that_reads_nothing_does_not_hold_up_its_generation(
@@ -510,7 +518,11 @@ def test_a_model_group_fails_over_only_within_its_own_backends(
     redis_server: RedisServer, fake: FakeLLMServerThread, tmp_path: Any
 ) -> None:
     config = tmp_path / "flo.toml"
-    config.write_text('[gateway.models]\n"solo" = ["Vllm"]\n"pair" = ["Together", "Vllm"]\n')
+    config.write_text(
+        _deployments(fake)
+        + '[[models]]\nname = "solo"\ndeployments = ["Vllm"]\n'
+        + '[[models]]\nname = "pair"\ndeployments = ["Together", { name = "Vllm", tier = 2 }]\n'
+    )
     fake.set_fault("together-m", "die_after:4")
     tag = uuid.uuid4().hex
     with replicas(redis_server, fake, 1, "--config", str(config)) as (a,):

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from flo_coord.cli.common import UsageError, check_redis, load, pick, setup_logging, unused_backends
+from flo_coord.cli.common import UsageError, check_redis, load, pick, setup_logging
 
 log = logging.getLogger("flo_coord.cli")
 
@@ -77,8 +77,6 @@ def cmd_serve(args: Any) -> int:
             "no backends configured: add --backend NAME=URL,MODEL[,KIND] (e.g. Vllm=http://localhost:8000,llama) "
             "or [[backends]] in the TOML file (--config or FLO_CONFIG)"
         )
-    for name in unused_backends(settings):
-        log.warning("backend %s is configured but not in failover.fallback_order: it is never used", name)
     keys = bearer_keys(gateway)
     check_redis(settings.redis.url)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -114,7 +112,13 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
         durability=settings.redis.durability,
     )
     metrics.track_active(manager)
-    coordinator = Coordinator(settings.backends, manager=manager, executor=settings.executor, breaker=settings.breaker)
+    coordinator = Coordinator(
+        settings.backends, manager=manager, executor=settings.executor, breaker=settings.breaker, models=settings.models
+    )
+    grouped = {entry.name for group in coordinator.router.groups.values() for entry in group.entries}
+    for name in coordinator.backends:
+        if name not in grouped:  # only with [[models]]: the default groups hold every deployment
+            log.warning("backend %s is in no model group ([[models]]): the gateway never uses it", name)
     front = Gateway(
         coordinator,
         gateway,

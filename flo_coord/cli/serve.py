@@ -92,6 +92,7 @@ async def _worker(
             executor=settings.executor,
             breaker=settings.breaker,
             concurrency=concurrency,
+            models=settings.models,
         )
     else:
         coordinator = Coordinator(**settings.coordinator_options(), worker_id=worker_id, concurrency=concurrency)

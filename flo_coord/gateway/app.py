@@ -31,6 +31,8 @@ from flo_coord.errors import (
     ContentPolicyError,
     CoordinatorUnavailableError,
     GenerationError,
+    PrivacyTierError,
+    UnknownModelError,
     UnknownRequestError,
     ValidationError,
 )
@@ -39,7 +41,7 @@ from flo_coord.gateway import protocol, store
 from flo_coord.gateway.live import Live
 from flo_coord.gateway.protocol import InvalidParameterError, Parsed, Shaper
 from flo_coord.gateway.store import IdempotencyConflictError, Presentation
-from flo_coord.models import FailoverResult, ServingBackend, count_tokens
+from flo_coord.models import FailoverResult, count_tokens
 from flo_coord.settings import GatewaySettings
 
 log = logging.getLogger("flo_coord.gateway")
@@ -68,6 +70,8 @@ def failure(exc: BaseException) -> HTTPError:
         return HTTPError(400, str(exc), "invalid_request_error", "content_policy_violation")
     if isinstance(exc, UnknownRequestError):
         return HTTPError(404, str(exc), "invalid_request_error", "request_not_found")
+    if isinstance(exc, UnknownModelError):
+        return HTTPError(404, str(exc), "invalid_request_error", "model_not_found", "model")
     if isinstance(exc, ValidationError):
         return HTTPError(400, str(exc), "invalid_request_error", "invalid_value", getattr(exc, "param", None))
     if isinstance(exc, CoordinatorUnavailableError):
@@ -76,6 +80,10 @@ def failure(exc: BaseException) -> HTTPError:
         failures = [a for a in exc.attempts or [] if _failed_call(a)]
         if _caused_by(exc, RateLimitedError) or (failures and all(_rate_limited(a) for a in failures)):
             return HTTPError(429, str(exc), "rate_limit_error", "rate_limit_exceeded")
+        if isinstance(exc, PrivacyTierError):
+            # every deployment the model's privacy tier allows failed; the others were never
+            # tried: a server-side condition the client cannot fix by changing its request
+            return HTTPError(503, str(exc), "server_error", "privacy_tier_unavailable")
         if not failures and "no backend available" in str(exc):
             return HTTPError(503, str(exc), "server_error", "no_backend_available")  # e.g. every breaker open
         return HTTPError(502, str(exc), "server_error", "backend_error")
@@ -110,26 +118,6 @@ def _json(status: int, body: Any, request_id: str | None = None) -> JSONResponse
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _canonical(models: dict[str, list[str]]) -> dict[str, list[str]]:
-    """``[gateway.models]`` with backend names in their canonical spelling (ConfigError if unknown)."""
-    from flo_coord.errors import ConfigError
-
-    try:
-        return {model: [ServingBackend.parse(name).value for name in names] for model, names in models.items()}
-    except ValidationError as exc:
-        raise ConfigError(f"[gateway.models]: {exc}") from None
-
-
-def default_models(coordinator: Coordinator) -> dict[str, list[str]]:
-    """Each configured backend's model name -> the backends serving it, then the other
-    configured backends in ``failover.fallback_order`` (the worker's behaviour)."""
-    order: list[str] = [str(b) for b in coordinator.manager.config().fallback_order if b in coordinator.backends]
-    out: dict[str, list[str]] = {}
-    for name, backend in coordinator.backends.items():
-        out.setdefault(backend.spec.model, []).append(name)
-    return {model: list(dict.fromkeys(names + order)) for model, names in out.items()}
-
-
 class Gateway:
     """Routes, state and lifecycle of one replica's HTTP front door.
 
@@ -152,7 +140,7 @@ class Gateway:
         self.coordinator = coordinator
         self.manager = coordinator.manager
         self.settings = settings or GatewaySettings()
-        self.models = _canonical(self.settings.models) or default_models(coordinator)
+        self.router = coordinator.router  # the model groups (``[[models]]``, else one per deployment model)
         self.keys = frozenset(keys)
         self.retention = retention
         self.limits = limits or coordinator.manager.core.limits
@@ -163,15 +151,6 @@ class Gateway:
         self.watcher = store.CancelWatcher(self.manager, self.cancel_local)
         self._background: set[asyncio.Task[Any]] = set()
         self.closing = False
-        self._check_models()
-
-    def _check_models(self) -> None:
-        from flo_coord.errors import ConfigError
-
-        for model, names in self.models.items():
-            missing = [n for n in names if n not in self.coordinator.backends]
-            if not names or missing:
-                raise ConfigError(f"gateway model {model!r} maps to unconfigured backends {missing or names}")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -273,15 +252,8 @@ class Gateway:
         request.scope["flo_request_id"] = rid
         raw = await self._body(request)
         parsed = protocol.parse(raw, chat=chat, limits=self.limits)
-        backends = self.models.get(parsed.model)
-        if backends is None:
-            raise HTTPError(
-                404,
-                f"the model {parsed.model!r} does not exist (GET /v1/models lists them)",
-                "invalid_request_error",
-                "model_not_found",
-                "model",
-            )
+        if parsed.model not in self.router:
+            raise UnknownModelError(f"the model {parsed.model!r} does not exist (GET /v1/models lists them)")
         shape = Presentation(
             object="chat.completion" if chat else "text_completion",
             model=parsed.model,
@@ -298,7 +270,7 @@ class Gateway:
         saved = asyncio.ensure_future(
             self.manager.shell.run(store.save_presentation(self.manager, rid, shape, self.retention), "gateway", rid)
         )
-        self._start(rid, parsed, backends)
+        self._start(rid, parsed)
         try:
             await saved
         except BaseException:
@@ -337,21 +309,18 @@ class Gateway:
                 raise too_big
         return bytes(body)
 
-    def _start(self, rid: str, parsed: Parsed, backends: list[str]) -> None:
+    def _start(self, rid: str, parsed: Parsed) -> None:
         live = self.live[rid] = Live()
-        task = asyncio.get_running_loop().create_task(self._produce(rid, live, parsed, backends), name=f"gw-{rid}")
+        task = asyncio.get_running_loop().create_task(self._produce(rid, live, parsed), name=f"gw-{rid}")
         self.tasks[rid] = task
 
-    async def _produce(self, rid: str, live: Live, parsed: Parsed, backends: list[str]) -> None:
-        """Generate to the end whatever the client does (it may leave and resume)."""
+    async def _produce(self, rid: str, live: Live, parsed: Parsed) -> None:
+        """Generate to the end whatever the client does (it may leave and resume), through
+        the model group the client named (stored with the request: a replica that takes it
+        over routes it the same way)."""
         what: Any = parsed.messages if parsed.messages is not None else parsed.prompt
         stream = self.coordinator.stream(
-            rid,
-            what,
-            primary=backends[0],
-            max_tokens=parsed.max_tokens,
-            params=parsed.params or None,
-            backends=list(backends),
+            rid, what, model=parsed.model, max_tokens=parsed.max_tokens, params=parsed.params or None
         )
         try:
             async with contextlib.aclosing(stream) as chunks:
@@ -559,7 +528,7 @@ class Gateway:
         return True
 
     async def list_models(self, _: Request) -> Response:
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "flo-coord"} for name in self.models]
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "flo-coord"} for name in self.router.groups]
         return _json(200, {"object": "list", "data": data})
 
     async def healthz(self, _: Request) -> Response:
