@@ -31,7 +31,7 @@ from flo_coord.breaker import BreakerConfig
 from flo_coord.errors import ConfigError, PrivacyTierError, UnknownModelError
 from flo_coord.executor import Coordinator, ExecutorConfig
 from flo_coord.fakellm import FakeLLMServer, full_answer, full_answer_text, render_messages
-from flo_coord.groups import ModelGroup
+from flo_coord.groups import ModelGroup, Router
 from flo_coord.models import PrivacyTier, ServingBackend
 from flo_coord.settings import load_settings
 
@@ -264,6 +264,60 @@ async def test_a_replica_that_takes_a_request_over_routes_it_through_the_same_gr
     outcome = await taker.outcome(request_id)
     assert outcome is not None and (outcome.owner, outcome.backend) == ("taker", "d-one")
     assert "".join(first) + await collect(stream) == ANSWER  # the frozen stream delivers the taker's text
+
+
+# ------------------------------------------------------------------ default (implicit) groups
+
+
+def test_without_models_each_deployment_model_is_a_group_then_the_fallback_order() -> None:
+    specs = [
+        vllm("vllm-a", "http://a", "llama"),
+        BackendSpec(name="groq-1", provider="Groq", model="llama-groq"),
+        vllm("vllm-b", "http://b", "llama"),
+        BackendSpec(name="Together", base_url="http://t", model="mixtral"),
+    ]
+    router = Router.configured([], specs, [ServingBackend.Together, ServingBackend.Vllm, ServingBackend.Groq])
+    assert router.implicit and list(router.groups) == ["llama", "llama-groq", "mixtral"]
+    # its own deployments balanced in tier 1, then fallback_order (a provider: all its deployments)
+    assert router.route("llama") == ([[("vllm-a", 1.0), ("vllm-b", 1.0)], [("Together", 1.0)], [("groq-1", 1.0)]], [])
+    assert router.route("llama-groq")[0] == [[("groq-1", 1.0)], [("Together", 1.0)], [("vllm-a", 1.0), ("vllm-b", 1.0)]]
+    configured = Router.configured([ModelGroup(name="only", deployments=["vllm-a"])], specs, [ServingBackend.Vllm])
+    assert not configured.implicit and "llama" not in configured and list(configured.groups) == ["only"]
+
+
+async def test_a_default_group_fails_over_through_the_fallback_order_for_streams_and_submissions(
+    make: Make, fake: FakeLLMServer
+) -> None:
+    from flo_coord import queue
+    from flo_coord.worker import Worker
+
+    specs = [
+        vllm("d-down", dead_url(), "down-m"),
+        BackendSpec(name="t-up", provider="Together", base_url=fake.base_url, model="up-m"),
+    ]
+    co = make(specs, [], config=FailoverConfig(max_retries=4, failover_timeout=10.0, fallback_order=["Together"]))
+    request_id = rid()
+    stream = co.stream(request_id, PROMPT, model="down-m")
+    first = await anext(stream)
+    ctx = await co.manager.get_context(request_id)
+    assert ctx is not None and ctx.model_group == "down-m"  # stored by the write that started it
+    assert first + await collect(stream) == ANSWER
+    assert stream.outcome is not None and stream.outcome.backend == "t-up" and served(fake, "up-m") == 1
+    with pytest.raises(UnknownModelError):
+        co.stream(rid(), PROMPT, model="t-up")  # a deployment name is not a model
+    worker = Worker(co, concurrency=2, block=0.1)  # ``submit --model up-m``: the same default groups
+    running = asyncio.create_task(worker.run())
+    try:
+        submitted = rid()
+        await co.manager.shell.run(
+            queue.submit(co.manager.core, queue.Submission(request_id=submitted, prompt=PROMPT, model="up-m")), "t"
+        )
+        assert await collect(co.follow(submitted, wait=5.0)) == ANSWER
+        outcome = await co.outcome(submitted)
+        assert outcome is not None and outcome.backend == "t-up"
+    finally:
+        worker.request_stop()
+        await running
 
 
 # -------------------------------------------------------------------------------- privacy

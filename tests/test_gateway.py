@@ -522,6 +522,7 @@ def test_a_model_group_fails_over_only_within_its_own_backends(
         _deployments(fake)
         + '[[models]]\nname = "solo"\ndeployments = ["Vllm"]\n'
         + '[[models]]\nname = "pair"\ndeployments = ["Together", { name = "Vllm", tier = 2 }]\n'
+        + '[[models]]\nname = "local"\ndeployments = ["Vllm"]\nfallbacks = ["pair"]\nprivacy = "Sovereign"\n'
     )
     fake.set_fault("together-m", "die_after:4")
     tag = uuid.uuid4().hex
@@ -535,3 +536,9 @@ def test_a_model_group_fails_over_only_within_its_own_backends(
         with pytest.raises(openai.APIError):
             list(client.completions.create(model="solo", prompt=f"solo {tag}", stream=True))
         assert {r["model"] for r in generations(fake, f"solo {tag}")} == {"vllm-m"}  # retried, never Together
+        # a Sovereign group whose only local deployment fails: its fallback's remote one is never asked
+        with pytest.raises(openai.InternalServerError) as private:
+            client.completions.create(model="local", prompt=f"local {tag}")
+        assert private.value.status_code == 503 and private.value.body["code"] == "privacy_tier_unavailable"
+        assert "Sovereign" in private.value.body["message"] and "Together" in private.value.body["message"]
+        assert {r["model"] for r in generations(fake, f"local {tag}")} <= {"vllm-m"}
