@@ -197,7 +197,9 @@ def build_parser() -> Parser:
         "--primary", metavar="BACKEND", help="backend (deployment or ServingBackend) to try first (e.g. Vllm)"
     )
     p.add_argument(
-        "--model", metavar="GROUP", help="a model group ([[models]] of the workers' config) to run it through"
+        "--model",
+        metavar="GROUP",
+        help="a model group to run it through ([[models]] of the workers' config; without any, a backend's model)",
     )
     p.add_argument("--max-tokens", type=count, metavar="N", help="answer length limit")
     p.add_argument("--no-follow", action="store_true", help="print the request id and return at once")
