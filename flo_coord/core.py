@@ -94,6 +94,31 @@ Call = Eval | Cmd
 Operation = Generator[list[Call], list[Any], T]
 
 
+def together(ops: list[Operation[Any]]) -> Operation[list[Any]]:
+    """Run independent ``ops`` side by side: their batches of each step go as one pipeline
+    (one round trip per step instead of one per operation). Returns their results in
+    order; the first error (a failed batch, or one op's own) is raised. Each op keeps its
+    atomicity (a script stays one script); only their sending is shared."""
+    results: list[Any] = [None] * len(ops)
+    pending: dict[int, list[Call]] = {}
+    for index, op in enumerate(ops):
+        try:
+            pending[index] = next(op)
+        except StopIteration as stop:
+            results[index] = stop.value
+    while pending:
+        replies = yield [call for batch in pending.values() for call in batch]
+        step, start = pending, 0
+        pending = {}
+        for index, batch in step.items():
+            part, start = replies[start : start + len(batch)], start + len(batch)
+            try:
+                pending[index] = ops[index].send(part)
+            except StopIteration as stop:
+                results[index] = stop.value
+    return results
+
+
 class AppendAck(msgspec.Struct, frozen=True):
     """Redis acknowledged an append: the text up to ``length`` bytes is committed."""
 

@@ -66,6 +66,7 @@ from flo_coord.backends import (
 )
 from flo_coord.breaker import BreakerConfig, CircuitBreaker
 from flo_coord.capabilities import CapabilityMemory
+from flo_coord.core import together
 from flo_coord.delivery import follow
 from flo_coord.errors import (
     ConfigError,
@@ -664,7 +665,15 @@ class Coordinator:
         tiers = await self._able(run)
         for tier in tiers:
             fresh = [(n, w) for n, w in tier if n not in run.failed]
-            decisions = [(n, w, await self._breaker_decision(run, n)) for n, w in fresh]
+            if len(fresh) == 1:  # the common case: decision and pick in one round trip
+                picked = await self._acquire_if_allowed(run, *fresh[0])
+                if picked is not None:
+                    return picked
+                continue
+            member = f"{self.worker_id}/{run.request_id}"
+            allows = together([self.breaker.allow(n, member) for n, _ in fresh])  # one round trip
+            states = await self.manager.shell.run(allows, "breaker", run.request_id)
+            decisions = [(n, w, d) for (n, w), d in zip(fresh, states, strict=True)]
             probe = [(n, w) for n, w, d in decisions if d == "PROBE"]
             closed = [(n, w) for n, w, d in decisions if d == "CLOSED"]
             if probe or closed:
@@ -687,10 +696,30 @@ class Coordinator:
         except CoordinatorUnavailableError as exc:  # balancing is a hint: weights alone still spread the load
             log.warning("could not read in-flight counts: %s", exc)
             return random.choices([n for n, _ in candidates], [w for _, w in candidates])[0]
+        self._counted(member, name)
+        return name
+
+    async def _acquire_if_allowed(self, run: _Run, name: str, weight: float) -> str | None:
+        """``name`` counted in flight if its breaker lets this request use it, else None.
+
+        The breaker decision and the in-flight count go in one pipeline (one round trip
+        before the backend call instead of two); a count taken for a breaker that says
+        OPEN is released at once (counts are hints: a moment too many changes no answer).
+        """
+        member = f"{self.worker_id}/{run.request_id}"
+        both = together([self.breaker.allow(name, member), self.inflight.pick([(name, weight)], member)])
+        decision, _ = await self.manager.shell.run(both, "breaker", run.request_id)
+        self._counted(member, name)
+        if decision == "OPEN":
+            self._release_soon(run, name)
+            return None
+        return name
+
+    def _counted(self, member: str, name: str) -> None:
+        """Remember this worker's call ``member`` on ``name``; renew such calls while any runs."""
         self._inflight[member] = name
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.get_running_loop().create_task(self._renew_inflight(), name="inflight-renew")
-        return name
 
     async def _release(self, run: _Run, name: str) -> None:
         member = f"{self.worker_id}/{run.request_id}"
@@ -809,11 +838,14 @@ class Coordinator:
             params=ctx.params,
         )
         started, produced, text_here = time.time(), 0, ""
-        await self.manager.set_current_backend(ctx.request_id, name, epoch=ctx.epoch)
         events = aiter(backend.stream(request))
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         reader = asyncio.get_running_loop().create_task(_read_events(events, inbox, backend))
         try:
+            # the call opens while this (fenced) write is in flight: no round trip before it.
+            # Nothing is committed or yielded before the write succeeded; if it fails (a newer
+            # generation holds the request, Redis is down), ``finally`` closes the call.
+            await self.manager.set_current_backend(ctx.request_id, name, epoch=ctx.epoch)
             while True:
                 items = await self._next_items(run, backend, inbox, first=produced == 0)
                 chunks = [item.text for item in items if isinstance(item, TextChunk) and item.text]

@@ -180,6 +180,30 @@ async def test_in_flight_counts_of_a_dead_worker_expire(make: Make, fake: FakeLL
     assert await shell.run(co.inflight.counts(["vllm-a"]), "t") == {"vllm-a": 0}
 
 
+async def test_independent_operations_share_round_trips_and_keep_their_results(make: Make) -> None:
+    from flo_coord.core import together
+
+    co = make([vllm("vllm-a", "http://a", "a-m"), vllm("vllm-b", "http://b", "b-m")], [])
+    shell, member = co.manager.shell, "w/r1"
+    sent: list[int] = []
+    execute = shell.execute
+
+    async def counting(batch: Any, *args: Any) -> Any:
+        sent.append(len(batch))
+        return await execute(batch, *args)
+
+    shell.execute = counting  # type: ignore[method-assign]
+    ops = [
+        co.breaker.allow("vllm-a", member),
+        co.inflight.pick([("vllm-b", 1.0)], member),
+        co.inflight.counts(["vllm-b"]),
+    ]
+    decision, (picked, before), counts = await shell.run(together(ops), "t")
+    # counts takes two steps (TIME, then its read, which sees the pick): two round trips, not four
+    assert (decision, picked, before) == ("CLOSED", "vllm-b", [0]) and counts == {"vllm-b": 1} and sent == [3, 1]
+    assert await shell.run(together([]), "t") == []
+
+
 async def test_one_deployment_down_the_other_serves_all_and_its_breaker_opens_for_every_worker(
     make: Make, fake: FakeLLMServer
 ) -> None:
