@@ -241,7 +241,8 @@ class Coordinator:
         ``concurrency``: requests this Coordinator runs at once (a Worker's ``concurrency``);
         it sizes each backend's HTTP connection pool unless its spec sets ``max_connections``.
         ``capability_ttl``: seconds a runtime prefill rejection is remembered for all workers.
-        ``models``: the model groups ``stream(..., model=...)`` routes through (groups.py).
+        ``models``: the model groups ``stream(..., model=...)`` routes through (groups.py);
+        none: one implicit group per deployment ``model`` (groups.default_groups).
         Raises ConfigError for duplicate deployment names or an invalid model group.
         """
         self.manager = manager or AsyncFailoverManager(
