@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -134,6 +135,12 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
     )
     server = _server_class()(config, front, args.grace)
     task = asyncio.create_task(server.serve())
+    watch = None
+    if args.exit_with_parent:
+        from flo_coord.cli.serve import watch_parent
+
+        # as a SIGTERM would: drain, then stop (a demo's replicas never outlive the demo)
+        watch = asyncio.create_task(watch_parent(lambda: server.handle_exit(signal.SIGTERM, None)))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
     if server.started:
@@ -142,4 +149,6 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
         log.info("serving on http://%s:%d (worker %s, %s)", host, port, worker_id, auth)
         print(f"flo-coord serve: listening on http://{host}:{port} as {worker_id}", file=sys.stdout, flush=True)
     await task
+    if watch is not None:
+        watch.cancel()
     return 0 if server.started else 2

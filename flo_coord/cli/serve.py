@@ -57,7 +57,8 @@ def cmd_worker(args: Any) -> int:
             metrics.stop()
 
 
-async def _watch_parent(stop: Any, interval: float = 0.5) -> None:
+async def watch_parent(stop: Any, interval: float = 0.5) -> None:
+    """Call ``stop()`` once the process that started this one exits (polled every ``interval`` seconds)."""
     parent = os.getppid()
     while os.getppid() == parent:
         await asyncio.sleep(interval)
@@ -97,7 +98,7 @@ async def _worker(
         coordinator = Coordinator(**settings.coordinator_options(), worker_id=worker_id, concurrency=concurrency)
     worker = Worker(coordinator, concurrency=concurrency, grace=grace)
     worker.install_signal_handlers()
-    watch = asyncio.create_task(_watch_parent(worker.request_stop)) if exit_with_parent else None
+    watch = asyncio.create_task(watch_parent(worker.request_stop)) if exit_with_parent else None
     backends = ", ".join(f"{s.name}={s.safe_url} ({s.model})" for s in settings.backends)  # no URL credentials
     log.info("backends: %s; lease %.1fs; concurrency %d", backends, settings.ownership.lease_ttl, concurrency)
     try:
