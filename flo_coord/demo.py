@@ -391,7 +391,7 @@ class Demo:
                     why = "the replica is shutting down"
                 if t.view.resumes >= MAX_RESUMES:
                     raise CommandFailedError(f"{t.label}: gave up after {MAX_RESUMES} resumes ({why})")
-                replica = await self._resume_target(replica)
+                replica = await self._resume_target(replica, t.index)
                 t.view.resumes += 1
                 self.stats.resumes += 1
                 self._event(
@@ -436,14 +436,15 @@ class Demo:
         finally:
             await response.aclose()
 
-    async def _resume_target(self, lost: Replica) -> Replica:
-        """The next live replica after ``lost`` (round robin), waiting briefly if none is up."""
+    async def _resume_target(self, lost: Replica, spread: int) -> Replica:
+        """A live replica other than ``lost`` (the ``spread``-th of them, so resumes spread out), waiting
+        briefly if none is up; ``lost`` itself only when it is the last one alive."""
         for _ in range(50):
-            at = self.replicas.index(lost)
-            ring = self.replicas[at + 1 :] + self.replicas[: at + 1]
-            target = next((r for r in ring if r.alive()), None)
-            if target is not None:
-                return target
+            others = [r for r in self.replicas if r is not lost and r.alive()]
+            if others:
+                return others[spread % len(others)]
+            if lost.alive():
+                return lost
             await asyncio.sleep(0.1)
         raise CommandFailedError("no replica left alive to resume on")
 
