@@ -102,7 +102,7 @@ MISTAKES: list[tuple[list[str], dict[str, str], str]] = [
     (["stats"], {"FLO_CONFIG": "/nonexistent/flo.toml"}, "does not exist"),
     (["history", "-n", "lots"], {}, "whole number"),
     (["demo", "--requests", "0"], {}, "--requests"),
-    (["demo", "--workers", "1"], {}, "--workers 2"),
+    (["demo", "--replicas", "1"], {}, "--replicas 2"),
     (["demo", "--kill-at", "1.5"], {}, "between 0 and 1"),
     (["worker", "--backend", "Vllm=http://h:1,m,grpc"], {}, "KIND must be"),
     (["serve-fake-llm", "--fault", "m=explode"], {}, "bad fault"),
