@@ -94,7 +94,8 @@ MISTAKES: list[tuple[list[str], dict[str, str], str]] = [
     (["worker", "--backend", "Vllm"], {}, "NAME=URL,MODEL"),
     (["worker", "--backend", "Nope=http://h:1,m"], {}, "unknown backend"),
     (["worker", "--backend", "Vllm=http://h:1,m"], {"FLO_CONCURRENCY": "many"}, "FLO_CONCURRENCY"),
-    (["worker", "--backend", "Vllm=http://h:1,m", "--redis-url", DEAD_REDIS], {}, "cannot reach Redis"),
+    # an unreachable Redis is waited for (tests/test_startup_wait.py); a bad URL is a usage mistake
+    (["worker", "--backend", "Vllm=http://h:1,m", "--redis-url", "nope://x"], {}, "bad Redis URL"),
     (["worker", "--lease-ttl", "-1"], {}, "--lease-ttl"),
     (["submit"], {}, "no prompt"),
     (["follow"], {}, "REQUEST_ID"),

@@ -63,8 +63,8 @@ def test_demo_kills_a_replica_its_clients_resume_elsewhere_and_every_answer_is_v
     assert summary["tokens_recovered"] > 0 and summary["chars_recovered"] > 0
     assert 0 < summary["takeover_latency_p50"] <= summary["takeover_latency_p99"] < 10
     # the line view (stdout is a pipe): the kill, the resumes with Last-Event-ID, the takeovers, the failovers
-    resumes = re.findall(rf"stream from {killed} lost at offset (\d+) .*; resuming on (r\d) with Last-Event-ID (\S+):(\d+)",
-                         done.stdout)  # fmt: skip
+    line = rf"stream from {killed} lost at offset (\d+) .*; resuming on (r\d) with Last-Event-ID (\S+):(\d+)"
+    resumes = re.findall(line, done.stdout)
     assert len(resumes) == summary["resumes"]
     for offset, target, _, event_offset in resumes:
         assert target != killed and int(offset) == int(event_offset) > 0
@@ -107,8 +107,8 @@ def test_demo_against_a_given_redis_uses_and_removes_its_own_namespace(tmp_path:
         client = server.client()
         client.set("someone-else:key", "kept")
         done = subprocess.run(
-            [*CLI, "demo", "--redis-url", server.url, "--requests", "3", "--no-kill", "--tokens", "12", "--no-backend-fault",
-             "--token-delay", "0.01", "--plain", "--summary-json", str(tmp_path / "s.json")],
+            [*CLI, "demo", "--redis-url", server.url, "--requests", "3", "--no-kill", "--tokens", "12",
+             "--no-backend-fault", "--token-delay", "0.01", "--plain", "--summary-json", str(tmp_path / "s.json")],
             capture_output=True, text=True, timeout=120, env=_env(),
         )  # fmt: skip
         assert done.returncode == 0, (done.stdout, done.stderr)

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from flo_coord.cli.common import UsageError, check_redis, load, pick, setup_logging, unused_backends
+from flo_coord.cli.common import UsageError, check_redis, load, pick, setup_logging, unused_backends, wait_for_redis
 
 log = logging.getLogger("flo_coord.cli")
 
@@ -81,9 +81,26 @@ def cmd_serve(args: Any) -> int:
     for name in unused_backends(settings):
         log.warning("backend %s is configured but not in failover.fallback_order: it is never used", name)
     keys = bearer_keys(gateway)
-    check_redis(settings.redis.url)
+    check_redis(settings.redis.url, unreachable_ok=True)  # a bad URL or credentials: exit 2; down: wait
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve(settings, gateway, worker_id, keys, args))
+
+
+async def _redis_or_signal(manager: Any, url: str) -> bool:
+    """Wait for Redis (an outage of any length) before serving; False on SIGTERM/SIGINT meanwhile.
+    The handlers are ours only while waiting: uvicorn installs its own when it starts."""
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        ready = await wait_for_redis(manager, url, stop)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    if not ready:
+        log.info("stopped while waiting for Redis")
+    return ready
 
 
 def _loop_factory() -> Any:
@@ -115,6 +132,9 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
         durability=settings.redis.durability,
     )
     metrics.track_active(manager)
+    if not await _redis_or_signal(manager, settings.redis.url):
+        await manager.aclose()
+        return 0
     coordinator = Coordinator(settings.backends, manager=manager, executor=settings.executor, breaker=settings.breaker)
     front = Gateway(
         coordinator,
