@@ -67,6 +67,11 @@ class Worker:
         """Stop taking work (SIGTERM/SIGINT call this)."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set once a stop was requested (for callers that wait on something before ``run``)."""
+        return self._stop
+
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -398,7 +398,7 @@ def test_models_health_readiness_and_metrics(pair: list[Replica]) -> None:
     [
         (["serve"], {}, "no backends configured"),
         (["serve", "--backend", "Vllm=http://h:1,m", "--key-env", "FLO_TEST_UNSET_KEY"], {}, "is not set"),
-        (["serve", "--backend", "Vllm=http://h:1,m", "--redis-url", "redis://127.0.0.1:1/0"], {}, "cannot reach"),
+        (["serve", "--backend", "Vllm=http://h:1,m", "--redis-url", "nope://x"], {}, "bad Redis URL"),
         (["serve", "--port", "70000"], {}, "TCP port"),
         (["serve", "--backend", "Vllm=http://h:1,m"], {"FLO_GATEWAY_PORT": "http"}, "invalid configuration"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from collections.abc import Callable, Coroutine
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from flo_coord.backends import BackendSpec
     from flo_coord.manager import AsyncFailoverManager
     from flo_coord.settings import Settings
+
+log = logging.getLogger("flo_coord.cli")
 
 T = TypeVar("T")
 
@@ -135,8 +138,14 @@ def unused_backends(settings: Settings) -> list[str]:
     return [s.name for s in settings.backends if not {s.name, s.backend.value} & reached]
 
 
-def check_redis(url: str, timeout: float = 3.0) -> None:
-    """Fail fast, with a message saying what to do, when Redis at ``url`` cannot be used."""
+def check_redis(url: str, timeout: float = 3.0, *, unreachable_ok: bool = False) -> bool:
+    """Fail fast, with a message saying what to do, when Redis at ``url`` cannot be used.
+
+    Returns True when Redis answers PING within ``timeout`` seconds. A bad URL, refused
+    credentials or an error reply raise UsageError. Unreachable (connection refused, timeout)
+    raises UsageError too, unless ``unreachable_ok``: then it returns False, for the long-running
+    commands that wait an outage out (issue 10: a worker rides out an outage of any length).
+    """
     import redis.exceptions as rex
 
     from flo_coord.connection import connect
@@ -152,12 +161,55 @@ def check_redis(url: str, timeout: float = 3.0) -> None:
     except (rex.AuthenticationError, rex.AuthorizationError) as exc:
         raise UsageError(f"Redis at {shown} refused the credentials ({exc}); fix the URL's user:password") from None
     except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        if unreachable_ok:
+            return False
         reason = str(exc).rstrip(".") or type(exc).__name__
         raise UsageError(f"cannot reach Redis at {shown} ({reason}); {REDIS_HINT}") from None
     except rex.ResponseError as exc:
         raise UsageError(f"Redis at {shown} answered PING with an error ({exc})") from None
     finally:
         client.close()
+    return True
+
+
+async def wait_for_redis(manager: AsyncFailoverManager, url: str, stop: asyncio.Event) -> bool:
+    """PING Redis until it answers, waiting out an outage of any length with the outage
+    backoff (``retry.outage_retrying``: capped, jittered exponential), logged once when the
+    wait starts and once when it ends. Returns True once Redis answers, False when ``stop``
+    is set first (SIGTERM while waiting: the caller exits cleanly)."""
+    import redis.exceptions as rex
+
+    from flo_coord.errors import CoordinatorUnavailableError
+    from flo_coord.retry import outage_retrying
+
+    waited = False
+
+    async def ping() -> None:
+        nonlocal waited
+        async for attempt in outage_retrying():
+            with attempt:
+                try:
+                    await manager.redis.ping()
+                except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+                    if not waited:
+                        log.warning("Redis at %s is unreachable (%s); waiting for it (SIGTERM stops)", redact(url), exc)
+                        waited = True
+                    raise CoordinatorUnavailableError("startup", None, exc) from exc
+
+    pinging, stopping = asyncio.ensure_future(ping()), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({pinging, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not pinging.done():
+            pinging.cancel()
+        await asyncio.gather(pinging, stopping, return_exceptions=True)
+    if pinging.cancelled():
+        return False
+    pinging.result()
+    if waited:
+        log.warning("Redis at %s answers again; starting", redact(url))
+    return True
 
 
 def client_manager(settings: Settings, worker_id: str | None = None) -> AsyncFailoverManager:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
 import msgspec
 
-from flo_coord.cli.common import UsageError, check_redis, load, pick, setup_logging
+from flo_coord.cli.common import UsageError, check_redis, load, pick, setup_logging, wait_for_redis
 
 log = logging.getLogger("flo_coord.cli")
 
@@ -78,9 +79,26 @@ def cmd_serve(args: Any) -> int:
             "or [[backends]] in the TOML file (--config or FLO_CONFIG)"
         )
     keys = bearer_keys(gateway)
-    check_redis(settings.redis.url)
+    check_redis(settings.redis.url, unreachable_ok=True)  # a bad URL or credentials: exit 2; down: wait
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve(settings, gateway, worker_id, keys, args))
+
+
+async def _redis_or_signal(manager: Any, url: str) -> bool:
+    """Wait for Redis (an outage of any length) before serving; False on SIGTERM/SIGINT meanwhile.
+    The handlers are ours only while waiting: uvicorn installs its own when it starts."""
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        ready = await wait_for_redis(manager, url, stop)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    if not ready:
+        log.info("stopped while waiting for Redis")
+    return ready
 
 
 def _loop_factory() -> Any:
@@ -112,6 +130,9 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
         durability=settings.redis.durability,
     )
     metrics.track_active(manager)
+    if not await _redis_or_signal(manager, settings.redis.url):
+        await manager.aclose()
+        return 0
     coordinator = Coordinator(
         settings.backends, manager=manager, executor=settings.executor, breaker=settings.breaker, models=settings.models
     )
@@ -138,6 +159,12 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
     )
     server = _server_class()(config, front, args.grace)
     task = asyncio.create_task(server.serve())
+    watch = None
+    if args.exit_with_parent:
+        from flo_coord.cli.serve import watch_parent
+
+        # as a SIGTERM would: drain, then stop (a demo's replicas never outlive the demo)
+        watch = asyncio.create_task(watch_parent(lambda: server.handle_exit(signal.SIGTERM, None)))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
     if server.started:
@@ -146,4 +173,6 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
         log.info("serving on http://%s:%d (worker %s, %s)", host, port, worker_id, auth)
         print(f"flo-coord serve: listening on http://{host}:{port} as {worker_id}", file=sys.stdout, flush=True)
     await task
+    if watch is not None:
+        watch.cancel()
     return 0 if server.started else 2

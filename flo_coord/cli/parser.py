@@ -17,7 +17,7 @@ Configuration, highest first: flags > FLO_* environment variables > the TOML fil
 
 EPILOG = """\
 start here:
-  flo-coord demo                     3 workers, a fake LLM, a worker SIGKILLed mid-stream
+  flo-coord demo                     3 gateways, a fake LLM, one SIGKILLed mid-answer
   flo-coord worker --backend Vllm=http://localhost:8000,my-model
   flo-coord submit "Why is the sky blue?"
 """
@@ -115,6 +115,7 @@ def _serve_command(command: Any, redis: argparse.ArgumentParser, logs: argparse.
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow this CORS origin (repeatable)")
     p.add_argument("--reap-interval", type=seconds, metavar="S", help="reaper period (default: from the lease)")
     p.add_argument("--grace", type=seconds0, default=10.0, metavar="S", help="on SIGTERM, time for open streams (10)")
+    p.add_argument("--exit-with-parent", action="store_true", help="drain and stop when the parent process exits")
 
 
 def build_parser() -> Parser:
@@ -136,11 +137,12 @@ def build_parser() -> Parser:
     p = command(
         "demo",
         "flo_coord.demo:cmd_demo",
-        "Run 3 workers on a fake LLM, SIGKILL the busiest mid-stream, verify every answer byte for byte",
+        "Run 3 gateway replicas on a fake LLM, SIGKILL the busiest mid-answer, resume its HTTP streams "
+        "elsewhere, verify every answer byte for byte",
         (logs,),
     )
-    p.add_argument("--requests", type=count, default=20, metavar="N", help="streaming requests to run (default 20)")
-    p.add_argument("--workers", type=count, default=3, metavar="N", help="worker processes (default 3)")
+    p.add_argument("--requests", type=count, default=20, metavar="N", help="HTTP streaming clients (default 20)")
+    p.add_argument("--replicas", type=count, default=3, metavar="N", help="flo-coord serve processes (default 3)")
     p.add_argument("--redis-url", metavar="URL", help="use this Redis (own namespace) instead of an embedded one")
     p.add_argument("--namespace", metavar="NS", help="key prefix (default: demo-<random>)")
     p.add_argument("--lease-ttl", type=seconds, default=1.5, metavar="S", help="worker lease in seconds (default 1.5)")
@@ -148,11 +150,16 @@ def build_parser() -> Parser:
     p.add_argument("--tokens", type=count, default=64, metavar="N", help="tokens per answer (default 64)")
     p.add_argument("--kill-at", type=fraction, default=0.35, metavar="F", help="kill when answers are F done (0.35)")
     p.add_argument("--no-kill", action="store_true", help="do not kill a worker")
-    p.add_argument("--backend-fault", action="store_true", help="also cut one backend's streams mid-answer")
+    p.add_argument(
+        "--backend-fault",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also cut some of one backend's streams mid-answer (default on)",
+    )
     p.add_argument("--plain", action="store_true", help="line output even on a terminal")
     p.add_argument("--timeout", type=seconds, default=120.0, metavar="S", help="give up after S seconds (120)")
     p.add_argument("--summary-json", metavar="FILE", help="also write the summary (and child pids) as JSON")
-    p.add_argument("--keep-logs", action="store_true", help="keep the workers' log directory")
+    p.add_argument("--keep-logs", action="store_true", help="keep the replicas' log directory")
 
     p = command(
         "worker",
