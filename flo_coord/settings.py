@@ -148,20 +148,27 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
 
-    def coordinator_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Coordinator`` (backends included)."""
+    def manager_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``AsyncFailoverManager`` and its subclasses, after the config."""
         return {
-            "backends": self.backends,
-            "models": self.models,
             "url": self.redis.url,
             "namespace": self.redis.namespace,
-            "config": self.failover,
             "lease_ttl": self.ownership.lease_ttl,
             "max_age": self.ownership.max_age,
             "retention": self.ownership.retention,
+            "durability": self.redis.durability,
+        }
+
+    def coordinator_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Coordinator`` (backends included; the manager's too, which
+        it ignores when given a ``manager=``)."""
+        return {
+            "backends": self.backends,
+            "models": self.models,
+            "config": self.failover,
             "executor": self.executor,
             "breaker": self.breaker,
-            "durability": self.redis.durability,
+            **self.manager_options(),
         }
 
 

@@ -118,24 +118,12 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
     from flo_coord.gateway.metrics import GatewayMetrics, ReadyManager
 
     metrics = GatewayMetrics()
-    manager = ReadyManager(
-        metrics,
-        settings.failover,
-        url=settings.redis.url,
-        namespace=settings.redis.namespace,
-        worker_id=worker_id,
-        lease_ttl=settings.ownership.lease_ttl,
-        max_age=settings.ownership.max_age,
-        retention=settings.ownership.retention,
-        durability=settings.redis.durability,
-    )
+    manager = ReadyManager(metrics, settings.failover, worker_id=worker_id, **settings.manager_options())
     metrics.track_active(manager)
     if not await _redis_or_signal(manager, settings.redis.url):
         await manager.aclose()
         return 0
-    coordinator = Coordinator(
-        settings.backends, manager=manager, executor=settings.executor, breaker=settings.breaker, models=settings.models
-    )
+    coordinator = Coordinator(**settings.coordinator_options(), manager=manager)
     grouped = {entry.name for group in coordinator.router.groups.values() for entry in group.entries}
     for name in coordinator.backends:
         if name not in grouped:  # only with [[models]]: the default groups hold every deployment

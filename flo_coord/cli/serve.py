@@ -82,30 +82,13 @@ async def _worker(
     from flo_coord.executor import Coordinator
     from flo_coord.worker import Worker
 
+    manager = None
     if metrics is not None:
         from flo_coord.metrics import ObservedManager
 
-        manager = ObservedManager(
-            metrics,
-            settings.failover,
-            url=settings.redis.url,
-            namespace=settings.redis.namespace,
-            worker_id=worker_id,
-            lease_ttl=settings.ownership.lease_ttl,
-            max_age=settings.ownership.max_age,
-            retention=settings.ownership.retention,
-            durability=settings.redis.durability,
-        )
-        coordinator = Coordinator(
-            settings.backends,
-            manager=manager,
-            executor=settings.executor,
-            breaker=settings.breaker,
-            concurrency=concurrency,
-            models=settings.models,
-        )
-    else:
-        coordinator = Coordinator(**settings.coordinator_options(), worker_id=worker_id, concurrency=concurrency)
+        manager = ObservedManager(metrics, settings.failover, worker_id=worker_id, **settings.manager_options())
+    options = settings.coordinator_options()
+    coordinator = Coordinator(**options, manager=manager, worker_id=worker_id, concurrency=concurrency)
     worker = Worker(coordinator, concurrency=concurrency, grace=grace)
     worker.install_signal_handlers()
     watch = asyncio.create_task(watch_parent(worker.request_stop)) if exit_with_parent else None
