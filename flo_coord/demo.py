@@ -76,15 +76,16 @@ class Stats:
 
 
 def _preload_scripts(server: Any) -> None:
-    """fakeredis' TCP server drops a connection after any error reply, so a NOSCRIPT reply could never
-    be followed by the SCRIPT LOAD that answers it: load every script before any worker connects."""
-    from flo_coord import scripts
+    """fakeredis' TCP server drops a connection after any error reply, so a "function not found"
+    reply could never be followed by the FUNCTION LOAD that answers it: load the library (and
+    the scripts, for the EVALSHA fallback) before any worker connects."""
+    from flo_coord import functions, scripts
 
     client = server.client()
     try:
-        for script in vars(scripts).values():
-            if isinstance(script, scripts.Script):
-                client.script_load(script.source)
+        functions.install(client)
+        for script in scripts.registry():
+            client.script_load(script.source)
     finally:
         client.close()
 

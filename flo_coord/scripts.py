@@ -1,6 +1,8 @@
 """Lua scripts: every read-then-write flo_coord does on Redis is one of these.
 
-Each is registered once (SCRIPT LOAD) and run by SHA; the shells reload it on NOSCRIPT.
+Every ``Script`` made (here or in another module) joins ``registry()``; flo_coord.functions
+turns the registry into one Redis Functions library run with FCALL (EVALSHA where Redis
+has no Functions). Script names must be unique (they name the functions).
 Per-request scripts take the request's keys in one fixed order, all in one hash slot:
 
     KEYS[1] ctx   KEYS[2] result   KEYS[3] text   KEYS[4] feed
@@ -25,6 +27,15 @@ class Script:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        _REGISTERED[self.name] = self
+
+
+_REGISTERED: dict[str, Script] = {}
+
+
+def registry() -> tuple[Script, ...]:
+    """Every script defined so far, in definition order (flo_coord.functions loads them all)."""
+    return tuple(_REGISTERED.values())
 
 
 _PRELUDE = r"""

@@ -3,9 +3,11 @@
 Both shells share everything but the ``await``: batch bookkeeping, NOSCRIPT reload, the
 transient-fault classification, durability and the retry policy. A batch is one pipeline
 (``transaction=False``), so one round trip on a single Redis; on a Cluster the client
-splits it by node. Scripts are loaded on demand: a NOSCRIPT reply (first use, SCRIPT
-FLUSH, a restart, a failover to a replica) loads the script (on every primary of a
-Cluster) and re-sends the calls that got it.
+splits it by node. Scripts run as Redis Functions (``FCALL``, flo_coord.functions), or
+with ``EVALSHA`` where Redis has no Functions. They are loaded on demand: a "function not
+found" or NOSCRIPT reply (first use, a flush, a restart, a failover to a replica) loads
+the library (on every primary of a Cluster) if the credential may, and re-sends the calls
+that got it; a credential that may not gets ConfigError naming the operator command.
 
 Retries (``flo_coord.retry``): one deadline bounds a whole operation. A fault re-sends only
 the calls of the batch that have no reply yet; a batch with a call that is not idempotent
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -30,6 +33,7 @@ from typing import Any, TypeVar
 import redis.exceptions as rex
 from tenacity import AsyncRetrying, Retrying
 
+from flo_coord import functions
 from flo_coord.connection import rebuilt_for_deadline
 from flo_coord.core import Call, Cmd, Eval, Operation, merge_appends
 from flo_coord.errors import (
@@ -49,23 +53,17 @@ log = logging.getLogger("flo_coord.shell")
 _DURABLE_SCRIPTS = frozenset({APPEND.sha, APPEND_MANY.sha, FINISH.sha, START.sha})
 #: Calls that are not idempotent: sending one twice adds a second stream entry.
 _NOT_IDEMPOTENT = frozenset({"XADD"})
-#: NOSCRIPT reloads within one attempt before it counts as a fault.
-_MAX_RELOADS = 3
+#: Loads within one attempt before it counts as a fault (a fallback to EVALSHA takes 2).
+_MAX_RELOADS = 4
 #: An attempt that starts at or after the deadline still gets this long (asyncio), so a
 #: healthy Redis can answer the last batch of a slow operation.
 _MIN_ATTEMPT = 0.5
 _PENDING: Any = object()
 
 
-def _args(call: Call) -> tuple[Any, ...]:
-    if isinstance(call, Eval):
-        return ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
-    return call.args
-
-
 def _command(call: Call) -> str:
     if isinstance(call, Eval):
-        return "EVALSHA"
+        return "FCALL"
     name = call.args[0]
     return (name.decode() if isinstance(name, bytes) else str(name)).upper()
 
@@ -130,13 +128,13 @@ class _Run:
         if not self.confirmed:
             self.wait_error = exc
 
-    def absorb(self, indexes: list[int], replies: list[Any]) -> set[Script]:
-        """Take a pipeline's replies; returns the scripts Redis did not have."""
-        missing: set[Script] = set()
+    def absorb(self, indexes: list[int], replies: list[Any]) -> dict[Script, BaseException]:
+        """Take a pipeline's replies; returns the scripts Redis did not have (with the reply)."""
+        missing: dict[Script, BaseException] = {}
         for i, reply in zip(indexes, replies, strict=False):
             call = self.batch[i]
-            if isinstance(reply, rex.NoScriptError) and isinstance(call, Eval):
-                missing.add(call.script)
+            if isinstance(call, Eval) and functions.is_missing(reply):
+                missing[call.script] = reply
                 self.errors[i] = reply
             elif isinstance(reply, BaseException) and is_transient(reply):
                 self.errors[i] = reply
@@ -163,7 +161,7 @@ class _Run:
         return None if self.confirmed else (self.wait_error or rex.TimeoutError("WAIT not confirmed"))
 
     def may_retry(self, exc: BaseException) -> bool:
-        if not (is_transient(exc) or isinstance(exc, rex.NoScriptError)):
+        if not (is_transient(exc) or functions.is_missing(exc)):
             return False
         # A not-idempotent call is sent again only if it surely did not run.
         return all(self.replies[i] is not _PENDING or not_sent(self.errors[i] or exc) for i in self.unsafe)
@@ -205,6 +203,7 @@ class _ShellBase:
         self._merge_appends = not _is_cluster(client)
         self.durability = durability
         self.wait_timeout_ms = wait_timeout_ms
+        self.scripting = functions.Scripting()
         # One retry layer: switch off the client's own retries (redis-py retries 10x by default).
         disable_client_retries(client)
 
@@ -223,6 +222,11 @@ class _ShellBase:
         remaining = max(deadline_at - time.monotonic(), min(_MIN_ATTEMPT, self.policy.deadline))
         extra = _blocking_seconds(run.batch) + (self.wait_timeout_ms / 1000 if run.wait else 0.0)
         return remaining + extra
+
+    def _args(self, call: Call) -> tuple[Any, ...]:
+        if isinstance(call, Eval):
+            return self.scripting.args(call.script, call.keys, call.args)
+        return call.args
 
     def _error(self, exc: Exception, operation: str, request_id: str | None) -> BaseException:
         return public_error(exc, operation, request_id)
@@ -253,7 +257,8 @@ def public_error(exc: BaseException, operation: str, request_id: str | None) -> 
     if isinstance(exc, rex.ResponseError) and not is_transient(exc):
         message = str(exc)
         if any(marker in message for marker in _CORRUPT_MARKERS):
-            return CorruptStateError(request_id or "", f"{operation}: {message.split(' script: ')[0]}")
+            detail = re.sub(r"^(ERR )?user_(script|function):\d+: ", "", message.split(" script: ")[0])
+            return CorruptStateError(request_id or "", f"{operation}: {detail}")
     if is_transient(exc) or isinstance(exc, rex.RedisError | rex.RedisClusterException):
         return CoordinatorUnavailableError(operation, request_id, exc)
     return exc
@@ -284,12 +289,12 @@ class SyncShell(_ShellBase):
     def _send(self, calls: list[Call]) -> list[Any]:
         if len(calls) == 1:  # the hot path: skip the pipeline object
             try:
-                return [self.client.execute_command(*_args(calls[0]))]
+                return [self.client.execute_command(*self._args(calls[0]))]
             except rex.ResponseError as exc:
                 return [exc]
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
-            pipe.execute_command(*_args(call))
+            pipe.execute_command(*self._args(call))
         return list(pipe.execute(raise_on_error=False))
 
     def _attempt(self, run: _Run) -> list[Any]:
@@ -305,8 +310,7 @@ class SyncShell(_ShellBase):
             missing = run.absorb(indexes, replies)
             if not missing:
                 break
-            for script in missing:
-                self.client.script_load(script.source)
+            self.scripting.load(self.client, missing)
         fault = run.fault()
         if fault is not None:
             raise fault
@@ -343,12 +347,12 @@ class AsyncShell(_ShellBase):
     async def _send(self, calls: list[Call]) -> list[Any]:
         if len(calls) == 1:  # the hot path: skip the pipeline object
             try:
-                return [await self.client.execute_command(*_args(calls[0]))]
+                return [await self.client.execute_command(*self._args(calls[0]))]
             except rex.ResponseError as exc:
                 return [exc]
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
-            pipe.execute_command(*_args(call))
+            pipe.execute_command(*self._args(call))
         return list(await pipe.execute(raise_on_error=False))
 
     async def _attempt(self, run: _Run) -> list[Any]:
@@ -364,8 +368,7 @@ class AsyncShell(_ShellBase):
             missing = run.absorb(indexes, replies)
             if not missing:
                 break
-            for script in missing:
-                await self.client.script_load(script.source)
+            await self.scripting.aload(self.client, missing)
         fault = run.fault()
         if fault is not None:
             raise fault

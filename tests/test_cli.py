@@ -35,6 +35,7 @@ COMMANDS = [
     "history",
     "top",
     "reap",
+    "install-functions",
     "serve-fake-llm",
     "bench",
 ]

@@ -1,0 +1,31 @@
+"""Operator setup: ``flo-coord install-functions`` loads the Redis Functions library."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flo_coord.cli.common import check_redis, load
+
+
+def cmd_install_functions(args: Any) -> int:
+    """Load flo_coord's Functions library (every primary of a Cluster) with an admin credential.
+
+    Workers with the least-privilege ACL may only FCALL it (docs/OPERATING.md). Prints the
+    library loaded and, with --prune, the libraries of other versions deleted.
+    """
+    from flo_coord import functions
+    from flo_coord.connection import connect
+
+    settings = load(args)
+    check_redis(settings.redis.url)
+    client = connect(settings.redis.url)
+    try:
+        name, removed = functions.install(client, prune=args.prune)
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps({"library": name, "removed": removed}))
+    else:
+        print(f"loaded Redis Functions library {name}" + (f"; removed {', '.join(removed)}" if removed else ""))
+    return 0
