@@ -81,6 +81,17 @@ def function_name(script: Script) -> str:
         raise ConfigError(f"script {script.name!r} is not in flo_coord.scripts' registry") from None
 
 
+def client_rules() -> list[str]:
+    """ACL rules letting a client FCALL only the functions submit and follow need (this version).
+
+    Redis ACLs can allow FCALL by function name (``+fcall|<name>``); the names carry the
+    library version, so these rules change with it (``install-functions`` prints them).
+    """
+    from flo_coord.scripts import FOLLOW_READ, READ
+
+    return [f"+fcall|{function_name(READ)}", f"+fcall|{function_name(FOLLOW_READ)}"]
+
+
 def is_missing(reply: Any) -> bool:
     """Redis does not have this script or function (yet): load it and send the call again."""
     if isinstance(reply, rex.NoScriptError):

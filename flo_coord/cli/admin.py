@@ -12,7 +12,8 @@ def cmd_install_functions(args: Any) -> int:
     """Load flo_coord's Functions library (every primary of a Cluster) with an admin credential.
 
     Workers with the least-privilege ACL may only FCALL it (docs/OPERATING.md). Prints the
-    library loaded and, with --prune, the libraries of other versions deleted.
+    library loaded, with --prune the libraries of other versions deleted, and the
+    ``+fcall|<function>`` rules of the client ACL for this version.
     """
     from flo_coord import functions
     from flo_coord.connection import connect
@@ -24,8 +25,10 @@ def cmd_install_functions(args: Any) -> int:
         name, removed = functions.install(client, prune=args.prune)
     finally:
         client.close()
+    rules = " ".join(functions.client_rules())
     if args.json:
-        print(json.dumps({"library": name, "removed": removed}))
+        print(json.dumps({"library": name, "removed": removed, "client_fcall_rules": rules}))
     else:
         print(f"loaded Redis Functions library {name}" + (f"; removed {', '.join(removed)}" if removed else ""))
+        print(f"FCALL rules of the submit-and-follow client ACL (docs/OPERATING.md): {rules}")
     return 0
