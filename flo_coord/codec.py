@@ -16,6 +16,7 @@ from flo_coord.models import (
     RequestOutcome,
     StreamingContext,
 )
+from flo_coord.redact import redact_secrets
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -101,7 +102,8 @@ def encode_messages(messages: list[ChatMessage] | None) -> bytes:
 
 
 def encode_history(entry: HistoryEntry) -> bytes:
-    return json_encoder.encode(entry)
+    """The stored form of a history entry, with every credential in it redacted (flo_coord.redact)."""
+    return redact_secrets(json_encoder.encode(entry).decode()).encode()
 
 
 def decode_history(data: Any) -> HistoryEntry | None:

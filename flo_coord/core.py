@@ -46,6 +46,7 @@ from flo_coord.models import (
     Takeover,
     count_tokens,
 )
+from flo_coord.redact import redact_secrets
 from flo_coord.scripts import (
     APPEND,
     APPEND_MANY,
@@ -341,7 +342,7 @@ class FailoverCore:
 
     def fail(self, request_id: Any, reason: Any, *, kind: str = "GenerationError") -> Operation[bool]:
         rid, rk = self._rid(request_id)
-        reason = validation.text("reason", reason, self.limits.max_chunk_bytes)
+        reason = redact_secrets(validation.text("reason", reason, self.limits.max_chunk_bytes))
         kind = validation.label("kind", kind, self.limits)
         return self._finish(rid, rk, "Failed", reason, kind, "", "")
 

@@ -36,6 +36,7 @@ def cmd_worker(args: Any) -> int:
             "no backends configured: add --backend NAME=URL,MODEL[,KIND] (e.g. Vllm=http://localhost:8000,llama) "
             "or [[backends]] in the TOML file (--config or FLO_CONFIG)"
         )
+    _register_secrets(settings)
     for name in unused_backends(settings):
         log.warning("backend %s is configured but not in failover.fallback_order: it is never used", name)
     metrics = None
@@ -54,6 +55,18 @@ def cmd_worker(args: Any) -> int:
     finally:
         if metrics is not None:
             metrics.stop()
+
+
+def _register_secrets(settings: Any) -> None:
+    """Every credential the worker holds is redacted from its logs and stored errors (flo_coord.redact)."""
+    from flo_coord.redact import register_secret
+
+    for spec in settings.backends:
+        if spec.api_key_env:
+            register_secret(os.environ.get(spec.api_key_env))
+        for name, value in spec.headers.items():
+            if name.lower() in ("authorization", "x-api-key", "api-key", "proxy-authorization"):
+                register_secret(value.split()[-1] if value.split() else value)
 
 
 async def _watch_parent(stop: Any, interval: float = 0.5) -> None:
