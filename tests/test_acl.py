@@ -398,9 +398,9 @@ def test_a_worker_without_the_library_is_told_to_install_it(servers: Any) -> Non
     setuser(admin, "flo-early", "pw", "early", WORKER_RULES)
     admin.function_flush()
     try:
-        with FailoverManager(url=user_url(primary, "flo-early", "pw"), namespace="early") as manager:
-            with pytest.raises(ConfigError, match="install-functions"):
-                manager.start_tracking("req-1", "prompt")
+        early = FailoverManager(url=user_url(primary, "flo-early", "pw"), namespace="early")
+        with early, pytest.raises(ConfigError, match="install-functions"):
+            early.start_tracking("req-1", "prompt")
         assert admin.keys("early:*") == []
         # a worker whose credential may load the library (here: the admin) loads it at first use
         with FailoverManager(redis=primary.client(), namespace="early") as manager:
@@ -474,8 +474,8 @@ def test_every_cli_command_runs_under_the_documented_acls(servers: Any, tmp_path
     with pytest.raises(rex.NoPermissionError):
         client.hset(f"{namespace}:{{acl-r1}}:ctx", "owner", "evil")
     with pytest.raises(rex.NoPermissionError):
-        client.fcall(functions.function_name(HEARTBEAT_SCRIPT), 2, f"{namespace}:{{x}}:ctx", f"{namespace}:{{x}}:result",
-                     "w", 1, 1000)  # fmt: skip
+        keys = (f"{namespace}:{{x}}:ctx", f"{namespace}:{{x}}:result")
+        client.fcall(functions.function_name(HEARTBEAT_SCRIPT), 2, *keys, "w", 1, 1000)
     for command in (("DEL", f"{namespace}:{{acl-r1}}:text"), ("ZADD", f"{namespace}:active", 1, "x"),
                     ("XREADGROUP", "GROUP", "g", "c", "STREAMS", f"{namespace}:queue", ">")):  # fmt: skip
         with pytest.raises(rex.NoPermissionError):

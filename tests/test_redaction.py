@@ -94,8 +94,9 @@ def test_stored_errors_history_and_cli_output_are_redacted(server: RedisServer) 
         assert done.returncode == 0, done.stderr
         assert KEY not in done.stdout + done.stderr and "hunter2pw" not in done.stdout, argv
     # a foreign entry written straight into the history (not through flo_coord) is masked on output
-    raw.xadd(f"{namespace}:history", {"e": json.dumps({"kind": "attempt", "backend": "Vllm", "started_at": 1.0,
-                                                       "result": {"kind": "BackendError", "message": ECHO}})})  # fmt: skip
+    result = {"kind": "BackendError", "message": ECHO}
+    foreign = {"kind": "attempt", "backend": "Vllm", "started_at": 1.0, "result": result}
+    raw.xadd(f"{namespace}:history", {"e": json.dumps(foreign)})
     done = subprocess.run([sys.executable, "-m", "flo_coord", "history", "--json"], capture_output=True, text=True,
                           env=env, timeout=60)  # fmt: skip
     assert done.returncode == 0 and KEY not in done.stdout, done.stdout
