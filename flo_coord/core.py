@@ -27,6 +27,7 @@ from flo_coord.codec import (
     decode_outcome,
     encode_history,
     encode_messages,
+    index_member,
     pairs,
     text,
 )
@@ -433,6 +434,8 @@ class FailoverCore:
         # format, so what could not be read back is refused before anything is written.
         try:
             checked = decode_history(encode_history(attempt))
+        except RecursionError:  # a hostile nesting depth (e.g. in usage): no repr of it either
+            raise ValidationError("attempt nests deeper than the history encoder allows") from None
         except (TypeError, ValueError, OverflowError, NotImplementedError):  # the encoder's hook raises the last
             checked = None
         if not isinstance(checked, FailoverAttempt):
@@ -510,7 +513,7 @@ class FailoverCore:
 
     def _orphans(self, limit: int) -> Operation[list[str]]:
         (reply,) = yield [Eval(ORPHAN_CANDIDATES, (self.keys.active,), (limit,))]
-        candidates = [text(c) for c in ok(reply)[1]]
+        candidates = [rid for rid in (index_member(c, self.limits) for c in ok(reply)[1]) if rid is not None]
         if not candidates:
             return []
         # The index is a hint: confirm each candidate in its own hash.
@@ -590,8 +593,11 @@ class FailoverCore:
         (reply,) = yield [Cmd(("ZRANGE", self.keys.active, 0, limit - 1, "WITHSCORES"))]
         flat = ok(reply)
         if flat and isinstance(flat[0], list | tuple):  # RESP3 pairs
-            return [(text(r), float(s) / 1000) for r, s in flat]
-        return [(text(flat[i]), float(flat[i + 1]) / 1000) for i in range(0, len(flat), 2)]
+            scored = [(r, s) for r, s in flat]
+        else:
+            scored = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        members = [(index_member(r, self.limits), float(s) / 1000) for r, s in scored]
+        return [(rid, deadline) for rid, deadline in members if rid is not None]
 
     # ------------------------------------------------------------------ delivery
 

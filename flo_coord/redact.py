@@ -24,7 +24,9 @@ import threading
 
 MASK = "***"
 
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@\"'<>]*):([^\s@/\"'<>]+)@")
+# scheme://user:password@ (user kept) or scheme://password@ (Redis URLs read a lone userinfo
+# as the password): the userinfo ends at the last @ before the host.
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)(?:([^\s:/@\"'<>]*):)?([^\s/@\"'<>]+)@")
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=\-]{4,}")
 _NAMED = re.compile(
     r"(?i)((?:x[-_])?(?:api[-_]?key|authorization|password|passwd|secret|access[-_]?token|refresh[-_]?token|token)"
@@ -59,7 +61,7 @@ def redact_secrets(text: str) -> str:
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, MASK)
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}:{MASK}@", text)
     text = _NAMED.sub(_named, text)
     text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
     return _KEY_SHAPES.sub(MASK, text)

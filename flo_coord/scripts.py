@@ -43,10 +43,14 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- Every number flo_coord stores is an integer (ms, epochs, counts): nan, inf, 1e400 or
+-- 1.5 are foreign data, refused here rather than compared or returned.
 local function num(v, what)
   if not v then return 0 end
   local n = tonumber(v)
-  if n == nil then error('FLOCORRUPT field ' .. what .. ' is not a number') end
+  if n == nil or n ~= n or n == math.huge or n == -math.huge or n ~= math.floor(n) then
+    error('FLOCORRUPT field ' .. what .. ' is not an integer')
+  end
   return n
 end
 -- Why a write was refused: the request is gone, finished by someone, or owned by another.

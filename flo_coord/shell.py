@@ -242,6 +242,24 @@ _CORRUPT_MARKERS = (
 )
 
 
+#: What decoding a reply raises when a key holds data flo_coord did not write (a number that
+#: is not one, bytes that are not UTF-8, a reply of the wrong shape, nesting too deep).
+_DATA_ERRORS = (ValueError, TypeError, IndexError, KeyError, OverflowError, RecursionError)
+
+
+class UndecodableReplyError(Exception):
+    """An operation could not decode a reply: foreign or corrupt data (``public_error`` types it)."""
+
+
+def _send(op: Operation[T], replies: list[Any]) -> list[Call]:
+    try:
+        return op.send(replies)
+    except FloCoordError:
+        raise
+    except _DATA_ERRORS as exc:
+        raise UndecodableReplyError(f"{type(exc).__name__}: {exc}") from exc
+
+
 def public_error(exc: BaseException, operation: str, request_id: str | None) -> BaseException:
     """What a public call raises for ``exc``: a FloCoordError for every Redis fault.
 
@@ -252,6 +270,8 @@ def public_error(exc: BaseException, operation: str, request_id: str | None) -> 
     """
     if isinstance(exc, FloCoordError):
         return exc
+    if isinstance(exc, UndecodableReplyError):
+        return CorruptStateError(request_id or "", f"{operation}: undecodable reply ({exc})")
     if isinstance(exc, rex.DataError):
         return ValidationError(f"{operation}: {exc}")
     if isinstance(exc, rex.ResponseError) and not is_transient(exc):
@@ -437,7 +457,7 @@ def drive(op: Operation[T], execute: Callable[[list[Call]], list[Any]]) -> T:
             except Exception as exc:
                 batch = op.throw(exc)
             else:
-                batch = op.send(replies)
+                batch = _send(op, replies)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
 
@@ -451,6 +471,6 @@ async def adrive(op: Operation[T], execute: Callable[[list[Call]], Any]) -> T:
             except Exception as exc:
                 batch = op.throw(exc)
             else:
-                batch = op.send(replies)
+                batch = _send(op, replies)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
