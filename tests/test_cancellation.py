@@ -39,39 +39,40 @@ async def test_followers_cancelled_at_random_moments_all_stop(fresh_redis_server
     namespace = f"cx{uuid.uuid4().hex[:8]}"
     url = fresh_redis_server.url
     quick = RetryPolicy(deadline=1.0)
-    async with AsyncFailoverManager(url=url, namespace=namespace, worker_id="producer", retry=quick) as producer:
-        async with AsyncFailoverManager(url=url, namespace=namespace, retry=quick) as reader:
-            rids = [f"r{i}" for i in range(20)]
-            for rid in rids:
-                await producer.start_tracking(rid, "prompt")
-            stop = asyncio.Event()
+    producer = AsyncFailoverManager(url=url, namespace=namespace, worker_id="producer", retry=quick)
+    reader = AsyncFailoverManager(url=url, namespace=namespace, retry=quick)
+    async with producer, reader:
+        rids = [f"r{i}" for i in range(20)]
+        for rid in rids:
+            await producer.start_tracking(rid, "prompt")
+        stop = asyncio.Event()
 
-            async def produce() -> None:  # commits keep landing while the followers are cancelled
-                n = 0
-                while not stop.is_set():
-                    await producer.append_tokens(rids[n % len(rids)], f"t{n} ")
-                    n += 1
-                    await asyncio.sleep(0.002)
+        async def produce() -> None:  # commits keep landing while the followers are cancelled
+            n = 0
+            while not stop.is_set():
+                await producer.append_tokens(rids[n % len(rids)], f"t{n} ")
+                n += 1
+                await asyncio.sleep(0.002)
 
-            writer = asyncio.create_task(produce())
-            seen: list[int] = []
-            tasks = [asyncio.create_task(_drain(reader, rids[i % len(rids)], seen)) for i in range(FOLLOWERS)]
-            for task in tasks:
-                asyncio.get_running_loop().call_later(rng.uniform(0.0, 1.5), task.cancel)
-            done, pending = await asyncio.wait(tasks, timeout=10)
-            stop.set()
-            await writer
-            if pending:  # iterators that ignore cancel(): stop Redis so they end (with errors) and the test can fail
-                fresh_redis_server.stop()
-                await asyncio.wait(pending, timeout=10)
-            assert not pending, f"{len(pending)} of {FOLLOWERS} follow() iterators kept running after cancel()"
-            assert all(t.cancelled() for t in done), [t.exception() for t in done if not t.cancelled()][:3]
-            assert seen  # they were really following live text when cancelled
-            # and wait_for around a follow of a request that never ends returns at its timeout
-            started = asyncio.get_running_loop().time()
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(_drain(reader, rids[0], []), 0.3)
-            assert asyncio.get_running_loop().time() - started < 2
+        writer = asyncio.create_task(produce())
+        seen: list[int] = []
+        tasks = [asyncio.create_task(_drain(reader, rids[i % len(rids)], seen)) for i in range(FOLLOWERS)]
+        for task in tasks:
+            asyncio.get_running_loop().call_later(rng.uniform(0.0, 1.5), task.cancel)
+        done, pending = await asyncio.wait(tasks, timeout=10)
+        stop.set()
+        await writer
+        if pending:  # iterators that ignore cancel(): stop Redis so they end (with errors) and the test can fail
+            fresh_redis_server.stop()
+            await asyncio.wait(pending, timeout=10)
+        assert not pending, f"{len(pending)} of {FOLLOWERS} follow() iterators kept running after cancel()"
+        assert all(t.cancelled() for t in done), [t.exception() for t in done if not t.cancelled()][:3]
+        assert seen  # they were really following live text when cancelled
+        # and wait_for around a follow of a request that never ends returns at its timeout
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(_drain(reader, rids[0], []), 0.3)
+        assert asyncio.get_running_loop().time() - started < 2
 
 
 async def test_a_corrupt_breaker_hash_is_reset_and_the_request_served(
