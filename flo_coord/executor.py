@@ -542,9 +542,16 @@ def _split(prompt_or_messages: PromptOrMessages) -> tuple[str | None, list[Any] 
 def _backend_map(
     backends: Mapping[ServingBackend | str, Backend | BackendSpec] | Iterable[BackendSpec],
 ) -> dict[str, Backend]:
-    items = backends.items() if isinstance(backends, Mapping) else ((spec.name, spec) for spec in backends)
+    if isinstance(backends, Mapping):
+        items = list(backends.items())
+    elif isinstance(backends, Iterable) and not isinstance(backends, str | bytes):
+        items = [(getattr(spec, "name", None), spec) for spec in backends]
+    else:
+        raise ConfigError(f"backends must be a list of BackendSpec or a mapping, got {type(backends).__name__}")
     out: dict[str, Backend] = {}
     for key, value in items:
+        if not (isinstance(value, BackendSpec) or callable(getattr(value, "stream", None))):
+            raise ConfigError(f"each backend must be a BackendSpec or a Backend, got {type(value).__name__}")
         name = ServingBackend.parse(str(key)).value
         out[name] = make_backend(value) if isinstance(value, BackendSpec) else value
     if not out:

@@ -299,7 +299,7 @@ class FailoverConfig(msgspec.Struct, kw_only=True):
             raise ConfigError(f"failover config must be JSON bytes or str, got {type(data).__name__}")
         try:
             return msgspec.json.decode(data, type=cls)
-        except (msgspec.DecodeError, RecursionError) as exc:  # msgspec.ValidationError included
+        except (msgspec.DecodeError, RecursionError, UnicodeEncodeError) as exc:  # incl. msgspec.ValidationError
             raise ConfigError(f"invalid failover config: {exc}") from None
 
     @classmethod

@@ -146,8 +146,10 @@ def load_settings(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
             # RecursionError: nesting deeper than the parser's stack (a hostile file)
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte or a surrogate in the path
+            raise ConfigError(
+                f"config file {str(path)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
     data = _merge(data, _environment(environ))
     data = _merge(data, overrides or {})
     try:

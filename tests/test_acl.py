@@ -84,6 +84,7 @@ WORKER_RULES = [
     "+pttl",
     "+strlen",
     "+time",
+    "+type",
     "+zrangebyscore",
 ]
 
@@ -105,6 +106,7 @@ CLIENT_RULES = [
     "+pttl",
     "+getrange",
     "+time",
+    "+type",
 ]
 
 
