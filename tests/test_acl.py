@@ -533,3 +533,22 @@ def test_every_rule_of_the_client_acl_is_needed(servers: Any, rule: str, capsys:
         _client_run(primary, namespace, user_url(primary, user, "pw"), "cm-r1", capsys)
     err = str(caught.value) + capsys.readouterr().err
     assert any(m in err for m in ("NOPERM", "no permissions", "can't run this command", "lost Redis")), err
+
+
+def _documented_rules(path: str, user: str) -> list[str]:
+    """The ``+rule`` tokens of the ``ACL SETUSER <user>`` block of a doc file."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / path).read_text(encoding="utf-8")
+    block = re.search(rf"```\nACL SETUSER {user} (.*?)```", text, re.S)
+    assert block is not None, f"no ACL SETUSER {user} block in {path}"
+    return [token for token in block.group(1).split() if token.startswith("+")]
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs/OPERATING.md"])
+def test_the_documented_acls_are_the_tested_ones(path: str) -> None:
+    assert sorted(_documented_rules(path, "flo-worker")) == sorted(WORKER_RULES)
+    version = functions.library()[0].removeprefix(functions.LIBRARY_PREFIX)
+    client = [r.replace("flo_<version>_", f"flo_{version}_") for r in _documented_rules(path, "flo-client")]
+    assert sorted(client) == sorted(CLIENT_RULES)
