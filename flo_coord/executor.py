@@ -69,6 +69,7 @@ from flo_coord.models import (
     StreamingContext,
 )
 from flo_coord.ownership import AsyncReaper
+from flo_coord.redact import register_backend_secrets
 
 log = logging.getLogger("flo_coord.executor")
 
@@ -553,6 +554,7 @@ def _backend_map(
         if not (isinstance(value, BackendSpec) or callable(getattr(value, "stream", None))):
             raise ConfigError(f"each backend must be a BackendSpec or a Backend, got {type(value).__name__}")
         name = ServingBackend.parse(str(key)).value
+        register_backend_secrets(getattr(value, "spec", value))  # its API key never reaches logs or Redis
         out[name] = make_backend(value) if isinstance(value, BackendSpec) else value
     if not out:
         raise ConfigError("a Coordinator needs at least one backend")

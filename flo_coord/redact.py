@@ -19,8 +19,10 @@ replaced).
 
 from __future__ import annotations
 
+import os
 import re
 import threading
+from typing import Any
 
 MASK = "***"
 
@@ -47,6 +49,22 @@ def register_secret(value: str | None) -> None:
         with _lock:
             if value not in _secrets:  # longest first, so a key containing another is masked whole
                 _secrets = tuple(sorted((*_secrets, value), key=len, reverse=True))
+
+
+#: Header names whose values are credentials.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key"})
+
+
+def register_backend_secrets(spec: Any) -> None:
+    """Register the credentials a backend spec carries: its API key (read from ``api_key_env``)
+    and the values of credential headers (``Bearer`` tokens by their token)."""
+    env = getattr(spec, "api_key_env", None)
+    if isinstance(env, str) and env:
+        register_secret(os.environ.get(env))
+    headers = getattr(spec, "headers", None)
+    for name, value in (headers or {}).items() if isinstance(headers, dict) else ():
+        if isinstance(name, str) and name.lower() in CREDENTIAL_HEADERS and isinstance(value, str):
+            register_secret(value.split()[-1] if value.split() else value)
 
 
 def _named(match: re.Match[str]) -> str:

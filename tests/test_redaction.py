@@ -7,6 +7,7 @@ against a real redis-server and the real CLI.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import pytest
 from conftest import require_redis_server
@@ -109,3 +111,72 @@ def test_a_bad_redis_url_is_shown_without_its_password() -> None:
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0 and "p4ssw0rd" not in done.stderr and "admin:***@" in done.stderr
+
+
+class EchoingBackend:
+    """An OpenAI-style server that answers 200, streams one token, then an in-stream error
+    object that echoes the caller's Authorization header (as some providers do)."""
+
+    def __init__(self) -> None:
+        self.server: Any = None
+        self.port = 0
+
+    async def __aenter__(self) -> EchoingBackend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
+        length = int(next((v for k, v in headers.items() if k.lower() == "content-length"), "0"))
+        await reader.readexactly(length)
+        auth = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
+        token = {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "Hi"}}]}
+        error = {"error": {"message": f"upstream rejected credentials {auth} (key {auth.split()[-1]})", "code": 401}}
+        body = f"data: {json.dumps(token)}\n\ndata: {json.dumps(error)}\n\n".encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+
+async def test_a_key_echoed_by_the_backend_in_a_200_stream_is_never_stored_or_logged(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flo_coord import FailoverConfig, FloCoordError
+    from flo_coord.backends import BackendSpec
+    from flo_coord.executor import Coordinator
+
+    secret = f"prov-{uuid.uuid4().hex}"  # no well-known key shape: only registration can catch it
+    monkeypatch.setenv("FLO_TEST_ECHO_KEY", secret)
+    namespace = f"echo{uuid.uuid4().hex[:6]}"
+    stream = io.StringIO()
+    handler = logs.configure("kv", "INFO", stream=stream)
+    try:
+        async with EchoingBackend() as backend:
+            spec = BackendSpec(name="Vllm", base_url=f"http://u:basicpw@127.0.0.1:{backend.port}", model="m",
+                               api_key_env="FLO_TEST_ECHO_KEY")  # fmt: skip
+            coordinator = Coordinator(
+                [spec], url=server.url, namespace=namespace,
+                config=FailoverConfig(fallback_order=[ServingBackend.Vllm], max_retries=1),
+            )  # fmt: skip
+            try:
+                with pytest.raises(FloCoordError):
+                    async for _ in coordinator.stream("echo-1", "hello"):
+                        pass
+                outcome = await coordinator.manager.outcome("echo-1")
+                history = await coordinator.manager.history()
+            finally:
+                await coordinator.aclose()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    raw = server.client()
+    stored = [v for _, fields in raw.xrange(f"{namespace}:history") for v in fields.values()]
+    stored += list(raw.hgetall(f"{namespace}:{{echo-1}}:result").values())
+    assert any(b"upstream rejected" in v for v in stored)  # the error itself is kept...
+    for blob in [*stored, str(outcome).encode(), str(history).encode(), stream.getvalue().encode()]:
+        assert secret.encode() not in blob and b"basicpw" not in blob  # ...without the key

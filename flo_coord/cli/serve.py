@@ -59,14 +59,10 @@ def cmd_worker(args: Any) -> int:
 
 def _register_secrets(settings: Any) -> None:
     """Every credential the worker holds is redacted from its logs and stored errors (flo_coord.redact)."""
-    from flo_coord.redact import register_secret
+    from flo_coord.redact import register_backend_secrets
 
     for spec in settings.backends:
-        if spec.api_key_env:
-            register_secret(os.environ.get(spec.api_key_env))
-        for name, value in spec.headers.items():
-            if name.lower() in ("authorization", "x-api-key", "api-key", "proxy-authorization"):
-                register_secret(value.split()[-1] if value.split() else value)
+        register_backend_secrets(spec)
 
 
 async def _watch_parent(stop: Any, interval: float = 0.5) -> None:
