@@ -1,8 +1,9 @@
 """Lua scripts: every read-then-write flo_coord does on Redis is one of these.
 
-Every ``Script`` made (here or in another module) joins ``registry()``; flo_coord.functions
-turns the registry into one Redis Functions library run with FCALL (EVALSHA where Redis
-has no Functions). Script names must be unique (they name the functions).
+Every ``Script`` made joins ``registry()``; flo_coord.functions turns the registry into one
+Redis Functions library run with FCALL (EVALSHA where Redis has no Functions). Define
+scripts in this module, so that ``flo-coord install-functions`` (which imports only this
+module) loads them all; names must be unique (they name the functions).
 Per-request scripts take the request's keys in one fixed order, all in one hash slot:
 
     KEYS[1] ctx   KEYS[2] result   KEYS[3] text   KEYS[4] feed
