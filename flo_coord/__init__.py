@@ -4,6 +4,7 @@ Every in-flight request's state lives in Redis, so any worker replica can take a
 request over and finish it from the exact prefix already generated, exactly once.
 """
 
+from flo_coord.backends import BackendSpec
 from flo_coord.core import AppendAck
 from flo_coord.errors import (
     ConfigError,
@@ -16,6 +17,7 @@ from flo_coord.errors import (
     RequestFailedError,
     ValidationError,
 )
+from flo_coord.executor import AnswerStream, Coordinator, ExecutorConfig
 from flo_coord.manager import AsyncFailoverManager, FailoverManager
 from flo_coord.models import (
     ChatMessage,
@@ -38,14 +40,18 @@ from flo_coord.validation import Limits
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnswerStream",
     "AppendAck",
     "AsyncFailoverManager",
     "AsyncReaper",
+    "BackendSpec",
     "ChatMessage",
     "ConfigError",
     "ContentPolicyError",
+    "Coordinator",
     "CoordinatorUnavailableError",
     "CorruptStateError",
+    "ExecutorConfig",
     "FailoverAttempt",
     "FailoverConfig",
     "FailoverManager",

@@ -1,8 +1,25 @@
 """Backend adapters: stream text from OpenAI-compatible and Ollama servers over httpx.
 
-An adapter only turns HTTP into typed events (TextChunk*, StreamEnd) and typed errors.
-Retries, stall and time-to-first-token deadlines and failover belong to the executor, so
-the HTTP read timeout is disabled here on purpose.
+An adapter only turns HTTP into typed events (TextChunk, Progress, then one StreamEnd)
+and typed errors. Retries, stall and time-to-first-token deadlines and failover belong to
+the executor, so the HTTP read timeout is disabled here on purpose.
+
+How a stream ends (one model for every adapter; README "How a stream ends"):
+
+- finish_reason ``stop``/``eos``/``eos_token``/``end_turn``/``stop_sequence`` (Ollama
+  ``done: true`` with ``done_reason`` ``stop`` or none): complete, ``StreamEnd("stop")``;
+- ``length``/``max_tokens``: complete, ``StreamEnd("length")``;
+- ``content_filter``: ContentPolicyRejection (final, no retry anywhere);
+- ``tool_calls``/``function_call``: ToolCallsOnlyError (final: no text answer to deliver);
+- ``abort``, ``error`` or any other value: StreamAbortedError (transient: continue elsewhere);
+- the body ends (with or without ``[DONE]``) before any finish_reason: StreamCutError;
+- a connection error after the finish_reason arrived changes nothing: complete.
+
+In-band errors (``event: error``, an ``error:`` SSE field, ``data: {"error": ...}``,
+Anthropic's ``{"type": "error", ...}``, Ollama's ``{"error": "..."}``) raise the class
+of the matching HTTP status and never deliver their text. What is not a chunk is
+skipped, never malformed: SSE comments, ping/keep-alive events, empty ``data:`` frames,
+a byte-order mark, role-only deltas and usage-only chunks.
 """
 
 from __future__ import annotations
@@ -24,8 +41,10 @@ from flo_coord.errors import ConfigError, FloCoordError, ValidationError
 from flo_coord.models import ChatMessage, ServingBackend
 
 __all__ = [
+    "CONTINUATION_DEFAULTS",
     "MAX_ERROR_BODY",
     "Backend",
+    "BackendConfigError",
     "BackendConnectError",
     "BackendError",
     "BackendHTTPError",
@@ -37,13 +56,17 @@ __all__ = [
     "MalformedChunkError",
     "OllamaBackend",
     "OpenAIBackend",
+    "PoolExhaustedError",
     "PrefillRejectedError",
+    "Progress",
     "RateLimitedError",
     "ServerError",
+    "StreamAbortedError",
     "StreamCutError",
     "StreamEnd",
     "StreamEvent",
     "TextChunk",
+    "ToolCallsOnlyError",
     "UnsupportedRequestError",
     "classify_error",
     "make_backend",
@@ -53,6 +76,25 @@ __all__ = [
 MAX_ERROR_BODY = 64 * 1024  # bytes of an error body kept for classification and messages
 _MESSAGE_LIMIT = 300  # chars of a provider message quoted in an exception's str
 _SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key"})
+DEFAULT_MAX_CONNECTIONS = 1000  # connections per backend pool when neither spec nor Coordinator says
+
+#: How a backend continues a chat answer from a committed prefix:
+#: "prefill": the prefix as a final assistant message (llama.cpp, Ollama, Groq, Together, ...);
+#: "continue_final_message": that, plus ``continue_final_message: true`` and
+#: ``add_generation_prompt: false`` (vLLM, TGI, SGLang: without them they start a new turn);
+#: "completions": the completions endpoint with the chat rendered as a prompt plus the prefix;
+#: "none": it cannot continue a chat answer (OpenAI, Azure OpenAI start a new turn).
+Continuation = Literal["prefill", "continue_final_message", "completions", "none"]
+#: The default per ServingBackend; any other backend defaults to "prefill". Overridable per
+#: backend with ``continuation = "..."`` in the TOML file.
+CONTINUATION_DEFAULTS: dict[ServingBackend, Continuation] = {
+    ServingBackend.Vllm: "continue_final_message",
+    ServingBackend.Tgi: "continue_final_message",
+    ServingBackend.HuggingFace: "continue_final_message",
+    ServingBackend.OpenAI: "none",
+    ServingBackend.AzureOpenAI: "none",
+}
+_CONTINUATIONS = ("prefill", "continue_final_message", "completions", "none")
 
 # ------------------------------------------------------------------------------ config
 
@@ -72,6 +114,10 @@ class BackendSpec(msgspec.Struct, kw_only=True):
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     # ask OpenAI-style servers for a final usage chunk; off for servers that reject stream_options
     stream_usage: bool = True
+    #: how this backend continues a chat answer (see Continuation); None: the backend's default
+    continuation: Continuation | None = None
+    #: size of this backend's HTTP connection pool; None: the Coordinator's concurrency
+    max_connections: int | None = None
 
     def __post_init__(self) -> None:
         ServingBackend.parse(self.name)
@@ -91,7 +137,29 @@ class BackendSpec(msgspec.Struct, kw_only=True):
             isinstance(k, str) and isinstance(v, str) for k, v in self.headers.items()
         ):
             raise ConfigError(f"backend {self.name}: headers must map strings to strings")
+        if self.continuation is not None and self.continuation not in _CONTINUATIONS:
+            raise ConfigError(f"backend {self.name}: continuation must be one of {_CONTINUATIONS}")
+        pool = self.max_connections
+        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+            raise ConfigError(f"backend {self.name}: max_connections must be an integer >= 1, got {pool!r}")
         self.connect_timeout = float(timeout)
+
+    @property
+    def continues_chat(self) -> Continuation:
+        """How this backend continues a chat answer: the configured mode, else its default.
+
+        ``prefill = false`` (the older switch) means "none" unless a mode is configured.
+        """
+        if self.continuation is not None:
+            return self.continuation
+        if not self.prefill:
+            return "none"
+        return CONTINUATION_DEFAULTS.get(ServingBackend(self.name), "prefill")
+
+    @property
+    def safe_url(self) -> str:
+        """``base_url`` with any user:password replaced by ``***`` (for logs and reprs)."""
+        return _safe_url(self.base_url)
 
     @property
     def backend(self) -> ServingBackend:
@@ -101,11 +169,20 @@ class BackendSpec(msgspec.Struct, kw_only=True):
         # headers may carry credentials a user put there by hand: never print their values
         headers = {k: ("***" if k.lower() in _SENSITIVE_HEADERS else v) for k, v in self.headers.items()}
         return (
-            f"BackendSpec(name={self.name!r}, kind={self.kind!r}, base_url={self.base_url!r}, model={self.model!r}, "
+            f"BackendSpec(name={self.name!r}, kind={self.kind!r}, base_url={self.safe_url!r}, model={self.model!r}, "
             f"api_key_env={self.api_key_env!r}, prefill={self.prefill}, chat={self.chat}, "
             f"completions={self.completions}, connect_timeout={self.connect_timeout}, headers={headers!r}, "
-            f"stream_usage={self.stream_usage})"
+            f"stream_usage={self.stream_usage}, continuation={self.continues_chat!r}, "
+            f"max_connections={self.max_connections})"
         )
+
+
+def _safe_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"***@{host}").geturl()
 
 
 class GenerationRequest(msgspec.Struct):
@@ -138,13 +215,24 @@ class TextChunk(msgspec.Struct, frozen=True):
     text: str
 
 
+class Progress(msgspec.Struct, frozen=True):
+    """A well-formed delta without answer text: ``kind`` is "reasoning" or "tool_call".
+
+    It proves the backend is working, so it resets the first-token and stall timers.
+    """
+
+    kind: str
+
+
 class StreamEnd(msgspec.Struct, frozen=True):
+    """The answer is complete: ``finish_reason`` is "stop" or "length" (normalised)."""
+
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     model: str | None = None
 
 
-StreamEvent = TextChunk | StreamEnd
+StreamEvent = TextChunk | Progress | StreamEnd
 
 # ------------------------------------------------------------------------------ errors
 
@@ -156,6 +244,10 @@ class BackendError(FloCoordError):
     """
 
     transient: ClassVar[bool] = False
+    #: True when the failure says nothing about the backend's health (never counts on its breaker)
+    local: ClassVar[bool] = False
+    #: usage the backend reported before failing (e.g. a usage chunk before ``abort``)
+    usage: dict[str, int] | None = None
 
     def __init__(self, detail: str, *, backend: str, model: str, received_text: bool = False) -> None:
         self.backend = backend
@@ -163,6 +255,33 @@ class BackendError(FloCoordError):
         self.detail = detail
         self.received_text = received_text
         super().__init__(f"backend {backend} (model {model!r}): {detail}")
+
+
+class BackendConfigError(BackendError, ConfigError):
+    """This backend's configuration cannot work here (e.g. its ``api_key_env`` variable is unset).
+
+    It fails the backend for the request like any backend fault, without counting on the
+    shared breaker: other workers may be configured correctly.
+    """
+
+    local = True
+
+
+class PoolExhaustedError(BackendError):
+    """No connection of this worker's pool for the backend came free in time: a local capacity fault."""
+
+    transient = True
+    local = True
+
+
+class StreamAbortedError(BackendError):
+    """The stream ended with finish_reason ``abort``, ``error`` or one the adapter does not know."""
+
+    transient = True
+
+
+class ToolCallsOnlyError(BackendError):
+    """The answer ended in tool calls, which the Coordinator cannot represent as text."""
 
 
 class BackendConnectError(BackendError):
@@ -334,13 +453,40 @@ def _error_class(status: int, message: str, codes: set[str]) -> type[BackendHTTP
     return BadRequestError
 
 
-def _stream_error_status(code: str | None, message: str) -> int:
-    """An in-stream error object has no HTTP status: use its numeric code, else guess from wording."""
+#: in-band error types and codes (OpenAI, Anthropic, vLLM, TGI) and the HTTP status they stand for
+_STREAM_ERROR_STATUS = {
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "requests": 429,
+    "overloaded_error": 529,
+    "overloaded": 529,
+    "api_error": 500,
+    "server_error": 500,
+    "internal_server_error": 500,
+    "service_unavailable": 503,
+    "invalid_request_error": 400,
+    "request_too_large": 413,
+    "context_length_exceeded": 400,
+    "content_policy_violation": 400,
+    "content_filter": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+}
+
+
+def _stream_error_status(code: str | None, message: str, kind: str | None = None) -> int:
+    """An in-band error has no HTTP status: its numeric code, else its type or code, else its wording."""
     if code is not None and code.isdigit() and 400 <= int(code) <= 599:
         return int(code)
+    for name in (code, kind):
+        if name is not None and name.lower() in _STREAM_ERROR_STATUS:
+            return _STREAM_ERROR_STATUS[name.lower()]
     low = message.lower()
     if _POLICY_PATTERNS.search(low) or _CONTEXT_PATTERNS.search(low) or _PREFILL_PATTERNS.search(low):
         return 400
+    if "rate limit" in low:
+        return 429
     return 500
 
 
@@ -375,7 +521,10 @@ class Backend(Protocol):
     spec: BackendSpec
 
     def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
-        """TextChunk* then one StreamEnd; cancel the task or ``aclose()`` it to drop the HTTP response."""
+        """(TextChunk | Progress)* then one StreamEnd, or a BackendError.
+
+        Cancel the task or ``aclose()`` it to drop the HTTP response.
+        """
         ...
 
     async def aclose(self) -> None: ...
@@ -391,7 +540,7 @@ class _ChunkShapeError(ValueError):
 def _usage(raw: Any) -> dict[str, int] | None:
     if not isinstance(raw, dict):
         return None
-    return {k: v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
+    return {k: v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)} or None
 
 
 def _optional_str(obj: dict[str, Any], key: str) -> str | None:
@@ -409,8 +558,38 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
+def _redact(text: str, *secrets: str | None) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+#: finish reasons that mean the answer is complete, and what the caller sees for each
+_COMPLETE = {
+    "stop": "stop",
+    "eos": "stop",
+    "eos_token": "stop",
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "length": "length",
+    "max_tokens": "length",
+}
+_FILTERED = frozenset({"content_filter", "content_filtered", "safety", "refusal"})
+_TOOL_FINISH = frozenset({"tool_calls", "function_call", "tool_use"})
+#: event names and ``type``/``object`` values of keep-alive frames, which are skipped
+_KEEPALIVE = frozenset({"ping", "keep-alive", "keepalive", "heartbeat"})
+
+
+class _Ending:
+    """What one response has shown so far; decides how the stream ended."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.tool_calls = False
+        self.finish: str | None = None
+        self.usage: dict[str, int] | None = None
+        self.model: str | None = None
 
 
 class _HTTPBackend:
@@ -418,13 +597,19 @@ class _HTTPBackend:
 
     spec: BackendSpec
 
-    def __init__(self, spec: BackendSpec, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, spec: BackendSpec, client: httpx.AsyncClient | None = None, *, max_connections: int | None = None
+    ) -> None:
         self.spec = spec
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient(timeout=self._timeout())
+        if client is None:
+            size = spec.max_connections or max_connections or DEFAULT_MAX_CONNECTIONS
+            limits = httpx.Limits(max_connections=size, max_keepalive_connections=min(size, 100))
+            client = httpx.AsyncClient(timeout=self._timeout(), limits=limits)
+        self._client = client
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.spec.name}, model={self.spec.model!r}, base_url={self.spec.base_url!r})"
+        return f"{type(self).__name__}({self.spec.name}, model={self.spec.model!r}, base_url={self.spec.safe_url!r})"
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -440,7 +625,9 @@ class _HTTPBackend:
             return None
         key = os.environ.get(name)
         if not key:
-            raise ConfigError(f"backend {self.spec.name}: environment variable {name} (api_key_env) is not set")
+            raise BackendConfigError(
+                f"environment variable {name} (api_key_env) is not set", backend=self.spec.name, model=self.spec.model
+            )
         return key
 
     def _request_headers(self, key: str | None) -> dict[str, str]:
@@ -454,12 +641,13 @@ class _HTTPBackend:
 
     def _check_capabilities(self, request: GenerationRequest) -> None:
         spec = self.spec
-        if request.is_chat and not spec.chat:
+        chat_by_completions = request.is_chat and bool(request.prefix) and spec.continues_chat == "completions"
+        if request.is_chat and not spec.chat and not chat_by_completions:
             raise self._local_error(UnsupportedRequestError, "chat requests are disabled for this backend")
-        if not request.is_chat and not spec.completions:
+        if (not request.is_chat or chat_by_completions) and not spec.completions:
             raise self._local_error(UnsupportedRequestError, "completion requests are disabled for this backend")
-        if request.is_chat and request.prefix and not spec.prefill:
-            raise self._local_error(PrefillRejectedError, "assistant prefill is not supported by this backend")
+        if request.is_chat and request.prefix and spec.continues_chat == "none":
+            raise self._local_error(PrefillRejectedError, "this backend cannot continue a chat answer (continuation)")
 
     def _chat_messages(self, request: GenerationRequest) -> list[dict[str, str]]:
         """The messages to send; a non-empty prefix becomes (or extends) the final assistant message."""
@@ -472,11 +660,19 @@ class _HTTPBackend:
                 messages.append({"role": "assistant", "content": request.prefix})
         return messages
 
+    def _prompt(self, request: GenerationRequest) -> str:
+        """The completions prompt (a chat rendered as one for continuation "completions") plus the prefix."""
+        if request.messages is None:
+            return (request.prompt or "") + request.prefix
+        from flo_coord.core import render_messages  # core imports no adapter; import here keeps layers apart
+
+        return render_messages(request.messages) + request.prefix
+
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         self._check_capabilities(request)
         url, payload = self._build(request)
         key = self._api_key()
-        received = False
+        ending = _Ending()
         try:
             async with self._client.stream(
                 "POST",
@@ -488,16 +684,23 @@ class _HTTPBackend:
                 if not response.is_success:
                     raise await self._status_error(response, key)
                 # aclosing: an early exit must finalise the parser now, not whenever it is collected
-                async with contextlib.aclosing(self._events(response)) as events:
+                async with contextlib.aclosing(self._events(response, ending, key)) as events:
                     async for event in events:
-                        received = received or isinstance(event, TextChunk)
                         yield event
+        except httpx.PoolTimeout as exc:
+            raise PoolExhaustedError(
+                "no free connection in this worker's pool for the backend (local capacity, not a backend fault)",
+                backend=self.spec.name,
+                model=self.spec.model,
+            ) from exc
         except httpx.TransportError as exc:
-            raise self._connect_error(exc, received, key) from exc
+            raise self._connect_error(exc, ending.received, key) from exc
 
     def _connect_error(self, exc: httpx.TransportError, received: bool, key: str | None) -> BackendConnectError:
         when = "mid-stream after text was received" if received else "before any text was received"
-        detail = _redact(f"connection failed {when}: {type(exc).__name__}: {_root_cause(exc)}", key)
+        cause = _root_cause(exc)  # said once: "ConnectError: ConnectError: ..." says nothing new
+        cause = cause if cause.startswith(type(exc).__name__) else f"{type(exc).__name__}: {cause}"
+        detail = _redact(f"connection failed {when}: {cause}", key, urlsplit(self.spec.base_url).password)
         return BackendConnectError(detail, backend=self.spec.name, model=self.spec.model, received_text=received)
 
     async def _status_error(self, response: httpx.Response, key: str | None) -> BackendHTTPError:
@@ -517,15 +720,38 @@ class _HTTPBackend:
             detail, backend=self.spec.name, model=self.spec.model, received_text=received, line=line
         )
 
-    def _cut(self, received: bool, what: str) -> StreamCutError:
-        return StreamCutError(
-            f"stream ended without {what}", backend=self.spec.name, model=self.spec.model, received_text=received
-        )
+    def _in_band_error(self, error: Any, ending: _Ending, key: str | None) -> BackendHTTPError:
+        """An error object (or text) the backend sent inside a 200 stream, classified like its HTTP status."""
+        if isinstance(error, dict) and isinstance(error.get("error"), dict | str):
+            error = error["error"]  # ``event: error`` frames wrap the object once more
+        body = _redact(msgspec.json.encode({"error": error}).decode(), key)
+        message, code, kind = _error_fields(body)
+        status = _stream_error_status(code, message, kind)
+        error_obj = classify_error(self.spec, status, body, received_text=ending.received)
+        error_obj.usage = ending.usage
+        return error_obj
 
-    def _in_stream_error(self, error: Any, received: bool) -> BackendHTTPError:
-        body = msgspec.json.encode({"error": error}).decode()
-        message, code, _ = _error_fields(body)
-        return classify_error(self.spec, _stream_error_status(code, message), body, received_text=received)
+    def _end(self, ending: _Ending) -> StreamEnd:
+        """The StreamEnd of a complete answer, or the typed error of every other ending."""
+        spec, reason = self.spec, ending.finish
+        common: dict[str, Any] = {"backend": spec.name, "model": spec.model, "received_text": ending.received}
+        error: BackendError
+        if reason is None:
+            error = StreamCutError("stream ended without a finish_reason", **common)
+        elif reason.lower() in _COMPLETE and (ending.received or not ending.tool_calls):
+            return StreamEnd(_COMPLETE[reason.lower()], ending.usage, ending.model)
+        elif reason.lower() in _FILTERED:
+            message = f"the provider's content filter stopped the answer (finish_reason {reason!r})"
+            error = ContentPolicyRejection(None, "", message=message, code="content_filter", **common)
+        elif reason.lower() in _TOOL_FINISH or ending.tool_calls:
+            error = ToolCallsOnlyError(
+                f"the answer is tool calls (finish_reason {reason!r}), which flo_coord cannot deliver as text",
+                **common,
+            )
+        else:
+            error = StreamAbortedError(f"stream ended with finish_reason {reason!r}", **common)
+        error.usage = ending.usage
+        raise error
 
     # subclass hooks
     _accept = "application/json"
@@ -533,21 +759,34 @@ class _HTTPBackend:
     def _build(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         raise NotImplementedError
 
-    def _events(self, response: httpx.Response) -> AsyncGenerator[StreamEvent, None]:
+    def _events(self, response: httpx.Response, ending: _Ending, key: str | None) -> AsyncGenerator[StreamEvent, None]:
         raise NotImplementedError
 
 
 # ------------------------------------------------------------------------------ OpenAI
 
 
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[tuple[str, bool], None]:
-    """The data payload of each SSE event, with False for a trailing event cut by EOF."""
-    data: list[str] = []
+class _SSEEvent(msgspec.Struct):
+    """One SSE event: its ``event`` name, joined ``data`` lines, an ``error:`` field, and
+    ``complete`` False for a trailing event cut by the end of the body."""
+
+    event: str = ""
+    data: str | None = None
+    error: str | None = None
+    complete: bool = True
+
+
+async def _sse_events(lines: AsyncIterator[str]) -> AsyncGenerator[_SSEEvent, None]:
+    """The events of an SSE body (WHATWG rules: comments skipped, a leading BOM dropped)."""
+    event, data, error = "", list[str](), list[str]()
+    first = True
     async for line in lines:
+        if first:
+            line, first = line.removeprefix("\ufeff"), False
         if not line:
-            if data:
-                yield "\n".join(data), True
-                data = []
+            if data or error or event:
+                yield _SSEEvent(event, "\n".join(data) if data else None, "\n".join(error) if error else None)
+            event, data, error = "", [], []
             continue
         if line.startswith(":"):
             continue  # comment / keep-alive
@@ -556,14 +795,28 @@ async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[tuple[str, bool
             value = value[1:]
         if field == "data":
             data.append(value)
-    if data:
-        yield "\n".join(data), False
+        elif field == "event":
+            event = value.strip()
+        elif field == "error":  # llama.cpp sends its error in a field of its own
+            error.append(value)
+    if data or error:
+        yield _SSEEvent(event, "\n".join(data) if data else None, "\n".join(error) if error else None, False)
 
 
-# vLLM starts a new assistant turn unless told to continue the final message
-_PREFILL_EXTRA: dict[str, dict[str, Any]] = {
-    ServingBackend.Vllm.value: {"continue_final_message": True, "add_generation_prompt": False},
-}
+def _loads(text: str) -> Any:
+    """JSON if it is JSON, else the text itself (error payloads come both ways)."""
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return text
+
+
+def _is_keepalive(obj: Any) -> bool:
+    if isinstance(obj, str):
+        return obj.strip().lower() in _KEEPALIVE
+    return isinstance(obj, dict) and any(
+        isinstance(obj.get(f), str) and obj[f].lower() in _KEEPALIVE for f in ("type", "object", "event")
+    )
 
 
 def _openai_url(base_url: str, path: str) -> str:
@@ -582,77 +835,111 @@ class OpenAIBackend(_HTTPBackend):
             payload["stream_options"] = {"include_usage": True}
         if request.max_tokens is not None:
             payload["max_tokens"] = request.max_tokens
-        if request.messages is None:
-            assert request.prompt is not None
-            payload["prompt"] = request.prompt + request.prefix
+        mode = self.spec.continues_chat
+        if request.messages is None or (request.prefix and mode == "completions"):
+            payload["prompt"] = self._prompt(request)
             return _openai_url(self.spec.base_url, "/completions"), payload
         payload["messages"] = self._chat_messages(request)
-        if request.prefix:
-            payload.update(_PREFILL_EXTRA.get(self.spec.name, {}))
+        if request.prefix and mode == "continue_final_message":
+            # vLLM, TGI and SGLang start a new assistant turn unless told to continue the final message
+            payload.update(continue_final_message=True, add_generation_prompt=False)
         return _openai_url(self.spec.base_url, "/chat/completions"), payload
 
-    def _events(self, response: httpx.Response) -> AsyncGenerator[StreamEvent, None]:
-        return self._parse_sse(response, chat=response.url.path.endswith("/chat/completions"))
+    def _events(self, response: httpx.Response, ending: _Ending, key: str | None) -> AsyncGenerator[StreamEvent, None]:
+        return self._parse_sse(response, ending, key, chat=response.url.path.endswith("/chat/completions"))
 
-    async def _parse_sse(self, response: httpx.Response, *, chat: bool) -> AsyncGenerator[StreamEvent, None]:
-        received = False
-        finish: str | None = None
-        usage: dict[str, int] | None = None
-        model: str | None = None
-        async with contextlib.aclosing(_sse_data(response.aiter_lines())) as payloads:
-            async for data, complete in payloads:
-                if data.strip() == "[DONE]":
-                    yield StreamEnd(finish, usage, model)
-                    return
-                try:
-                    obj = msgspec.json.decode(data)
-                    text, chunk_finish, chunk_usage, chunk_model, error = _openai_chunk(obj, chat)
-                except (msgspec.DecodeError, _ChunkShapeError) as exc:
-                    if not complete:
-                        break  # a half-written final event is a cut, not garbage
-                    raise self._malformed(f"malformed stream chunk ({exc})", data, received) from None
-                if error is not None:
-                    raise self._in_stream_error(error, received)
-                finish = chunk_finish or finish
-                usage = chunk_usage or usage
-                model = chunk_model or model
-                if text:
-                    received = True
-                    yield TextChunk(text)
-        if finish is None:
-            raise self._cut(received, "[DONE] or a finish_reason")
-        yield StreamEnd(finish, usage, model)
+    async def _parse_sse(
+        self, response: httpx.Response, ending: _Ending, key: str | None, *, chat: bool
+    ) -> AsyncGenerator[StreamEvent, None]:
+        try:
+            async with contextlib.aclosing(_sse_events(response.aiter_lines())) as events:
+                async for event in events:
+                    if event.error is not None or event.event == "error":
+                        raise self._in_band_error(_loads(event.error or event.data or ""), ending, key)
+                    data = (event.data or "").strip()
+                    if not data or event.event.lower() in _KEEPALIVE or _is_keepalive(data):
+                        continue  # empty frames and keep-alives are not chunks
+                    if data == "[DONE]":
+                        break
+                    for item in self._chunk_events(data, event.complete, ending, key, chat):
+                        yield item
+        except httpx.TransportError:
+            if ending.finish is None:
+                raise
+            # the finish_reason arrived: a reset before [DONE] changes nothing
+        yield self._end(ending)
+
+    def _chunk_events(self, data: str, complete: bool, ending: _Ending, key: str | None, chat: bool) -> list[Any]:
+        try:
+            obj = msgspec.json.decode(data)
+            if _is_keepalive(obj) and not obj.get("choices"):
+                return []
+            text, kind, finish, usage, model, error = _openai_chunk(obj, chat)
+        except (msgspec.DecodeError, _ChunkShapeError) as exc:
+            if not complete:
+                return []  # a half-written final event is a cut, not garbage
+            raise self._malformed(f"malformed stream chunk ({exc})", _redact(data, key), ending.received) from None
+        if error is not None:
+            raise self._in_band_error(error, ending, key)
+        ending.finish = finish or ending.finish
+        ending.usage = usage or ending.usage
+        ending.model = model or ending.model
+        if kind == "tool_call":
+            ending.tool_calls = True
+        if text:
+            ending.received = True
+            return [TextChunk(text)]
+        return [Progress(kind)] if kind else []
 
 
-def _openai_chunk(obj: Any, chat: bool) -> tuple[str | None, str | None, dict[str, int] | None, str | None, Any]:
-    """(text, finish_reason, usage, model, error) of one decoded chunk; _ChunkShapeError if off-shape."""
+def _openai_chunk(
+    obj: Any, chat: bool
+) -> tuple[str | None, str | None, str | None, dict[str, int] | None, str | None, Any]:
+    """(text, progress kind, finish_reason, usage, model, error) of one chunk; _ChunkShapeError if off-shape."""
     if not isinstance(obj, dict):
         raise _ChunkShapeError("chunk is not an object")
-    if obj.get("error") is not None:
-        return None, None, None, None, obj["error"]
+    if obj.get("error") is not None:  # OpenAI/vLLM {"error": ...} and Anthropic {"type": "error", "error": ...}
+        return None, None, None, None, None, obj["error"]
     choices = obj.get("choices")
     usage = _usage(obj.get("usage"))
-    if choices is None and usage is None:
+    if choices is None and "usage" not in obj:
         raise _ChunkShapeError("chunk has neither choices nor usage")
     if choices is not None and not isinstance(choices, list):
         raise _ChunkShapeError("choices is not a list")
     model = _optional_str(obj, "model")
     if not choices:
-        return None, None, usage, model, None
+        return None, None, None, usage, model, None  # a usage-only chunk
     choice = choices[0]
     if not isinstance(choice, dict):
         raise _ChunkShapeError("choice is not an object")
+    kind = None
     if chat:
         delta = choice.get("delta") or {}
         if not isinstance(delta, dict):
             raise _ChunkShapeError("delta is not an object")
         text = _optional_str(delta, "content")
+        kind = _delta_kind(delta)
     else:
         text = _optional_str(choice, "text")
-    return text, _optional_str(choice, "finish_reason"), usage, model, None
+    return text, kind, _optional_str(choice, "finish_reason"), usage, model, None
+
+
+def _delta_kind(delta: dict[str, Any]) -> str | None:
+    """The progress kind of a delta without text: "tool_call", "reasoning", or None.
+
+    Reasoning deltas: vLLM/DeepSeek ``reasoning_content``, OpenRouter ``reasoning``, Ollama ``thinking``.
+    """
+    if delta.get("tool_calls") or delta.get("function_call"):
+        return "tool_call"
+    for name in ("reasoning_content", "reasoning", "thinking"):
+        if isinstance(delta.get(name), str) and delta[name]:
+            return "reasoning"
+    return None
 
 
 # ------------------------------------------------------------------------------ Ollama
+
+_OLLAMA_COMPLETE = {"stop": "stop", "length": "length"}
 
 
 class OllamaBackend(_HTTPBackend):
@@ -665,42 +952,57 @@ class OllamaBackend(_HTTPBackend):
         if request.max_tokens is not None:
             payload["options"] = {"num_predict": request.max_tokens}
         base = self.spec.base_url.rstrip("/")
-        if request.messages is None:
-            assert request.prompt is not None
+        if request.messages is None or (request.prefix and self.spec.continues_chat == "completions"):
             # raw: no chat template, so prompt+prefix is continued verbatim
-            payload.update(prompt=request.prompt + request.prefix, raw=True)
+            payload.update(prompt=self._prompt(request), raw=True)
             return f"{base}/api/generate", payload
         payload["messages"] = self._chat_messages(request)
         return f"{base}/api/chat", payload
 
-    def _events(self, response: httpx.Response) -> AsyncGenerator[StreamEvent, None]:
-        return self._parse_ndjson(response, chat=response.url.path.endswith("/api/chat"))
+    def _events(self, response: httpx.Response, ending: _Ending, key: str | None) -> AsyncGenerator[StreamEvent, None]:
+        return self._parse_ndjson(response, ending, key, chat=response.url.path.endswith("/api/chat"))
 
-    async def _parse_ndjson(self, response: httpx.Response, *, chat: bool) -> AsyncGenerator[StreamEvent, None]:
-        received = False
-        async for line, complete in _ndjson_lines(response.aiter_text()):
-            try:
-                obj = msgspec.json.decode(line)
-                text, end = _ollama_chunk(obj, chat)
-            except (msgspec.DecodeError, _ChunkShapeError) as exc:
-                if not complete:
-                    break  # a half-written last line is a cut, not garbage
-                raise self._malformed(f"malformed stream line ({exc})", line, received) from None
-            if obj.get("error") is not None:
-                raise self._in_stream_error(obj["error"], received)
-            if text:
-                received = True
-                yield TextChunk(text)
-            if end is not None:
-                yield end
-                return
-        raise self._cut(received, "a done: true line")
+    async def _parse_ndjson(
+        self, response: httpx.Response, ending: _Ending, key: str | None, *, chat: bool
+    ) -> AsyncGenerator[StreamEvent, None]:
+        try:
+            async for line, complete in _ndjson_lines(response.aiter_text()):
+                try:
+                    obj = msgspec.json.decode(line)
+                    if _is_keepalive(obj):
+                        continue
+                    text, kind, done = _ollama_chunk(obj, chat)
+                except (msgspec.DecodeError, _ChunkShapeError) as exc:
+                    if not complete:
+                        break  # a half-written last line is a cut, not garbage
+                    raise self._malformed(
+                        f"malformed stream line ({exc})", _redact(line, key), ending.received
+                    ) from None
+                if obj.get("error") is not None:
+                    raise self._in_band_error(obj["error"], ending, key)
+                ending.tool_calls = ending.tool_calls or kind == "tool_call"
+                if text:
+                    ending.received = True
+                    yield TextChunk(text)
+                elif kind:
+                    yield Progress(kind)
+                if done is not None:
+                    reason, ending.usage, ending.model = done
+                    ending.finish = _OLLAMA_COMPLETE.get(reason, reason)
+                    break
+        except httpx.TransportError:
+            if ending.finish is None:
+                raise
+        yield self._end(ending)
 
 
 async def _ndjson_lines(chunks: AsyncIterator[str]) -> AsyncGenerator[tuple[str, bool], None]:
-    """Non-blank lines, each with False when it is a trailing line not ended by a newline."""
+    """Non-blank lines (a leading BOM dropped), each with False for a trailing line not ended by a newline."""
     buffer = ""
+    first = True
     async for chunk in chunks:
+        if first and chunk:
+            chunk, first = chunk.removeprefix("\ufeff"), False
         buffer += chunk
         *lines, buffer = buffer.split("\n")
         for line in lines:
@@ -710,38 +1012,49 @@ async def _ndjson_lines(chunks: AsyncIterator[str]) -> AsyncGenerator[tuple[str,
         yield buffer, False
 
 
-def _ollama_chunk(obj: Any, chat: bool) -> tuple[str | None, StreamEnd | None]:
-    """(text, StreamEnd if this is the done line) of one decoded line; _ChunkShapeError if off-shape."""
+def _ollama_chunk(
+    obj: Any, chat: bool
+) -> tuple[str | None, str | None, tuple[str, dict[str, int] | None, str | None] | None]:
+    """(text, progress kind, (done_reason, usage, model) on the done line); _ChunkShapeError if off-shape."""
     if not isinstance(obj, dict):
         raise _ChunkShapeError("line is not an object")
     if obj.get("error") is not None:
-        return None, None
+        return None, None, None
+    kind = None
     if chat:
         message = obj.get("message") or {}
         if not isinstance(message, dict):
             raise _ChunkShapeError("message is not an object")
         text = _optional_str(message, "content")
+        kind = _delta_kind(message)
     else:
         text = _optional_str(obj, "response")
+        kind = "reasoning" if isinstance(obj.get("thinking"), str) and obj["thinking"] else None
     done = obj.get("done")
     if not isinstance(done, bool):
         raise _ChunkShapeError("done is missing or not a bool")
     if not done:
-        return text, None
+        return text, kind, None
     usage = {
         name: obj[field]
         for name, field in (("prompt_tokens", "prompt_eval_count"), ("completion_tokens", "eval_count"))
         if isinstance(obj.get(field), int) and not isinstance(obj.get(field), bool)
     }
-    finish = _optional_str(obj, "done_reason") or "stop"
-    return text, StreamEnd(finish, usage or None, _optional_str(obj, "model"))
+    reason = _optional_str(obj, "done_reason") or "stop"  # Ollama before 0.1.33 sends no done_reason
+    return text, kind, (reason, usage or None, _optional_str(obj, "model"))
 
 
 # ------------------------------------------------------------------------------ factory
 
 
-def make_backend(spec: BackendSpec, client: httpx.AsyncClient | None = None) -> Backend:
-    """The adapter for ``spec.kind``; an own httpx client unless one is shared in."""
+def make_backend(
+    spec: BackendSpec, client: httpx.AsyncClient | None = None, *, max_connections: int | None = None
+) -> Backend:
+    """The adapter for ``spec.kind``; an own httpx client unless one is shared in.
+
+    The own client's pool holds ``spec.max_connections``, else ``max_connections`` (the
+    Coordinator passes its concurrency), else DEFAULT_MAX_CONNECTIONS connections.
+    """
     if spec.kind == "ollama":
-        return OllamaBackend(spec, client)
-    return OpenAIBackend(spec, client)
+        return OllamaBackend(spec, client, max_connections=max_connections)
+    return OpenAIBackend(spec, client, max_connections=max_connections)

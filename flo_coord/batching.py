@@ -14,6 +14,11 @@ wait: Redis may or may not have applied it) leaves the request's next ``seq`` wh
 text of that request is sent, the same text is sent again alone under that same
 ``seq``: applied once either way (``DUP`` if it had been), so the later text can never
 be mistaken for a duplicate of it and silently dropped.
+
+Text is queued per generation: under (request id, epoch), the generation token of the
+caller (given, or the epoch this worker holds when the text is queued). Text queued by a
+generation this worker no longer holds (it re-claimed the request at a newer epoch) is
+refused with LeaseLostError, never sent under the newer epoch.
 """
 
 from __future__ import annotations
@@ -42,17 +47,30 @@ class _Pending:
         self.redo: tuple[int, int, list[str]] | None = None  # (epoch, seq, text) of an unknown append
 
 
+_Key = tuple[str, int | None]  # (request id, generation epoch; None: not held when queued)
+
+
 class _Job:
     """One request's append in a batch."""
 
-    __slots__ = ("entry", "redo", "rid", "sent_as", "text", "waiters")
+    __slots__ = ("entry", "epoch", "redo", "rid", "sent_as", "text", "waiters")
 
     def __init__(
-        self, rid: str, entry: _Pending, text: list[str], waiters: list[_Waiter[AppendAck | None]], redo: bool,
+        self, key: _Key, entry: _Pending, text: list[str], waiters: list[_Waiter[AppendAck | None]], redo: bool,
         sent_as: tuple[int, int] | None,
     ) -> None:  # fmt: skip
-        self.rid, self.entry, self.text, self.waiters, self.redo = rid, entry, text, waiters, redo
+        (self.rid, self.epoch), self.entry, self.text, self.waiters, self.redo = key, entry, text, waiters, redo
         self.sent_as = sent_as  # (epoch, seq) it is sent under, when this worker holds the request
+
+    def op(self, core: FailoverCore) -> Operation[AppendAck | None]:
+        return core.append_many(self.rid, self.text, self.epoch)
+
+
+def _sent_as(core: FailoverCore, rid: str, epoch: int | None) -> tuple[int, int] | None:
+    held = core.holding(rid)
+    if held is None or (epoch is not None and held.epoch != epoch):
+        return None  # not held (by this generation): the core refuses or no-ops, nothing is unknown
+    return held.epoch, held.next_seq
 
 
 class AppendBatcher:
@@ -63,13 +81,19 @@ class AppendBatcher:
         self._shell = shell
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._pending: dict[str, _Pending] = {}  # every request with text waiting or in flight
-        self._ready: dict[str, _Pending] = {}  # with text waiting and no append in flight (FIFO)
+        self._pending: dict[_Key, _Pending] = {}  # every generation with text waiting or in flight
+        self._ready: dict[_Key, _Pending] = {}  # with text waiting and no append in flight (FIFO)
         self._pipelines = 0  # commit tasks started and not finished
         self._scheduled = False  # a commit task has been created and has not taken its batch yet
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 
-    def submit(self, request_id: str, chunk: str) -> _Waiter[AppendAck | None]:
+    def _key(self, request_id: str, epoch: int | None) -> _Key:
+        if epoch is None:
+            held = self._core.holding(request_id)
+            epoch = held.epoch if held is not None else None
+        return request_id, epoch
+
+    def submit(self, request_id: str, chunk: str, epoch: int | None = None) -> _Waiter[AppendAck | None]:
         """Queue ``chunk`` (already validated) without waiting; the future resolves once Redis acknowledged it.
 
         For producers that offer text faster than they wait for it: chunks of one request
@@ -78,13 +102,13 @@ class AppendBatcher:
         (``append`` gives each caller its own).
         """
         loop = asyncio.get_running_loop()
-        entry = self._queue(request_id, chunk, loop)
+        entry = self._queue(self._key(request_id, epoch), chunk, loop)
         group = entry.group
         if group is None:
             group = entry.group = loop.create_future()
         return group
 
-    async def append(self, request_id: str, chunk: str) -> AppendAck | None:
+    async def append(self, request_id: str, chunk: str, epoch: int | None = None) -> AppendAck | None:
         """Commit ``chunk`` (already validated); returns once Redis acknowledged it.
 
         When nothing else is waiting or in flight, the append is sent at once from the
@@ -93,25 +117,25 @@ class AppendBatcher:
         the text is sent again, under the same ``seq``, before the request's next text.
         Otherwise cancelling only stops the caller's wait.
         """
-        entry = self._pending.get(request_id)
+        key = self._key(request_id, epoch)
+        entry = self._pending.get(key)
         if self._pipelines == 0 and not self._scheduled and (entry is None or entry.redo is None):
-            return await self._append_now(request_id, chunk, entry)
+            return await self._append_now(key, chunk, entry)
         loop = asyncio.get_running_loop()
         waiter: _Waiter[AppendAck | None] = loop.create_future()
-        self._queue(request_id, chunk, loop).waiters.append(waiter)
+        self._queue(key, chunk, loop).waiters.append(waiter)
         return await waiter
 
-    async def _append_now(self, rid: str, chunk: str, entry: _Pending | None) -> AppendAck | None:
+    async def _append_now(self, key: _Key, chunk: str, entry: _Pending | None) -> AppendAck | None:
         # Idle: no commit task, so no request has text waiting (it would have started one).
         if entry is None:
-            entry = self._pending[rid] = _Pending()
+            entry = self._pending[key] = _Pending()
         entry.in_flight = True  # later text of this request waits for this one
         self._pipelines += 1  # and other requests' appends go through a commit task meanwhile
-        held = self._core.holding(rid)
-        job = _Job(rid, entry, [chunk], [], False, (held.epoch, held.next_seq) if held is not None else None)
+        job = _Job(key, entry, [chunk], [], False, _sent_as(self._core, *key))
         result: Any = None
         try:
-            result = await self._shell.run(self._core.append_many(rid, job.text), "append_tokens", rid)
+            result = await self._shell.run(job.op(self._core), "append_tokens", job.rid)
             return result  # type: ignore[no-any-return]
         except BaseException as exc:
             result = exc
@@ -121,13 +145,13 @@ class AppendBatcher:
             self._settle([job], [result])
             self._kick()
 
-    def _queue(self, request_id: str, chunk: str, loop: asyncio.AbstractEventLoop) -> _Pending:
-        entry = self._pending.get(request_id)
+    def _queue(self, key: _Key, chunk: str, loop: asyncio.AbstractEventLoop) -> _Pending:
+        entry = self._pending.get(key)
         if entry is None:
-            entry = self._pending[request_id] = _Pending()
+            entry = self._pending[key] = _Pending()
         entry.chunks.append(chunk)
         if not entry.in_flight:
-            self._ready[request_id] = entry
+            self._ready[key] = entry
             if not self._scheduled and self._pipelines < self._max_in_flight:
                 self._start(loop)
         return entry
@@ -156,22 +180,20 @@ class AppendBatcher:
             for rid, _ in taken:
                 del ready[rid]
         jobs: list[_Job] = []
-        holding = self._core.holding
-        for rid, entry in taken:
+        for key, entry in taken:
             entry.in_flight = True
-            held = holding(rid)
-            sent_as = (held.epoch, held.next_seq) if held is not None else None
+            sent_as = _sent_as(self._core, *key)
             if entry.redo is not None:
                 if sent_as == entry.redo[:2]:
                     # First settle the unknown append, alone under its seq; the new text waits a round.
-                    jobs.append(_Job(rid, entry, entry.redo[2], [], True, sent_as))
+                    jobs.append(_Job(key, entry, entry.redo[2], [], True, sent_as))
                     continue
                 entry.redo = None  # the request moved on (new epoch, lost, another seq): moot
             waiters = entry.waiters
             if entry.group is not None:
                 waiters.append(entry.group)
                 entry.group = None
-            jobs.append(_Job(rid, entry, entry.chunks, waiters, False, sent_as))
+            jobs.append(_Job(key, entry, entry.chunks, waiters, False, sent_as))
             entry.chunks, entry.waiters = [], []
         return jobs
 
@@ -183,13 +205,11 @@ class AppendBatcher:
             if len(jobs) == 1:  # an idle moment: skip the lockstep bookkeeping
                 job = jobs[0]
                 try:
-                    results = [
-                        await self._shell.run(self._core.append_many(job.rid, job.text), "append_tokens", job.rid)
-                    ]
+                    results = [await self._shell.run(job.op(self._core), "append_tokens", job.rid)]
                 except Exception as exc:
                     results = [exc]
             elif jobs:
-                results = await run_together(self._shell, [self._core.append_many(j.rid, j.text) for j in jobs])
+                results = await run_together(self._shell, [j.op(self._core) for j in jobs])
         except BaseException as exc:  # cancelled (loop shutting down): nobody may wait forever
             results = [exc] * len(jobs)
             raise
@@ -227,10 +247,11 @@ class AppendBatcher:
                 assert job.sent_as is not None
                 entry.redo = (*job.sent_as, job.text)
             _resolve(waiters, result)
+            key = (job.rid, job.epoch)
             if entry.chunks:
-                ready[job.rid] = entry  # text arrived meanwhile: it goes in the next batch
-            elif entry.redo is None and pending.get(job.rid) is entry:
-                del pending[job.rid]
+                ready[key] = entry  # text arrived meanwhile: it goes in the next batch
+            elif entry.redo is None and pending.get(key) is entry:
+                del pending[key]
 
 
 def _resolve(waiters: list[_Waiter[AppendAck | None]], result: Any) -> None:

@@ -91,7 +91,7 @@ def decode_context(request_id: str, fields: list[Any] | dict[Any, Any], prefix: 
         raw: dict[str, Any] = {}
         for name, value in pairs(fields).items():  # type: ignore[arg-type]
             attr = _RENAMED.get(name, name)
-            if attr not in _CONTEXT_FIELDS or attr in ("messages", "failed_backends"):
+            if attr not in _CONTEXT_FIELDS or attr in ("messages", "failed_backends", "usage"):
                 continue
             raw[attr] = int(value) / 1000.0 if name in _MS_FIELDS else value
         raw["generated_prefix"] = text(prefix)
@@ -103,6 +103,8 @@ def decode_context(request_id: str, fields: list[Any] | dict[Any, Any], prefix: 
         if extra.get("messages"):
             ctx.messages = _messages_decoder.decode(extra["messages"])
         ctx.failed_backends = [b for b in extra.get("failed_backends", "").split(",") if b]
+        if extra.get("usage"):
+            ctx.usage = msgspec.json.decode(extra["usage"], type=dict[str, int])
         return ctx
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, UnicodeDecodeError, IndexError) as exc:
         raise CorruptStateError(request_id, f"context does not decode: {exc}") from None
@@ -117,6 +119,8 @@ def decode_outcome(request_id: str, fields: list[Any] | dict[Any, Any]) -> Reque
         raw["request_id"] = request_id
         if "finished" in raw:
             raw["finished_at"] = int(raw.pop("finished")) / 1000.0
+        if "usage" in raw:
+            raw["usage"] = msgspec.json.decode(raw["usage"])
         return msgspec.convert(raw, RequestOutcome, strict=False)
     except (msgspec.ValidationError, ValueError) as exc:
         raise CorruptStateError(request_id, f"outcome does not decode: {exc}") from None

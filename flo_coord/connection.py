@@ -30,9 +30,11 @@ from flo_coord import defaults
 from flo_coord.errors import ConfigError, CoordinatorUnavailableError
 from flo_coord.retry import no_client_retries
 
-#: The smallest socket timeout the shells give a client they built (a blocking WAIT or
-#: XREAD must fit in it).
+#: The smallest socket timeout the shells give a client they built when it sends blocking
+#: calls (a WAIT of ``durability="replica"`` must fit in it).
 MIN_SOCKET_TIMEOUT = 2.0
+#: The smallest socket timeout of a sync client that sends no blocking call.
+MIN_PLAIN_SOCKET_TIMEOUT = 0.1
 
 _SCHEMES = "redis://, rediss://, unix://, redis+cluster://, rediss+cluster://, redis+sentinel:// or rediss+sentinel://"
 
@@ -198,23 +200,24 @@ def _sentinel(parts: Any, asyncio: bool, timeout: float) -> Any:
     return Sentinel(_hosts(parts.netloc), sentinel_kwargs=sentinel_kwargs, **kwargs).master_for(service)
 
 
-def attempt_timeout(deadline: float, timeout: float) -> float:
+def attempt_timeout(deadline: float, timeout: float, floor: float = MIN_SOCKET_TIMEOUT) -> float:
     """The socket timeout for a client built with ``timeout`` under a retry ``deadline``.
 
-    A sync call cannot be interrupted, so one hung call may outlive the deadline by up to
-    one socket timeout; a client flo_coord built gets at most half the deadline (and at
-    least ``MIN_SOCKET_TIMEOUT``, so blocking WAIT and XREAD calls still fit).
+    A sync call cannot be interrupted, so a client flo_coord built gets at most half the
+    deadline: two attempts on a frozen server end by the deadline (the sync shell starts no
+    attempt that could end later). ``floor`` keeps room for blocking calls (WAIT of
+    ``durability="replica"``); without any, the shells pass a small one.
     """
-    return min(timeout, max(MIN_SOCKET_TIMEOUT, deadline / 2))
+    return min(timeout, max(floor, deadline / 2))
 
 
-def rebuilt_for_deadline(client: Any, deadline: float) -> Any:
+def rebuilt_for_deadline(client: Any, deadline: float, floor: float = MIN_SOCKET_TIMEOUT) -> Any:
     """``client`` itself, or (for a sync client ``connect`` built with a socket timeout
     above ``attempt_timeout``) a replacement with that smaller timeout."""
     spec = getattr(client, "flo_coord_connect", None)
     if not isinstance(spec, ConnectSpec) or spec.asyncio:
         return client  # asyncio shells cut every attempt at the deadline themselves
-    wanted = attempt_timeout(deadline, spec.timeout)
+    wanted = attempt_timeout(deadline, spec.timeout, floor)
     if wanted >= spec.timeout:
         return client
     replacement = connect(spec.url, asyncio=False, timeout=wanted)

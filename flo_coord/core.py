@@ -28,6 +28,7 @@ from flo_coord.codec import (
     encode_history,
     encode_messages,
     index_member,
+    json_encoder,
     pairs,
     text,
 )
@@ -59,7 +60,9 @@ from flo_coord.scripts import (
     LEASE_STATUS,
     ORPHAN_CANDIDATES,
     READ,
+    REJECT,
     START,
+    START_NEW,
     UPDATE,
     Script,
 )
@@ -203,10 +206,37 @@ class FailoverCore:
         rid = validation.request_id(request_id, self.limits)
         return rid, self.keys.request(rid)
 
-    def _fenced(self, script: Script, rk: RequestKeys, rid: str, *args: Any) -> tuple[Eval, int]:
-        held = self._held.get(rid)
-        epoch = held.epoch if held else 0  # epoch 0 never matches: a non-holder is fenced out
+    def _fenced(
+        self, script: Script, rk: RequestKeys, rid: str, *args: Any, epoch: int | None = None
+    ) -> tuple[Eval, int]:
+        """The fenced call of ``script`` and the epoch it is fenced on.
+
+        ``epoch`` is the generation token of the caller (the epoch its generation started
+        or claimed the request under); without it, the epoch this worker holds now.
+        """
+        if epoch is None:
+            held = self._held.get(rid)
+            epoch = held.epoch if held else 0  # epoch 0 never matches: a non-holder is fenced out
+        else:
+            self._check_generation(rid, epoch)
         return Eval(script, astuple(rk), (self.worker_id, epoch, *args)), epoch
+
+    def _check_generation(self, rid: str, epoch: int) -> None:
+        """Refuse, before any I/O, a write of a generation this worker no longer holds.
+
+        When this worker re-claims a request it was still running (its lease expired in an
+        outage), the holding moves to the new epoch: the older generation's writes must not
+        pass the fence under the new epoch, so they stop here with LeaseLostError.
+        """
+        validation.epoch(epoch)
+        held = self._held.get(rid)
+        if held is None or held.epoch != epoch:
+            raise LeaseLostError(
+                rid,
+                held_epoch=epoch,
+                current_owner=self.worker_id if held is not None else None,
+                current_epoch=held.epoch if held is not None else None,
+            )
 
     # ------------------------------------------------------------------ tracking
 
@@ -219,6 +249,25 @@ class FailoverCore:
         messages: Any = None,
         max_tokens: int | None = None,
     ) -> Operation[StreamingContext]:
+        return self._start(*self._start_args(request_id, prompt, backend, messages, max_tokens))
+
+    def start_new(
+        self,
+        request_id: Any,
+        prompt: Any,
+        backend: ServingBackend | str | None = None,
+        *,
+        messages: Any = None,
+        max_tokens: int | None = None,
+    ) -> Operation[StreamingContext | None]:
+        """``start_tracking`` for a queued request, as one script (START_NEW): None, and
+        nothing changed, when the request exists or has an outcome (a late or duplicate
+        queue delivery must never overwrite, or run again, a request someone started)."""
+        return self._start(*self._start_args(request_id, prompt, backend, messages, max_tokens), START_NEW)
+
+    def _start_args(
+        self, request_id: Any, prompt: Any, backend: Any, messages: Any, max_tokens: Any
+    ) -> tuple[str, RequestKeys, str, str, list[ChatMessage] | None, int | None]:
         rid, rk = self._rid(request_id)
         msgs = validation.messages(messages, self.limits) if messages is not None else None
         if msgs is not None and prompt is None:
@@ -229,7 +278,28 @@ class FailoverCore:
             isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
         ):
             raise ValidationError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        return self._start(rid, rk, prompt, primary, msgs, max_tokens)
+        return rid, rk, prompt, primary, msgs, max_tokens
+
+    def reject(self, request_id: Any, reason: Any, *, kind: str) -> Operation[bool]:
+        """End a request nobody runs and nobody can run (a poison queue entry, a corrupt
+        stored context) as Failed with ``reason``/``kind``, so followers see why.
+
+        Returns False when it changed nothing: the request already has an outcome, or its
+        context holds a live lease (someone runs it)."""
+        rid, rk = self._rid(request_id)
+        reason = validation.text("reason", reason, self.limits.max_chunk_bytes)
+        kind = validation.label("kind", kind, self.limits)
+        return self._reject(rid, rk, reason, kind)
+
+    def _reject(self, rid: str, rk: RequestKeys, reason: str, kind: str) -> Operation[bool]:
+        args = (self.worker_id, reason, kind, self._ms(self.retention))
+        (reply,) = yield [Eval(REJECT, astuple(rk), args)]
+        status, _ = _status(reply, rid)
+        if status != "OK":
+            return False
+        (removed,) = yield [Cmd(("ZREM", self.keys.active, rid))]
+        ok(removed)
+        return True
 
     def _backend_name(self, backend: ServingBackend | str | None) -> str:
         if backend is None:
@@ -248,7 +318,8 @@ class FailoverCore:
         primary: str,
         msgs: list[ChatMessage] | None,
         max_tokens: int | None,
-    ) -> Operation[StreamingContext]:
+        script: Script = START,
+    ) -> Operation[Any]:
         ttl = self._ms(self.lease_ttl)
         args = (
             rid,
@@ -261,9 +332,11 @@ class FailoverCore:
             max_tokens or "",
         )
         # The index hint goes first: a live request is never missing from the index.
-        replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid)), Eval(START, astuple(rk), args)]
+        replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid)), Eval(script, astuple(rk), args)]
         ok(replies[0])
-        _, reply = _status(replies[1], rid)
+        status, reply = _status(replies[1], rid)
+        if status == "EXISTS":
+            return None  # START_NEW refused: the index entry is a hint the request's hash corrects
         epoch, lease, now = int(reply[1]), int(reply[2]), int(reply[3])
         self._hold(rid, epoch, 0)
         return StreamingContext(
@@ -278,10 +351,13 @@ class FailoverCore:
             created_at=now / 1000,
         )
 
-    def append_tokens(self, request_id: Any, tokens: Any, *, seq: Any = None) -> Operation[AppendAck | None]:
+    def append_tokens(
+        self, request_id: Any, tokens: Any, *, seq: Any = None, epoch: int | None = None
+    ) -> Operation[AppendAck | None]:
+        """Commit ``tokens``; ``epoch`` is the caller's generation token (see ``_fenced``)."""
         rid, rk = self._rid(request_id)
         chunk = validation.chunk(tokens, self.limits)
-        return self._append(rid, rk, [chunk], validation.seq(seq))
+        return self._append(rid, rk, [chunk], validation.seq(seq), epoch)
 
     def check_offer(self, request_id: Any, tokens: Any) -> Holding | None:
         """Validate an append without building it (the hot path's check); the holding, if any.
@@ -294,16 +370,20 @@ class FailoverCore:
         validation.chunk(tokens, self.limits)
         return held
 
-    def append_many(self, request_id: str, chunks: list[str]) -> Operation[AppendAck | None]:
+    def append_many(self, request_id: str, chunks: list[str], epoch: int | None = None) -> Operation[AppendAck | None]:
         """Commit several already-validated chunks as one append (the batcher's path)."""
         rid, rk = self._rid(request_id)
-        return self._append(rid, rk, chunks, None)
+        return self._append(rid, rk, chunks, None, epoch)
 
-    def _append(self, rid: str, rk: RequestKeys, chunks: list[str], seq: int | None) -> Operation[AppendAck | None]:
+    def _append(
+        self, rid: str, rk: RequestKeys, chunks: list[str], seq: int | None, epoch: int | None = None
+    ) -> Operation[AppendAck | None]:
+        if epoch is not None:
+            self._check_generation(rid, epoch)
         held = self._held.get(rid)
         number = seq if seq is not None else (held.next_seq if held else 1)
         tokens = sum(count_tokens(c) for c in chunks)
-        call, epoch = self._fenced(APPEND, rk, rid, number, "".join(chunks), tokens)
+        call, epoch = self._fenced(APPEND, rk, rid, number, "".join(chunks), tokens, epoch=epoch)
         (reply,) = yield [call]
         status, reply = _status(reply, rid)
         if status in ("OK", "DUP"):
@@ -314,41 +394,72 @@ class FailoverCore:
             return None  # the original: appending to an unknown request is a no-op
         raise self._lost(rid, epoch, reply)
 
-    def update_state(self, request_id: Any, state: StreamState) -> Operation[None]:
+    def update_state(self, request_id: Any, state: StreamState, *, epoch: int | None = None) -> Operation[None]:
         rid, rk = self._rid(request_id)
         if not isinstance(state, StreamState):
             raise ValidationError(f"state must be a StreamState, got {type(state).__name__}")
-        return self._update(rid, rk, "state", state.name, "state_reason", state.message or "")
+        return self._update(rid, rk, "state", state.name, "state_reason", state.message or "", epoch=epoch)
 
-    def mark_backend_failed(self, request_id: Any, backend: ServingBackend | str) -> Operation[None]:
+    def mark_backend_failed(
+        self, request_id: Any, backend: ServingBackend | str, *, epoch: int | None = None
+    ) -> Operation[None]:
         rid, rk = self._rid(request_id)
-        return self._update(rid, rk, "+failed", self._backend_name(backend))
+        return self._update(rid, rk, "+failed", self._backend_name(backend), epoch=epoch)
 
-    def set_current_backend(self, request_id: Any, backend: ServingBackend | str) -> Operation[None]:
+    def set_usage(self, request_id: Any, usage: dict[str, int], *, epoch: int | None = None) -> Operation[None]:
+        """Store the usage summed over the request's attempts so far (fenced), for a takeover to continue."""
         rid, rk = self._rid(request_id)
-        return self._update(rid, rk, "current_backend", self._backend_name(backend))
+        return self._update(rid, rk, *_ending_fields(None, usage, self.limits), epoch=epoch)
 
-    def _update(self, rid: str, rk: RequestKeys, *pairs_: str) -> Operation[None]:
-        call, epoch = self._fenced(UPDATE, rk, rid, *pairs_)
+    def set_current_backend(
+        self, request_id: Any, backend: ServingBackend | str, *, epoch: int | None = None
+    ) -> Operation[None]:
+        rid, rk = self._rid(request_id)
+        return self._update(rid, rk, "current_backend", self._backend_name(backend), epoch=epoch)
+
+    def _update(self, rid: str, rk: RequestKeys, *pairs_: str, epoch: int | None = None) -> Operation[None]:
+        call, epoch = self._fenced(UPDATE, rk, rid, *pairs_, epoch=epoch)
         (reply,) = yield [call]
         status, reply = _status(reply, rid)
         if status != "OK":
             raise self._lost(rid, epoch, reply)
 
-    def complete(self, request_id: Any, *, backend: str | None = None, model: str | None = None) -> Operation[bool]:
+    def complete(
+        self,
+        request_id: Any,
+        *,
+        backend: str | None = None,
+        model: str | None = None,
+        finish_reason: str | None = None,
+        usage: dict[str, int] | None = None,
+        epoch: int | None = None,
+    ) -> Operation[bool]:
         rid, rk = self._rid(request_id)
         backend = validation.label("backend", backend or "", self.limits)
         model = validation.label("model", model or "", self.limits)
-        return self._finish(rid, rk, "Completed", "", "", backend, model)
+        extra = _ending_fields(finish_reason, usage, self.limits)
+        return self._finish(rid, rk, "Completed", "", "", backend, model, extra=extra, epoch=epoch)
 
-    def fail(self, request_id: Any, reason: Any, *, kind: str = "GenerationError") -> Operation[bool]:
+    def fail(
+        self,
+        request_id: Any,
+        reason: Any,
+        *,
+        kind: str = "GenerationError",
+        finish_reason: str | None = None,
+        usage: dict[str, int] | None = None,
+        epoch: int | None = None,
+    ) -> Operation[bool]:
         rid, rk = self._rid(request_id)
         reason = redact_secrets(validation.text("reason", reason, self.limits.max_chunk_bytes))
         kind = validation.label("kind", kind, self.limits)
-        return self._finish(rid, rk, "Failed", reason, kind, "", "")
+        extra = _ending_fields(finish_reason, usage, self.limits)
+        return self._finish(rid, rk, "Failed", reason, kind, "", "", extra=extra, epoch=epoch)
 
-    def _finish(self, rid: str, rk: RequestKeys, state: str, *args: str) -> Operation[bool]:
-        call, epoch = self._fenced(FINISH, rk, rid, state, *args[:4], self._ms(self.retention))
+    def _finish(
+        self, rid: str, rk: RequestKeys, state: str, *args: str, extra: tuple[str, ...] = (), epoch: int | None = None
+    ) -> Operation[bool]:
+        call, epoch = self._fenced(FINISH, rk, rid, state, *args[:4], self._ms(self.retention), *extra, epoch=epoch)
         (reply,) = yield [call]
         status, reply = _status(reply, rid)
         finished_elsewhere = status == "LOST" and len(reply) > 3 and int(reply[3]) == 1
@@ -365,13 +476,25 @@ class FailoverCore:
             return False
         raise self._lost(rid, epoch, reply)
 
-    def release(self, request_id: Any) -> Operation[None]:
+    def release(self, request_id: Any, *, epoch: int | None = None) -> Operation[None]:
         """Hand a request back: its lease ends now, so another worker claims it at once."""
         rid, rk = self._rid(request_id)
-        yield from self._update(rid, rk, "lease", "0")
+        if epoch is not None:
+            self._check_generation(rid, epoch)
+        return self._release(rid, rk, epoch)
+
+    def _release(self, rid: str, rk: RequestKeys, epoch: int | None) -> Operation[None]:
+        yield from self._update(rid, rk, "lease", "0", epoch=epoch)
         replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (0, "add", rid))]
         ok(replies[0])
-        self._drop(rid)
+        self._drop(rid, epoch)
+
+    def forget(self, request_id: str, epoch: int | None = None) -> None:
+        """Stop holding a request locally (no I/O): heartbeats no longer renew its lease, so
+        it becomes claimable ``lease_ttl`` after the last renewal. For a generation that
+        stopped because Redis was unreachable and so could not hand the request back or end
+        it. ``epoch``: the generation's token; a newer holding of this worker is kept."""
+        self._drop(request_id, epoch)
 
     # ------------------------------------------------------------------- reading
 
@@ -511,7 +634,7 @@ class FailoverCore:
         """Requests whose lease expired. Cost grows with expired leases, not active ones."""
         return self._orphans(validation.limit(limit))
 
-    def _orphans(self, limit: int) -> Operation[list[str]]:
+    def _orphans(self, limit: int, corrupt: list[str] | None = None) -> Operation[list[str]]:
         (reply,) = yield [Eval(ORPHAN_CANDIDATES, (self.keys.active,), (limit,))]
         candidates = [rid for rid in (index_member(c, self.limits) for c in ok(reply)[1]) if rid is not None]
         if not candidates:
@@ -525,6 +648,8 @@ class FailoverCore:
             try:
                 status, r = _status(status_reply, rid)
             except CorruptStateError:
+                if corrupt is not None:
+                    corrupt.append(rid)
                 continue  # a corrupt request is reported by its own calls, not here
             if status == "GONE":
                 gone.append(rid)
@@ -578,13 +703,19 @@ class FailoverCore:
 
     def _claim_orphans(self, limit: int) -> Operation[list[StreamingContext]]:
         won = []
-        for rid in (yield from self._orphans(limit)):
+        corrupt: list[str] = []
+        for rid in (yield from self._orphans(limit, corrupt)):
             try:
                 ctx = yield from self._claim(rid, self.keys.request(rid), uuid.uuid4().hex)
             except CorruptStateError:
-                continue  # reported by that request's own calls; the others are still claimed
+                corrupt.append(rid)  # the others are still claimed
+                continue
             if ctx is not None:
                 won.append(ctx)
+        for rid in corrupt:  # nobody can run it: end it, typed, so it is neither stuck nor followed for ever
+            reason = "the request cannot be run: its stored context is corrupt"
+            if (yield from self._reject(rid, self.keys.request(rid), reason, "CorruptStateError")):
+                log.warning("request %s had a corrupt stored context: ended as failed", rid)
         return won
 
     def active_requests(self, limit: int = 1000) -> Operation[list[tuple[str, float]]]:
@@ -612,6 +743,17 @@ class FailoverCore:
             return None
         chunk = reply[2] if isinstance(reply[2], bytes) else text(reply[2]).encode()
         return text(reply[1]), chunk, decode_outcome(rid, reply[3])
+
+
+def _ending_fields(finish_reason: str | None, usage: dict[str, int] | None, limits: Any) -> tuple[str, ...]:
+    """The outcome's finish_reason and usage (JSON) as FINISH's extra field/value pairs."""
+    out: tuple[str, ...] = ()
+    if finish_reason:
+        out += ("finish_reason", validation.label("finish_reason", finish_reason, limits))
+    if usage:
+        clean = {str(k)[:64]: int(v) for k, v in list(usage.items())[:32] if isinstance(v, int)}
+        out += ("usage", json_encoder.encode(clean).decode())
+    return out
 
 
 def astuple(rk: RequestKeys) -> tuple[str, str, str, str]:

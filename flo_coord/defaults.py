@@ -35,6 +35,13 @@ RETRY_DEADLINE = 10.0
 #: First and largest pause between retries (exponential with full jitter in between).
 RETRY_INITIAL = 0.05
 RETRY_MAX = 1.0
+#: Waiting out a Redis outage (workers, heartbeats, reaper): first and largest pause
+#: between tries, exponential with full jitter in between.
+OUTAGE_BACKOFF_INITIAL = 0.1
+OUTAGE_BACKOFF_MAX = 5.0
+#: Seconds ``Coordinator.aclose`` spends handing requests back (all at once) before it
+#: gives up on the rest and reports them (their leases then expire).
+HAND_BACK_TIMEOUT = 3.0
 #: Connections of one asyncio client built from a URL (Redis's own default maxclients).
 MAX_CONNECTIONS = 10_000
 #: Socket timeout of clients flo_coord builds from a URL.

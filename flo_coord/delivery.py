@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING
 
 from flo_coord import defaults, validation
@@ -24,6 +24,7 @@ from flo_coord.errors import CorruptStateError, RequestFailedError, UnknownReque
 
 if TYPE_CHECKING:
     from flo_coord.manager import AsyncFailoverManager
+    from flo_coord.models import RequestOutcome
 
 
 def cancel_point() -> None:
@@ -45,15 +46,18 @@ async def follow(
     *,
     wait: float = 0.0,
     poll: float = defaults.FOLLOW_POLL,
+    on_outcome: Callable[[RequestOutcome], None] | None = None,
 ) -> AsyncGenerator[str, None]:
     """Yield the answer from character ``offset`` on, as it is committed, until it ends.
 
     ``offset``: characters to skip; ``wait``: seconds (finite, >= 0) to wait for a submitted
-    request to be taken by a worker; ``poll``: seconds (0.001 or more) each feed read blocks.
-    Raises ValidationError for bad arguments (before any Redis call), UnknownRequestError
-    for a request that does not exist (after ``wait``), RequestFailedError (with the
-    worker's reason) when the request ended in failure, CorruptStateError when its stored
-    text is not UTF-8. Stops promptly when its task is cancelled.
+    request to be taken by a worker; ``poll``: seconds (0.001 or more) each feed read blocks;
+    ``on_outcome`` gets the RequestOutcome read together with the end of the text
+    (finish_reason, usage). Raises ValidationError for bad arguments (before any Redis
+    call), UnknownRequestError for a request that does not exist (after ``wait``),
+    RequestFailedError (with the worker's reason) when the request ended in failure,
+    CorruptStateError when its stored text is not UTF-8. Stops promptly when its task is
+    cancelled.
     """
     core = manager.core
     rid = validation.request_id(request_id, core.limits)
@@ -83,6 +87,8 @@ async def follow(
         if chunk:
             yield chunk
         if outcome is not None:
+            if on_outcome is not None:
+                on_outcome(outcome)
             if outcome.state == "Failed":
                 raise RequestFailedError(rid, f"request {rid!r} failed: {outcome.error}")
             return

@@ -75,21 +75,6 @@ class Stats:
     victims: int = 0
 
 
-def _preload_scripts(server: Any) -> None:
-    """fakeredis' TCP server drops a connection after any error reply, so a "function not found"
-    reply could never be followed by the FUNCTION LOAD that answers it: load the library (and
-    the scripts, for the EVALSHA fallback) before any worker connects."""
-    from flo_coord import functions, scripts
-
-    client = server.client()
-    try:
-        functions.install(client)
-        for script in scripts.registry():
-            client.script_load(script.source)
-    finally:
-        client.close()
-
-
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (None for no values)."""
     if not values:
@@ -129,8 +114,6 @@ class Demo:
             self.redis_server = start_embedded_redis()
             self.redis_url = self.redis_server.url
             kind = "redis-server" if isinstance(self.redis_server, RedisServer) else "fakeredis"
-            if kind == "fakeredis":
-                _preload_scripts(self.redis_server)
             self.redis_label = f"embedded {kind} on port {self.redis_server.port}"
             if isinstance(self.redis_server, RedisServer) and self.redis_server.pid:
                 self.pids["redis-server"] = self.redis_server.pid

@@ -40,6 +40,7 @@ __all__ = [
     "SentinelServer",
     "free_port",
     "free_ports",
+    "preload_scripts",
     "redis_cli_binary",
     "redis_server_binary",
     "start_embedded_redis",
@@ -66,15 +67,20 @@ class EmbeddedRedisError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+#: Environment variables naming the binaries to use (a path or a name looked up on PATH).
+REDIS_SERVER_ENV = "FLO_REDIS_SERVER"
+REDIS_CLI_ENV = "FLO_REDIS_CLI"
+
+
 def redis_server_binary() -> str | None:
     """Path of the ``redis-server`` to use, or None; ``FLO_REDIS_SERVER`` (path or name) overrides the PATH lookup."""
-    override = os.environ.get("FLO_REDIS_SERVER")
+    override = os.environ.get(REDIS_SERVER_ENV)
     return shutil.which(override) if override else shutil.which("redis-server")
 
 
 def redis_cli_binary() -> str | None:
     """Path of ``redis-cli`` (``FLO_REDIS_CLI`` overrides), falling back to the directory of ``redis-server``."""
-    override = os.environ.get("FLO_REDIS_CLI")
+    override = os.environ.get(REDIS_CLI_ENV)
     if override:
         return shutil.which(override)
     found = shutil.which("redis-cli")
@@ -715,8 +721,30 @@ def _shutdown_fake(server: Any, serving: threading.Event) -> None:
     server.server_close()
 
 
+def preload_scripts(server: RedisServer | FakeRedisTCPServer) -> None:
+    """Load flo_coord's Redis Functions library (and every script, for the EVALSHA fallback) into ``server``.
+
+    fakeredis' TCP server drops a connection after any error reply, so a "function not found" reply could never be
+    followed by the FUNCTION LOAD that answers it: the fake gets the library before any client connects.
+    """
+    from flo_coord import functions, scripts
+
+    client = server.client()
+    try:
+        functions.install(client)
+        for script in scripts.registry():
+            client.script_load(script.source)
+    finally:
+        client.close()
+
+
 def start_embedded_redis(**kwargs: Any) -> RedisServer | FakeRedisTCPServer:
-    """A started :class:`RedisServer` (``kwargs`` go to it) when ``redis-server`` exists, else a started fake."""
+    """A started :class:`RedisServer` (``kwargs`` go to it) when ``redis-server`` exists, else a started
+    :class:`FakeRedisTCPServer` with flo_coord's scripts loaded (what ``flo-coord demo`` and the README examples
+    run on). Stop it with ``stop()`` or use it as a context manager. Raises EmbeddedRedisError when a binary exists
+    but does not start."""
     if redis_server_binary() is not None:
         return RedisServer(**kwargs).start()
-    return FakeRedisTCPServer().start()
+    fake = FakeRedisTCPServer().start()
+    preload_scripts(fake)
+    return fake

@@ -15,6 +15,13 @@ class ConfigError(ValidationError):
     """An invalid configuration value or file."""
 
 
+class PoisonRequestError(ValidationError):
+    """A queued entry no worker can run (not JSON, not UTF-8, fields of the wrong type).
+
+    The worker that took it ends its request (when the entry names a valid request id) as
+    Failed with this class name as ``error_kind``, acknowledges it, and goes on."""
+
+
 class LeaseLostError(FloCoordError):
     """This worker no longer owns the request: its write changed nothing.
 

@@ -14,8 +14,15 @@ Policy for a failing call (each case is in the README):
   chunk: fail over at once (and count it against the backend's shared breaker);
 - 400 context too long or other 4xx: do not retry that backend; move on;
 - 400 content policy: do not retry anywhere: ``ContentPolicyError``;
-- a prefill rejection: that backend cannot continue this request; move on, and report
-  the failure that caused the failover, not the rejection.
+- a prefill rejection: that backend cannot continue this request (remembered for every
+  worker for a while, capabilities.py); move on, and report the failure that caused the
+  failover, not the rejection;
+- a pool timeout or a missing api key variable: a local fault, never counted on the breaker;
+- once every other backend is used up, a backend that failed transiently is tried again
+  after a backoff, within ``max_retries`` and ``failover_timeout``.
+Whatever else goes wrong while generating (a Redis error past its deadline, a bug), the
+request ends failed with the error in its outcome; if even that cannot be written, this
+worker stops renewing its lease so another replica takes it over.
 The caller gets the whole answer or a typed error, never a truncated answer.
 """
 
@@ -24,15 +31,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from flo_coord import defaults, logs
+from flo_coord import capabilities, defaults, logs
 from flo_coord.backends import (
     Backend,
     BackendError,
@@ -41,19 +49,23 @@ from flo_coord.backends import (
     ContentPolicyRejection,
     GenerationRequest,
     PrefillRejectedError,
+    Progress,
     RateLimitedError,
     ServerError,
     StreamCutError,
     StreamEnd,
     TextChunk,
+    ToolCallsOnlyError,
     make_backend,
 )
 from flo_coord.breaker import BreakerConfig, CircuitBreaker
+from flo_coord.capabilities import CapabilityMemory
 from flo_coord.delivery import follow
 from flo_coord.errors import (
     ConfigError,
     ContentPolicyError,
     CoordinatorUnavailableError,
+    FloCoordError,
     GenerationError,
     LeaseLostError,
     ValidationError,
@@ -117,6 +129,11 @@ class _Run:
     cause: BaseException | None = None  # the failure that made us fail over (reported on give-up)
     finish: StreamEnd | None = None
     finished_by: str | None = None
+    cannot_continue: set[str] = field(default_factory=set)  # rejected a prefill for this request
+    retry_at: dict[str, float] = field(default_factory=dict)  # failed transiently: monotonic time to retry
+    spent_tokens: int = 0  # completion tokens of the answer so far (usage, else estimate_tokens)
+    usage: dict[str, int] = field(default_factory=dict)  # summed over this run's attempts
+    outcome: RequestOutcome | None = None
 
     @property
     def request_id(self) -> str:
@@ -124,6 +141,49 @@ class _Run:
 
 
 PromptOrMessages = str | list[ChatMessage] | list[dict[str, str]]
+
+
+def estimate_tokens(text: str, deltas: int = 0) -> int:
+    """Tokens of ``text`` when no backend reported usage for it: a conservative estimate.
+
+    The larger of the streamed text deltas (a delta carries at least one token) and one
+    token per 4 UTF-8 bytes, rounded up. It errs towards more tokens, so a
+    continuation's ``max_tokens`` never lets the answer run past the caller's limit;
+    whitespace-separated words would undercount code and Chinese or Japanese text.
+    """
+    return max(deltas, math.ceil(len(text.encode("utf-8")) / 4))
+
+
+class AnswerStream(AsyncIterator[str]):
+    """The committed chunks of one answer (``Coordinator.stream`` and ``follow``).
+
+    Once the iteration has ended (or raised), ``outcome`` holds the request's RequestOutcome
+    (``finish_reason``, ``usage`` summed over attempts, ...) with no extra Redis round trip;
+    ``finish_reason`` and ``usage`` are shortcuts to it. ``aclose()`` ends it early.
+    """
+
+    def __init__(self) -> None:
+        self.outcome: RequestOutcome | None = None
+        self._chunks: AsyncGenerator[str, None] | None = None
+
+    def __aiter__(self) -> AnswerStream:
+        return self
+
+    async def __anext__(self) -> str:
+        assert self._chunks is not None
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        if self._chunks is not None:
+            await self._chunks.aclose()
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outcome.finish_reason if self.outcome is not None else None
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        return self.outcome.usage if self.outcome is not None else None
 
 
 class Coordinator:
@@ -142,8 +202,14 @@ class Coordinator:
         executor: ExecutorConfig | None = None,
         breaker: BreakerConfig | None = None,
         manager: AsyncFailoverManager | None = None,
+        concurrency: int | None = None,
+        capability_ttl: float | None = None,
         **manager_options: Any,
     ) -> None:
+        """``concurrency``: requests this Coordinator runs at once (a Worker's ``concurrency``);
+        it sizes each backend's HTTP connection pool unless its spec sets ``max_connections``.
+        ``capability_ttl``: seconds a runtime prefill rejection is remembered for all workers.
+        """
         self.manager = manager or AsyncFailoverManager(
             config,
             redis=redis,
@@ -153,10 +219,12 @@ class Coordinator:
             lease_ttl=lease_ttl,
             **manager_options,
         )
-        self.backends = _backend_map(backends)
+        self.backends = _backend_map(backends, concurrency)
         self.executor = executor or ExecutorConfig()
         self.breaker = CircuitBreaker(self.manager.core.keys, self.manager.worker_id, breaker)
+        self.capabilities = CapabilityMemory(self.manager.core.keys, capability_ttl or capabilities.DEFAULT_TTL)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._generations: dict[str, tuple[int, asyncio.Task[Any]]] = {}  # request -> (epoch, task)
         self._heartbeat: Any = None
         self._reaper: AsyncReaper | None = None
         self._closing = False
@@ -164,6 +232,18 @@ class Coordinator:
     @property
     def worker_id(self) -> str:
         return self.manager.worker_id
+
+    @property
+    def redis_available(self) -> bool:
+        """False while Redis does not answer (the last operation raised
+        CoordinatorUnavailableError); for a readiness probe (``/readyz``) and metrics."""
+        return self.manager.shell.health.available
+
+    @property
+    def health(self) -> Any:
+        """The ``retry.RedisHealth`` of this Coordinator's Redis client: ``available``,
+        ``down_for()`` (seconds), ``last_success`` (monotonic seconds), ``outages``."""
+        return self.manager.shell.health
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,25 +256,55 @@ class Coordinator:
             self._reaper.start()
         return self
 
-    async def aclose(self, *, hand_back: bool = True) -> None:
-        """Stop; with ``hand_back``, release every request still held so others take it at once."""
+    async def aclose(self, *, hand_back: bool = True, timeout: float = defaults.HAND_BACK_TIMEOUT) -> list[str]:
+        """Stop; with ``hand_back``, release every request still held so others take it at once.
+
+        Running generations are cancelled; the hand-back of all held requests runs at once,
+        and the whole close is bounded by ``timeout`` seconds (also when Redis is gone or
+        frozen). Returns (and logs) the request ids it could not hand back: their leases
+        expire within ``lease_ttl`` and another replica takes them over then.
+        """
         self._closing = True
+        ends = time.monotonic() + timeout
+
+        def left() -> float:  # one budget for every step, so the whole close is bounded
+            return max(0.05, ends - time.monotonic())
+
         if self._reaper is not None:
-            await self._reaper.stop()
+            await _bounded(self._reaper.stop(), left())
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if hand_back:
-            for rid in self.manager.held():
-                try:
-                    await self.manager.release(rid)
-                except Exception as exc:  # best effort: the lease expires anyway
-                    log.warning("could not hand back %s: %s", rid, exc)
+        if self._tasks:
+            await _bounded(asyncio.gather(*self._tasks, return_exceptions=True), left())
+        failed = await self._hand_back(self.manager.held(), left()) if hand_back else []
         if self._heartbeat is not None:
-            await self._heartbeat.stop()
+            await _bounded(self._heartbeat.stop(), left())
         for backend in self.backends.values():
-            await backend.aclose()
-        await self.manager.aclose()
+            await _bounded(backend.aclose(), left())
+        await _bounded(self.manager.aclose(), left())
+        return failed
+
+    async def _hand_back(self, request_ids: list[str], timeout: float) -> list[str]:
+        """Release ``request_ids`` concurrently within ``timeout``; the ids not released."""
+        if not request_ids:
+            return []
+        tasks = {rid: asyncio.ensure_future(self.manager.release(rid)) for rid in request_ids}
+        await asyncio.wait(tasks.values(), timeout=timeout)
+        failed = []
+        for rid, task in tasks.items():
+            if not task.done():
+                task.cancel()
+                failed.append(rid)
+            elif task.exception() is not None and not isinstance(task.exception(), LeaseLostError):
+                failed.append(rid)
+        if failed:
+            log.warning(
+                "could not hand back %d requests (their leases expire in %.1fs, then another replica takes them): %s",
+                len(failed),
+                self.manager.lease_ttl,
+                ", ".join(failed),
+            )
+        return failed
 
     async def __aenter__(self) -> Coordinator:
         return await self.start()
@@ -204,22 +314,39 @@ class Coordinator:
 
     # -------------------------------------------------------------------- public
 
-    async def stream(
+    def stream(
         self,
         request_id: str,
         prompt_or_messages: PromptOrMessages,
         *,
         primary: ServingBackend | str | None = None,
         max_tokens: int | None = None,
+    ) -> AnswerStream:
+        """Track, generate and yield the answer's chunks, each once it is committed.
+
+        Returns an AnswerStream: iterate it; afterwards its ``outcome``, ``finish_reason``
+        and ``usage`` tell how the answer ended. Raises the request's typed error
+        (GenerationError, ContentPolicyError, ...) where it ends.
+        """
+        answer = AnswerStream()
+        answer._chunks = self._stream(answer, request_id, prompt_or_messages, primary, max_tokens)
+        return answer
+
+    async def _stream(
+        self,
+        answer: AnswerStream,
+        request_id: str,
+        prompt_or_messages: PromptOrMessages,
+        primary: ServingBackend | str | None,
+        max_tokens: int | None,
     ) -> AsyncGenerator[str, None]:
-        """Track, generate and yield the answer's chunks, each once it is committed."""
         prompt, messages = _split(prompt_or_messages)
         ctx = await self.manager.start_tracking(request_id, prompt, primary, messages=messages, max_tokens=max_tokens)
         delivered = 0
         try:
             # aclosing: a caller that stops early must end the request (and close the backend's
             # stream) before its aclose() returns, not whenever the generators are collected
-            async with contextlib.aclosing(self._generate(ctx)) as chunks:
+            async with contextlib.aclosing(self._generate(ctx, answer)) as chunks:
                 async for chunk in chunks:
                     delivered += len(chunk)
                     yield chunk
@@ -229,6 +356,7 @@ class Coordinator:
             async with contextlib.aclosing(self.follow(request_id, offset=delivered)) as rest:
                 async for chunk in rest:
                     yield chunk
+                answer.outcome = rest.outcome
 
     async def run(
         self,
@@ -254,12 +382,20 @@ class Coordinator:
         except LeaseLostError:
             log.warning("lost %s again while resuming it", ctx.request_id)
 
-    def follow(self, request_id: str, offset: int = 0, *, wait: float = 0.0) -> AsyncGenerator[str, None]:
+    def follow(self, request_id: str, offset: int = 0, *, wait: float = 0.0) -> AnswerStream:
         """The committed answer from character ``offset`` on, live, from any replica.
 
         ``wait``: seconds to wait for a just-submitted request to be taken by a worker.
+        Returns an AnswerStream whose ``outcome`` (``finish_reason``, ``usage``) is set when
+        the answer ends, from the same read that saw the end (no extra round trip).
         """
-        return follow(self.manager, request_id, offset, wait=wait)
+        answer = AnswerStream()
+
+        def seen(outcome: RequestOutcome) -> None:
+            answer.outcome = outcome
+
+        answer._chunks = follow(self.manager, request_id, offset, wait=wait, on_outcome=seen)
+        return answer
 
     async def outcome(self, request_id: str) -> RequestOutcome | None:
         return await self.manager.outcome(request_id)
@@ -267,48 +403,142 @@ class Coordinator:
     # ------------------------------------------------------------------ internals
 
     def resume_in_background(self, ctx: StreamingContext) -> asyncio.Task[None]:
-        """Finish ``ctx`` in a task this Coordinator tracks (``aclose`` hands it back)."""
-        task = asyncio.get_running_loop().create_task(self._resume_logged(ctx), name=f"resume-{ctx.request_id}")
+        """Finish ``ctx`` in a task this Coordinator tracks (``aclose`` hands it back).
+
+        One generation per request: an older generation of the same request still running
+        here (this worker re-claimed the request after its lease expired, e.g. in a Redis
+        outage) is cancelled first; its writes were already fenced out by their epoch.
+        """
+        rid = ctx.request_id
+        older = self._generations.get(rid)
+        if older is not None and older[0] < ctx.epoch and not older[1].done():
+            log.info("request %s: stopping the generation of epoch %d for epoch %d", rid, older[0], ctx.epoch)
+            older[1].cancel()
+        task = asyncio.get_running_loop().create_task(self._resume_logged(ctx), name=f"resume-{rid}")
         self._tasks.add(task)
+        self._generations[rid] = (ctx.epoch, task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._generation_done(rid, t))
         return task
+
+    def _generation_done(self, rid: str, task: asyncio.Task[Any]) -> None:
+        current = self._generations.get(rid)
+        if current is not None and current[1] is task:
+            del self._generations[rid]
+
+    def _stopped_by_outage(self, ctx: StreamingContext) -> None:
+        """A generation whose commits could not be made stopped (its backend stream is
+        closed): stop renewing its lease, so that after the outage the request is taken
+        over (by any replica, this one included) from its committed prefix."""
+        self.manager.core.forget(ctx.request_id, ctx.epoch)
+        log.warning("request %s stopped: Redis unreachable; it is taken over after the outage", ctx.request_id)
 
     async def _resume_logged(self, ctx: StreamingContext) -> None:
         # every line logged while running this request (in its own task) names it
         with logs.bound(worker_id=self.worker_id, request_id=ctx.request_id, epoch=ctx.epoch):
-            log.info("resuming %s at epoch %d from %d chars", ctx.request_id, ctx.epoch, len(ctx.generated_prefix))
+            if ctx.takeovers or ctx.generated_prefix:  # taken over (or continued): say from where
+                log.info("resuming %s at epoch %d from %d chars", ctx.request_id, ctx.epoch, len(ctx.generated_prefix))
+            else:
+                log.info("starting %s at epoch %d", ctx.request_id, ctx.epoch)
             try:
                 await self.resume(ctx)
             except asyncio.CancelledError:
                 raise
+            except CoordinatorUnavailableError as exc:  # already logged by _stopped_by_outage
+                log.debug("resumed request %s stopped: %s", ctx.request_id, exc)
             except Exception as exc:
                 log.warning("resumed request %s ended with %s", ctx.request_id, exc)
 
-    async def _generate(self, ctx: StreamingContext) -> AsyncGenerator[str, None]:
-        run = _Run(ctx=ctx, prefix=ctx.generated_prefix, failed=set(ctx.failed_backends))
+    async def _generate(self, ctx: StreamingContext, answer: AnswerStream | None = None) -> AsyncGenerator[str, None]:
+        run = _Run(ctx=ctx, prefix=ctx.generated_prefix, failed=set(ctx.failed_backends), usage=dict(ctx.usage or {}))
+        run.spent_tokens = estimate_tokens(ctx.generated_prefix)  # committed before this worker: conservative
         try:
-            while run.finish is None:
-                backend = await self._pick(run)
-                if backend is None:
-                    await self._record(run, self._fallback_name(run), FailoverResult.NoBackendsAvailable)
-                    raise await self._give_up(run, "no backend available")
-                async with contextlib.aclosing(self._try_backend(run, backend)) as chunks:
+            try:
+                async with contextlib.aclosing(self._attempts(run)) as chunks:
                     async for chunk in chunks:
                         yield chunk
-            await self.manager.complete(run.request_id, backend=run.finished_by, model=run.finish.model)
+                await self._complete(run)
+            except (GenerationError, LeaseLostError):
+                raise  # already ended (by _give_up) or no longer ours
+            except CoordinatorUnavailableError:
+                self._stopped_by_outage(ctx)  # taken over from the committed prefix after the outage
+                raise
+            except Exception as exc:  # every request ends: a bug, ...
+                raise await self._end_on_error(run, exc) from exc
+            finally:
+                if answer is not None:
+                    answer.outcome = run.outcome
         except (asyncio.CancelledError, GeneratorExit):
             await self._abandon(run)
             raise
 
+    async def _attempts(self, run: _Run) -> AsyncGenerator[str, None]:
+        """Backend after backend until one finishes the answer (``run.finish``) or we give up."""
+        while run.finish is None:
+            if self._remaining_tokens(run) == 0:
+                # the committed answer already used the caller's max_tokens: it ends here, cut by the limit
+                run.finish, run.finished_by = StreamEnd("length"), run.finished_by or run.ctx.current_backend
+                return
+            backend = await self._pick(run)
+            if backend is None:
+                await self._record(run, self._fallback_name(run), FailoverResult.NoBackendsAvailable)
+                raise await self._give_up(run, "no backend available")
+            async with contextlib.aclosing(self._try_backend(run, backend)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+    async def _complete(self, run: _Run) -> None:
+        assert run.finish is not None
+        end, usage = run.finish, run.usage or None
+        await self.manager.complete(
+            run.request_id,
+            backend=run.finished_by,
+            model=end.model,
+            finish_reason=end.finish_reason,
+            usage=usage,
+            epoch=run.ctx.epoch,
+        )
+        run.outcome = self._outcome(run, "Completed", finish_reason=end.finish_reason, model=end.model)
+
+    def _outcome(self, run: _Run, state: Any, **fields: Any) -> RequestOutcome:
+        """The outcome as written, for AnswerStream callers (no round trip to read it back)."""
+        return RequestOutcome(
+            request_id=run.request_id,
+            state=state,
+            owner=self.worker_id,
+            epoch=run.ctx.epoch,
+            backend=run.finished_by,
+            usage=run.usage or None,
+            finished_at=time.time(),
+            **fields,
+        )
+
+    async def _end_on_error(self, run: _Run, exc: Exception) -> GenerationError:
+        """End the request failed after an unexpected error; if Redis cannot take that, let the lease go."""
+        log.warning("request %s: generation failed with %r; ending it", run.request_id, exc)
+        detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, FloCoordError) else str(exc)
+        try:
+            return await self._give_up(run, detail, raise_unwritten=True)
+        except Exception as unwritten:  # Redis unreachable: stop renewing, so another replica takes over
+            log.warning("could not end %s (%r); no longer renewing its lease", run.request_id, unwritten)
+            self.manager.core.forget(run.request_id, run.ctx.epoch)
+            error = GenerationError(run.request_id, f"request {run.request_id!r} failed: {detail}")
+            error.attempts = list(run.attempts)
+            return error
+
     async def _abandon(self, run: _Run) -> None:
-        """The consumer went away or we are shutting down: hand the request back, or end it."""
-        if self.manager.core.holding(run.request_id) is None:
+        """The consumer went away or we are shutting down: hand the request back, or end it.
+
+        Only the generation that holds the request now acts (an older generation of a
+        request this worker re-claimed changes nothing); on shutdown ``aclose`` hands every
+        held request back at once, within its timeout.
+        """
+        held = self.manager.core.holding(run.request_id)
+        if held is None or held.epoch != run.ctx.epoch or self._closing:
             return
         try:
-            if self._closing:
-                await asyncio.shield(self.manager.release(run.request_id))
-            else:
-                await asyncio.shield(self.manager.fail(run.request_id, "cancelled by the caller", kind="Cancelled"))
+            op = self.manager.fail(run.request_id, "cancelled by the caller", kind="Cancelled", epoch=run.ctx.epoch)
+            await asyncio.shield(op)
         except (Exception, asyncio.CancelledError) as exc:
             log.warning("could not end %s cleanly: %r", run.request_id, exc)
 
@@ -327,20 +557,44 @@ class Coordinator:
         return self.manager.config().fallback_order[0]
 
     async def _pick(self, run: _Run) -> str | None:
-        """The first backend, primary first, that is configured, not failed here, and not open."""
-        needs_prefill = run.ctx.messages is not None and bool(run.prefix)
-        for name in self._order(run):
-            backend = self.backends.get(name)
-            if backend is None or name in run.failed:
-                continue
-            if needs_prefill and not backend.spec.prefill:
-                continue  # it cannot continue a chat from a prefix
-            # one probe per request: a half-open backend gets one trial call, not this worker's every request
-            allow = self.breaker.allow(name, f"{self.worker_id}/{run.request_id}")
-            if await self.manager.shell.run(allow, "breaker", run.request_id) == "OPEN":
-                continue
-            return name
+        """The backend to try next: primary first, configured, able to continue, breaker not open.
+
+        Backends not yet failed here come first; then one that failed transiently, once its
+        backoff is over (waited for within the failover budget). None: nothing can continue.
+        """
+        names = await self._able(run)
+        fresh = [n for n in names if n not in run.failed]
+        again = sorted((n for n in names if n in run.retry_at), key=lambda n: run.retry_at[n])
+        for name in fresh:
+            if await self._breaker_allows(run, name):
+                return name
+        for name in again:
+            await self._sleep_within_budget(run, run.retry_at[name] - time.monotonic())
+            if self._budget_left(run) == 0:
+                return None
+            if await self._breaker_allows(run, name):
+                return name
         return None
+
+    async def _able(self, run: _Run) -> list[str]:
+        """Configured backends in order that can continue this request (by capability, never by name)."""
+        names = [n for n in self._order(run) if n in self.backends and n not in run.cannot_continue]
+        if run.ctx.messages is None or not run.prefix:
+            return names
+        modes = {n: self.backends[n].spec.continues_chat for n in names}
+        names = [n for n in names if modes[n] != "none"]
+        asked = [(n, modes[n]) for n in names if modes[n] != "completions"]  # only prefills are remembered
+        try:
+            forgotten = await self.manager.shell.run(self.capabilities.missing(asked), "capability", run.request_id)
+        except CoordinatorUnavailableError as exc:  # a shared hint only: each request still learns by itself
+            log.warning("could not read remembered capabilities: %s", exc)
+            forgotten = set()
+        return [n for n in names if n not in forgotten]
+
+    async def _breaker_allows(self, run: _Run, name: str) -> bool:
+        # one probe per request: a half-open backend gets one trial call, not this worker's every request
+        allow = self.breaker.allow(name, f"{self.worker_id}/{run.request_id}")
+        return await self.manager.shell.run(allow, "breaker", run.request_id) != "OPEN"
 
     async def _try_backend(self, run: _Run, name: str) -> AsyncGenerator[str, None]:
         """Calls to one backend (with its same-backend retries) until success or a final failure."""
@@ -354,7 +608,9 @@ class Coordinator:
                 return
             except ContentPolicyRejection as exc:
                 error = ContentPolicyError(run.request_id, exc.reason)
-                raise await self._give_up(run, exc.reason, error=error) from exc
+                raise await self._give_up(run, exc.reason, error=error, finish_reason="content_filter") from exc
+            except ToolCallsOnlyError as exc:
+                raise await self._give_up(run, exc.detail) from exc
             except ServerError as exc:
                 if server_errors < self.executor.same_backend_retries:
                     server_errors += 1
@@ -386,11 +642,11 @@ class Coordinator:
             prompt=None if ctx.messages is not None else ctx.prompt,
             messages=ctx.messages,
             prefix=run.prefix,
-            max_tokens=_remaining_tokens(ctx.max_tokens, run.prefix),
+            max_tokens=self._remaining_tokens(run),
             request_id=ctx.request_id,
         )
-        started, produced = time.time(), 0
-        await self.manager.set_current_backend(ctx.request_id, name)
+        started, produced, text_here = time.time(), 0, ""
+        await self.manager.set_current_backend(ctx.request_id, name, epoch=ctx.epoch)
         events = aiter(backend.stream(request))
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         reader = asyncio.get_running_loop().create_task(_read_events(events, inbox, backend))
@@ -400,28 +656,52 @@ class Coordinator:
                 chunks = [item.text for item in items if isinstance(item, TextChunk) and item.text]
                 if chunks:
                     text = "".join(chunks)
-                    await self.manager.append_tokens(ctx.request_id, text)
+                    await self._commit(run, text)
                     run.prefix += text
                     produced += len(chunks)
+                    text_here += text
                     run.recovery_deadline = None  # recovered: failover_timeout bounds only the way back
                     yield text
                 last = items[-1]
                 if isinstance(last, BaseException):
                     raise last
                 if isinstance(last, StreamEnd):
+                    await self._spend(run, last.usage, text_here, produced)
                     run.finish, run.finished_by = last, name
-                    await self._record(run, name, FailoverResult.Success, started, produced, last)
+                    await self._record(run, name, FailoverResult.Success, started, produced, last.usage, last.model)
                     await self._breaker(name, True)
                     return
         except BackendError as exc:
+            await self._spend(run, exc.usage, text_here, produced)
             timed_out = isinstance(exc, StallTimeoutError)
             result = FailoverResult.Timeout if timed_out else FailoverResult.BackendError(str(exc))
-            await self._record(run, name, result, started, produced)
+            await self._record(run, name, result, started, produced, exc.usage)
             raise
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             await events.aclose()  # type: ignore[attr-defined]
+
+    async def _commit(self, run: _Run, text: str) -> None:
+        """Append ``text``, in pieces no larger than the append limit (a huge line is split, never refused)."""
+        for piece in _pieces(text, self.manager.core.limits.max_chunk_bytes):
+            await self.manager.append_tokens(run.request_id, piece, epoch=run.ctx.epoch)
+
+    async def _spend(self, run: _Run, usage: dict[str, int] | None, text: str, deltas: int) -> None:
+        """Count one attempt's tokens against the budget and add its usage to the request's.
+
+        The sum is stored with the request, so a replica that takes it over keeps counting.
+        """
+        reported = (usage or {}).get("completion_tokens")
+        run.spent_tokens += reported if reported is not None else estimate_tokens(text, deltas)
+        if not usage:
+            return
+        for key, value in usage.items():
+            run.usage[key] = run.usage.get(key, 0) + value
+        try:
+            await self.manager.set_usage(run.request_id, run.usage, epoch=run.ctx.epoch)
+        except CoordinatorUnavailableError as exc:  # accounting only: the answer matters more
+            log.warning("could not store the usage of %s: %s", run.request_id, exc)
 
     async def _next_items(self, run: _Run, backend: Backend, inbox: asyncio.Queue[Any], *, first: bool) -> list[Any]:
         """Wait (within the first-token or stall timeout) for one event, then take all that are queued.
@@ -435,7 +715,7 @@ class Coordinator:
             async with asyncio.timeout(timeout):
                 items = [await inbox.get()]
         except TimeoutError:
-            what = "first token" if first else "next chunk"
+            what = "first token (or reasoning)" if first else "next chunk"
             exhausted = budget is not None and budget < limit
             why = " (failover_timeout)" if exhausted else ""
             error = StallTimeoutError(
@@ -443,20 +723,24 @@ class Coordinator:
             )
             error.budget_exhausted = exhausted
             raise error from None
-        while isinstance(items[-1], TextChunk) and not inbox.empty():
+        while isinstance(items[-1], TextChunk | Progress) and not inbox.empty():
             items.append(inbox.get_nowait())
         return items
 
     async def _fail_over(self, run: _Run, name: str, exc: BackendError) -> None:
         """Mark ``name`` failed for this request and check the failover budget."""
         run.failed.add(name)
-        await self.manager.mark_backend_failed(run.request_id, name)
-        # a 4xx, or this request's own failover budget running out, says nothing about the backend
-        request_specific = isinstance(exc, BadRequestError) or getattr(exc, "budget_exhausted", False)
+        await self.manager.mark_backend_failed(run.request_id, name, epoch=run.ctx.epoch)
+        # a 4xx, a local fault, or this request's own budget running out says nothing about the backend
+        request_specific = isinstance(exc, BadRequestError) or exc.local or getattr(exc, "budget_exhausted", False)
         if not request_specific:
             await self._breaker(name, False)
-        if not isinstance(exc, PrefillRejectedError):
+        if isinstance(exc, PrefillRejectedError):
+            await self._cannot_continue(run, name, exc)
+        else:
             run.cause = exc  # a prefill rejection is never reported: the failure that led to it is
+        if exc.transient:
+            run.retry_at[name] = time.monotonic() + self._backoff(len(run.retry_at))
         if run.recovery_deadline is None:
             run.recovery_deadline = time.monotonic() + self.manager.config().failover_timeout
         run.failovers += 1
@@ -466,6 +750,17 @@ class Coordinator:
         if self._budget_left(run) == 0:
             # the failed call is already recorded (by _call): no second, phantom attempt here
             raise await self._give_up(run, "failover_timeout exceeded")
+
+    async def _cannot_continue(self, run: _Run, name: str, exc: PrefillRejectedError) -> None:
+        """``name`` rejected a prefill: not again for this request, nor (for a while) for any worker."""
+        run.cannot_continue.add(name)
+        if exc.status is None:
+            return  # refused by its own configuration: nothing new to tell other workers
+        mode = self.backends[name].spec.continues_chat
+        try:
+            await self.manager.shell.run(self.capabilities.remember_missing(name, mode), "capability", run.request_id)
+        except CoordinatorUnavailableError as exc_redis:  # a hint for others; this request already knows
+            log.warning("could not share that %s rejects prefills: %s", name, exc_redis)
 
     def _budget_left(self, run: _Run) -> float | None:
         if run.recovery_deadline is None:
@@ -494,7 +789,8 @@ class Coordinator:
         result: FailoverResult,
         started: float | None = None,
         produced: int = 0,
-        end: StreamEnd | None = None,
+        usage: dict[str, int] | None = None,
+        model: str | None = None,
     ) -> None:
         backend = self.backends.get(str(name))
         attempt = FailoverAttempt(
@@ -503,9 +799,9 @@ class Coordinator:
             result=result,
             request_id=run.request_id,
             worker_id=self.worker_id,
-            model=(end.model if end and end.model else backend.spec.model if backend else None),
+            model=model or (backend.spec.model if backend else None),
             tokens=produced,
-            usage=end.usage if end else None,
+            usage=usage,
         )
         run.attempts.append(attempt)
         try:
@@ -515,20 +811,82 @@ class Coordinator:
         except CoordinatorUnavailableError as exc:  # history is observability; the answer matters more
             log.warning("could not record attempt for %s: %s", run.request_id, exc)
 
-    async def _give_up(self, run: _Run, reason: str, *, error: GenerationError | None = None) -> GenerationError:
-        """End the request as failed (followers see why) and build the caller's error."""
-        cause = f"{reason}; last failure: {run.cause}" if run.cause is not None and error is None else reason
-        error = error or GenerationError(run.request_id, f"request {run.request_id!r} failed: {cause}")
+    async def _give_up(
+        self,
+        run: _Run,
+        reason: str,
+        *,
+        error: GenerationError | None = None,
+        finish_reason: str | None = None,
+        raise_unwritten: bool = False,
+    ) -> GenerationError:
+        """End the request as failed (followers see why) and build the caller's error.
+
+        The stored reason is said once; the caller's error adds "request 'X' failed: ".
+        With ``raise_unwritten``, an error writing the failure (Redis unreachable) is raised.
+        """
+        if error is None:
+            detail = f"{reason}; last failure: {run.cause}" if run.cause is not None else reason
+            error = GenerationError(run.request_id, f"request {run.request_id!r} failed: {detail}")
+        else:
+            detail = str(error)
         error.attempts = list(run.attempts)
-        with contextlib.suppress(LeaseLostError):
-            await self.manager.fail(run.request_id, str(error), kind=type(error).__name__)
+        stored = detail if len(detail) <= _MAX_REASON else detail[: _MAX_REASON - 3] + "..."
+        try:
+            await self.manager.fail(
+                run.request_id,
+                stored,
+                kind=type(error).__name__,
+                finish_reason=finish_reason,
+                usage=run.usage or None,
+                epoch=run.ctx.epoch,
+            )
+        except LeaseLostError:
+            pass
+        except Exception:
+            if raise_unwritten:
+                raise
+            log.warning("could not record the failure of %s; no longer renewing its lease", run.request_id)
+            self.manager.core.forget(run.request_id, run.ctx.epoch)
+        run.outcome = self._outcome(
+            run, "Failed", error=stored, error_kind=type(error).__name__, finish_reason=finish_reason
+        )
         return error
 
+    def _remaining_tokens(self, run: _Run) -> int | None:
+        """The ``max_tokens`` left for a continuation (usage reported, else estimate_tokens); 0 = used up."""
+        if run.ctx.max_tokens is None:
+            return None
+        return max(0, run.ctx.max_tokens - run.spent_tokens) or (0 if run.prefix else 1)
 
-def _remaining_tokens(max_tokens: int | None, prefix: str) -> int | None:
-    if max_tokens is None:
-        return None
-    return max(1, max_tokens - len(prefix.split()))
+
+#: characters of a failure reason kept in the outcome (the reason travels through Redis)
+_MAX_REASON = 4000
+
+
+async def _bounded(awaitable: Any, timeout: float) -> None:
+    """Await ``awaitable`` for at most ``timeout`` seconds (a shutdown step on a gone Redis)."""
+    try:
+        await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        log.warning("a shutdown step did not finish within %.1fs; going on", timeout)
+    except Exception as exc:
+        log.warning("a shutdown step failed: %r", exc)
+
+
+def _pieces(text: str, limit: int) -> list[str]:
+    """``text`` cut at character boundaries into pieces of at most ``limit`` UTF-8 bytes."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return [text]
+    out, start = [], 0
+    while start < len(data):
+        end = min(start + limit, len(data))
+        while end < len(data) and (data[end] & 0xC0) == 0x80:  # never split inside a character
+            end -= 1
+        out.append(data[start:end].decode("utf-8"))
+        start = end
+    return out
 
 
 def _split(prompt_or_messages: PromptOrMessages) -> tuple[str | None, list[Any] | None]:
@@ -542,6 +900,7 @@ def _split(prompt_or_messages: PromptOrMessages) -> tuple[str | None, list[Any] 
 
 def _backend_map(
     backends: Mapping[ServingBackend | str, Backend | BackendSpec] | Iterable[BackendSpec],
+    concurrency: int | None = None,
 ) -> dict[str, Backend]:
     if isinstance(backends, Mapping):
         items = list(backends.items())
@@ -555,7 +914,7 @@ def _backend_map(
             raise ConfigError(f"each backend must be a BackendSpec or a Backend, got {type(value).__name__}")
         name = ServingBackend.parse(str(key)).value
         register_backend_secrets(getattr(value, "spec", value))  # its API key never reaches logs or Redis
-        out[name] = make_backend(value) if isinstance(value, BackendSpec) else value
+        out[name] = make_backend(value, max_connections=concurrency) if isinstance(value, BackendSpec) else value
     if not out:
         raise ConfigError("a Coordinator needs at least one backend")
     return out

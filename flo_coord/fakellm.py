@@ -5,7 +5,9 @@ and /api/chat (NDJSON). The answer to a prompt is a fixed function of it, and a 
 ends with a prefix of its own answer is continued from there, so a client that fails over
 mid-stream can check it got exactly the rest. Faults (resets, 5xx, 429, cuts, stalls,
 garbage, 4xx kinds) are set per model at start-up, at runtime via ``POST /_faults``, or per
-request with the ``X-Fake-Fault`` header. Every request is recorded at ``GET /_requests``.
+request with the ``X-Fake-Fault`` header. Every request is recorded at ``GET /_requests``
+(credentials never: an ``Authorization`` header is kept only as its SHA-256,
+``authorization_sha256``). It listens on 127.0.0.1 unless told otherwise.
 
 Fault syntax: ``kind[:args][*times]``; without ``*times`` a fault hits every request, except
 ``http5xx:N`` (the first N requests) and ``rate429`` (the first request).
@@ -23,6 +25,25 @@ Fault syntax: ``kind[:args][*times]``; without ``*times`` a fault hits every req
     context_length        400 ``context_length_exceeded``
     content_policy        400 ``content_policy_violation`` with a reason
     reject_prefill        400 when the last chat message is from the assistant
+    finish:REASON[:K]     K tokens (default: all), then finish_reason REASON (Ollama: done_reason) and [DONE]
+    inband:DIALECT[:K[:KIND]]  K tokens (default 0), then an in-band error, then close. DIALECT: event
+                          (``event: error``), field (llama.cpp ``error:`` line then ``data: [DONE]``),
+                          data (``data: {"error": ...}``), anthropic (``{"type": "error", ...}``),
+                          ollama (an ``{"error": "..."}`` line; Ollama always uses it). KIND: server
+                          (default), overloaded, rate_limit, context_length
+    echo_key              1 token, then an in-band error object quoting the request's Authorization
+    pings                 keep-alives of every usual shape before each token (comment, ``event: ping``,
+                          ``data: {"type": "ping"}``, ``data: ping``; Ollama: blank lines)
+    empty_frames          an empty ``data:`` frame before each token (Ollama: blank lines)
+    bom                   a UTF-8 byte-order mark before the first byte of the body
+    reasoning:N[:SECONDS] N reasoning deltas (``reasoning_content``; Ollama ``thinking``), SECONDS apart,
+                          before the answer
+    tool_calls            only tool-call deltas, then finish_reason ``tool_calls``
+    one_line              the whole rest of the answer in one delta (one line; with --tokens large it
+                          exceeds the 64 KiB append limit)
+    finish_reset          the whole answer and its finish_reason, then a hard reset before ``[DONE]``
+    needs_continue        a chat prefill without ``continue_final_message: true`` starts a new turn
+                          (the answer restarts, as vLLM/TGI/SGLang do), with it the prefix is continued
 
 Run: ``python -m flo_coord.fakellm --port 8001 --fault model=cut:5 --token-delay 0.05``.
 """
@@ -142,8 +163,25 @@ def _remaining(base: str, prefix: str, n_tokens: int, max_tokens: int | None) ->
 
 _COUNTED = {"http5xx"}
 _ONCE_BY_DEFAULT = {"rate429"}
-_POSITIONAL = {"cut", "die_after", "stall", "malformed", "stream_error"}
-_PLAIN = {"refuse", "no_done", "context_length", "content_policy", "reject_prefill"}
+_POSITIONAL = {"cut", "die_after", "stall", "malformed", "stream_error", "finish", "inband", "echo_key"}
+_PLAIN = {
+    "refuse",
+    "no_done",
+    "context_length",
+    "content_policy",
+    "reject_prefill",
+    "pings",
+    "empty_frames",
+    "bom",
+    "tool_calls",
+    "one_line",
+    "finish_reset",
+    "needs_continue",
+}
+_DIALECTS = ("event", "field", "data", "anthropic", "ollama")
+_INBAND_KINDS = ("server", "overloaded", "rate_limit", "context_length")
+#: every fault kind (listed in the error for a bad spec)
+KINDS = tuple(sorted(_PLAIN | _POSITIONAL | {"http5xx", "rate429", "slow_first", "reasoning"}))
 
 
 @dataclass(frozen=True)
@@ -156,6 +194,8 @@ class Fault:
     seconds: float | None = None
     status: int = 503
     times: int | None = None
+    arg: str | None = None  #: finish's REASON, inband's DIALECT
+    arg2: str | None = None  #: inband's KIND
 
 
 def parse_fault(spec: str) -> Fault:
@@ -165,6 +205,19 @@ def parse_fault(spec: str) -> Fault:
     times = _int(times_text, spec) if star else None
     if kind in _PLAIN and not args:
         return Fault(kind, spec, times=times)
+    if kind == "echo_key" and not args:
+        return Fault(kind, spec, tokens=1, times=times)
+    if kind == "finish" and 1 <= len(args) <= 2 and args[0]:
+        return Fault(kind, spec, tokens=_int(args[1], spec) if len(args) == 2 else None, times=times, arg=args[0])
+    if kind == "inband" and 1 <= len(args) <= 3 and args[0] in _DIALECTS:
+        inband_kind = args[2] if len(args) == 3 else "server"
+        if inband_kind not in _INBAND_KINDS:
+            raise ValueError(f"bad fault {spec!r}: KIND must be one of {', '.join(_INBAND_KINDS)}")
+        tokens = _int(args[1], spec) if len(args) >= 2 else 0
+        return Fault(kind, spec, tokens=tokens, times=times, arg=args[0], arg2=inband_kind)
+    if kind == "reasoning" and 1 <= len(args) <= 2:
+        delay = _seconds(args[1], spec) if len(args) == 2 else 0.0
+        return Fault(kind, spec, tokens=_int(args[0], spec), seconds=delay, times=times)
     if kind in _POSITIONAL and kind != "stall" and len(args) == 1:
         return Fault(kind, spec, tokens=_int(args[0], spec), times=times)
     if kind == "stall" and len(args) == 2:
@@ -180,7 +233,7 @@ def parse_fault(spec: str) -> Fault:
         if not 500 <= status <= 599:
             raise ValueError(f"bad fault {spec!r}: status must be 5xx")
         return Fault(kind, spec, status=status, times=count)
-    raise ValueError(f"bad fault {spec!r}")
+    raise ValueError(f"bad fault {spec!r}: expected kind[:args][*times] with kind one of {', '.join(KINDS)}")
 
 
 def _int(text: str, spec: str) -> int:
@@ -357,6 +410,38 @@ class _Wire:
     def error(self, message: str) -> bytes:
         return self._frame({"error": {"message": message, "type": "server_error", "code": 500}})
 
+    def finish_only(self, reason: str) -> bytes:
+        """The finish_reason chunk alone: no usage chunk, no [DONE]."""
+        return self._frame(self._chunk({} if self.chat else "", reason))
+
+    def pings(self) -> bytes:
+        return b': ping\n\nevent: ping\ndata: {}\n\ndata: {"type": "ping"}\n\ndata: ping\n\n'
+
+    def empty_frame(self) -> bytes:
+        return b"data:\n\n"
+
+    def reasoning(self, text: str) -> bytes:
+        return self._frame(self._chunk({"reasoning_content": text}, None)) if self.chat else b": thinking\n\n"
+
+    def tool_call(self) -> bytes:
+        call = {"index": 0, "id": "call_fake", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+        return self._frame(self._chunk({"tool_calls": [call]}, None))  # type: ignore[dict-item]
+
+    def inband(self, dialect: str, kind: str, message: str | None = None) -> bytes:
+        """An in-band error in ``dialect`` (see the module doc), of ``kind``."""
+        text, kind_type, code = _INBAND[kind]
+        text = message or text
+        error = {"message": text, "type": kind_type, "code": code}
+        if dialect == "event":
+            return b"event: error\n" + self._frame({"error": error})
+        if dialect == "field":  # llama.cpp: the error in a field of its own, then [DONE]
+            return b"error: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
+        if dialect == "anthropic":
+            return self._frame({"type": "error", "error": {"type": _ANTHROPIC_TYPES[kind], "message": text}})
+        if dialect == "ollama":
+            return self._frame({"error": text})
+        return self._frame({"error": error})
+
     def whole(self, text: str, reason: str, usage: dict[str, int]) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
         choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
@@ -390,6 +475,29 @@ class _OllamaWire(_Wire):
     def error(self, message: str) -> bytes:
         return self._line({"error": message})
 
+    def finish_only(self, reason: str) -> bytes:
+        return self.finish(reason, {"prompt_tokens": 0, "completion_tokens": 0}, True)
+
+    def pings(self) -> bytes:
+        return b"\n\n"
+
+    def empty_frame(self) -> bytes:
+        return b"\n"
+
+    def reasoning(self, text: str) -> bytes:
+        return self._line(
+            {"message": {"role": "assistant", "content": "", "thinking": text}, "done": False}
+            if self.chat
+            else {"response": "", "thinking": text, "done": False}
+        )
+
+    def tool_call(self) -> bytes:
+        call = {"function": {"name": "lookup", "arguments": {}}}
+        return self._line({"message": {"role": "assistant", "content": "", "tool_calls": [call]}, "done": False})
+
+    def inband(self, dialect: str, kind: str, message: str | None = None) -> bytes:
+        return self._line({"error": message or _INBAND[kind][0]})
+
     def whole(self, text: str, reason: str, usage: dict[str, int]) -> dict[str, Any]:
         counts = {"prompt_eval_count": usage["prompt_tokens"], "eval_count": usage["completion_tokens"]}
         return {"model": self.model, **self._text(text), "done": True, "done_reason": reason, **counts}
@@ -401,6 +509,24 @@ class _OllamaWire(_Wire):
 def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
+
+#: in-band error kinds: (message, type, code)
+_INBAND: dict[str, tuple[str, str, str | None]] = {
+    "server": ("fake internal error while generating", "server_error", None),
+    "overloaded": ("the fake server is overloaded", "overloaded_error", None),
+    "rate_limit": ("Rate limit reached (fake)", "requests", "rate_limit_exceeded"),
+    "context_length": (
+        "This model's maximum context length is 4096 tokens (fake)",
+        "invalid_request_error",
+        "context_length_exceeded",
+    ),
+}
+_ANTHROPIC_TYPES = {
+    "server": "api_error",
+    "overloaded": "overloaded_error",
+    "rate_limit": "rate_limit_error",
+    "context_length": "invalid_request_error",
+}
 
 _ERRORS = {
     "context_length": (
@@ -436,6 +562,7 @@ class _Generation:
     max_tokens: int | None
     include_usage: bool
     body: dict[str, Any] = field(default_factory=dict)
+    authorization: str | None = None  # only for the echo_key fault; never logged
     entry: dict[str, Any] = field(default_factory=dict)
 
 
@@ -511,7 +638,8 @@ class FakeLLMServer:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = await asyncio.start_server(self._on_connect, host, port)
+        # a deep backlog: hundreds of streams may connect at once (the capacity tests)
+        self._server = await asyncio.start_server(self._on_connect, host, port, backlog=1024)
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
 
     async def stop(self) -> None:
@@ -650,6 +778,7 @@ class FakeLLMServer:
             max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
             include_usage=bool(stream_options.get("include_usage")),
             body=body,
+            authorization=request.headers.get("authorization"),
         )
 
     def _record(self, request: _Request, gen: _Generation, fault: Fault | None) -> dict[str, Any]:
@@ -663,7 +792,8 @@ class FakeLLMServer:
             "stream": gen.stream,
             "max_tokens": gen.max_tokens,
             "fault": fault.spec if fault else None,
-            "authorization": request.headers.get("authorization"),
+            # a credential is never echoed: only its digest, so tests can check which key was sent
+            "authorization_sha256": _digest(request.headers.get("authorization")),
             "body": gen.body,
             "outcome": "started",
             "tokens_sent": 0,
@@ -682,7 +812,13 @@ class FakeLLMServer:
             if fault is not None and await self._refuse_early(conn, gen, wire, fault):
                 return
             messages = gen.messages or []
-            base, prefix = _chat_split(messages, self.n_tokens) if chat else split_continuation(gen.prompt or "")
+            if chat:
+                base, prefix = _chat_split(messages, self.n_tokens)
+                new_turn = not gen.body.get("continue_final_message")
+                if fault is not None and fault.kind == "needs_continue" and _prefill(gen) and new_turn:
+                    base, prefix = render_messages(messages), ""  # a new assistant turn: the answer restarts
+            else:
+                base, prefix = split_continuation(gen.prompt or "", self.n_tokens)
             chunks, reason = _remaining(base, prefix, self.n_tokens, gen.max_tokens)
             prompt_words = len((render_messages(messages) if chat else gen.prompt or "").split())
             if not gen.stream:
@@ -729,25 +865,51 @@ class FakeLLMServer:
     ) -> None:
         entry = gen.entry
         delay = self.model_delays.get(gen.model, self.token_delay)
+        kind = fault.kind if fault is not None else None
+        usage = _usage(prompt_words, len(chunks))
         await conn.send_head(200, {"Content-Type": wire.content_type, "Cache-Control": "no-cache"})
-        await conn.write(wire.preamble())
-        if fault is not None and fault.kind == "slow_first":
+        await conn.write((b"\xef\xbb\xbf" if kind == "bom" else b"") + wire.preamble())
+        if fault is not None and kind == "slow_first":
             await conn.pause(fault.seconds or 0.0)
-        at = min(fault.tokens or 0, len(chunks)) if fault is not None and fault.kind in _POSITIONAL else None
+        if fault is not None and kind == "reasoning":
+            for i in range(fault.tokens or 0):
+                await conn.pause(fault.seconds or 0.0)
+                await conn.write(wire.reasoning(f"step {i}. "))
+        if kind == "tool_calls":
+            await conn.write(wire.tool_call())
+            await conn.write(wire.finish("stop" if isinstance(wire, _OllamaWire) else "tool_calls", usage, True))
+            entry["outcome"] = "tool_calls"
+            return
+        if kind == "one_line" and chunks:
+            chunks = ["".join(chunks)]
+        at = None
+        if fault is not None and fault.kind in _POSITIONAL:
+            at = min(len(chunks) if fault.tokens is None else fault.tokens, len(chunks))
         for i in range(len(chunks) + 1):
-            if i == at and fault is not None and await self._fault_at(conn, wire, fault, entry):
+            if i == at and fault is not None and await self._fault_at(conn, wire, fault, entry, gen, usage):
                 return
             if i == len(chunks):
                 break
             if i and delay:
                 await conn.pause(delay)
-            await conn.write(wire.token(chunks[i]))
+            await conn.write(
+                (wire.pings() if kind == "pings" else wire.empty_frame() if kind == "empty_frames" else b"")
+                + wire.token(chunks[i])
+            )
             entry["tokens_sent"] = i + 1
+        if kind == "finish_reset":
+            await conn.write(wire.finish_only(reason))
+            await asyncio.sleep(0.05)
+            conn.reset()
+            entry["outcome"] = "finish_reset"
+            return
         done = fault is None or fault.kind != "no_done"
-        await conn.write(wire.finish(reason, _usage(prompt_words, len(chunks)), done))
+        await conn.write(wire.finish(reason, usage, done))
         entry["outcome"] = "completed"
 
-    async def _fault_at(self, conn: _Conn, wire: _Wire, fault: Fault, entry: dict[str, Any]) -> bool:
+    async def _fault_at(
+        self, conn: _Conn, wire: _Wire, fault: Fault, entry: dict[str, Any], gen: _Generation, usage: dict[str, int]
+    ) -> bool:
         """Apply a positional fault after K tokens; True when the response ends here."""
         if fault.kind == "stall":
             await conn.pause(fault.seconds or 0.0)
@@ -757,12 +919,24 @@ class FakeLLMServer:
             return False
         if fault.kind == "stream_error":
             await conn.write(wire.error("fake internal error while generating"))
+        elif fault.kind == "finish":
+            sent = entry["tokens_sent"]  # usage counts what this response really sent
+            await conn.write(wire.finish(fault.arg or "stop", _usage(usage["prompt_tokens"], sent), True))
+        elif fault.kind == "inband":
+            await conn.write(wire.inband(fault.arg or "data", fault.arg2 or "server"))
+        elif fault.kind == "echo_key":
+            echoed = f"invalid credentials: {gen.authorization or 'none'}"
+            await conn.write(wire.inband("data", "server", echoed))
         elif fault.kind == "die_after":
             # let the tokens already written reach the client before the reset
             await asyncio.sleep(0.05)
             conn.reset()
         entry["outcome"] = fault.kind
         return True  # cut: the caller's finally closes cleanly (FIN, no terminator)
+
+
+def _digest(value: str | None) -> str | None:
+    return None if value is None else hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
 def _dict(value: Any) -> dict[str, Any]:

@@ -120,10 +120,15 @@ class FailoverManager(_Facade):
     ) -> StreamingContext:
         return self._run(self.core.start_tracking(request_id, prompt, backend, **options), "start_tracking", request_id)
 
-    def append_tokens(self, request_id: str, tokens: str, *, seq: int | None = None) -> AppendAck | None:
-        op = self.core.append_tokens(request_id, tokens, seq=seq)
+    def append_tokens(
+        self, request_id: str, tokens: str, *, seq: int | None = None, epoch: int | None = None
+    ) -> AppendAck | None:
+        """Commit ``tokens``. ``epoch``: the caller's generation token (the epoch its
+        generation started or claimed the request under); a write of an older generation
+        raises LeaseLostError even when this worker holds the request at a newer epoch."""
+        op = self.core.append_tokens(request_id, tokens, seq=seq, epoch=epoch)
         held = self.core.holding(request_id)
-        if seq is not None or held is None:
+        if seq is not None or held is None or (epoch is not None and held.epoch != epoch):
             return self._run(op, "append_tokens", request_id)
         with held.lock:  # automatic seqs must reach Redis in order
             unknown = self._unknown.get(request_id)
@@ -142,14 +147,17 @@ class FailoverManager(_Facade):
                 self._unknown[request_id] = (*sent_as, tokens)
                 raise
 
-    def complete(self, request_id: str, *, backend: str | None = None, model: str | None = None) -> bool:
-        return self._run(self.core.complete(request_id, backend=backend, model=model), "complete", request_id)
+    def complete(
+        self, request_id: str, *, backend: str | None = None, model: str | None = None, epoch: int | None = None
+    ) -> bool:
+        op = self.core.complete(request_id, backend=backend, model=model, epoch=epoch)
+        return self._run(op, "complete", request_id)
 
-    def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError") -> bool:
-        return self._run(self.core.fail(request_id, reason, kind=kind), "fail", request_id)
+    def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError", epoch: int | None = None) -> bool:
+        return self._run(self.core.fail(request_id, reason, kind=kind, epoch=epoch), "fail", request_id)
 
-    def release(self, request_id: str) -> None:
-        self._run(self.core.release(request_id), "release", request_id)
+    def release(self, request_id: str, *, epoch: int | None = None) -> None:
+        self._run(self.core.release(request_id, epoch=epoch), "release", request_id)
 
     def get_context(self, request_id: str) -> StreamingContext | None:
         return self._run(self.core.get_context(request_id), "get_context", request_id)
@@ -163,11 +171,12 @@ class FailoverManager(_Facade):
     def next_backend_for(self, request_id: str) -> ServingBackend | None:
         return self._run(self.core.next_backend_for(request_id), "next_backend_for", request_id)
 
-    def mark_backend_failed(self, request_id: str, backend: ServingBackend | str) -> None:
-        self._run(self.core.mark_backend_failed(request_id, backend), "mark_backend_failed", request_id)
+    def mark_backend_failed(self, request_id: str, backend: ServingBackend | str, *, epoch: int | None = None) -> None:
+        op = self.core.mark_backend_failed(request_id, backend, epoch=epoch)
+        self._run(op, "mark_backend_failed", request_id)
 
-    def set_state(self, request_id: str, state: StreamState) -> None:
-        self._run(self.core.update_state(request_id, state), "set_state", request_id)
+    def set_state(self, request_id: str, state: StreamState, *, epoch: int | None = None) -> None:
+        self._run(self.core.update_state(request_id, state, epoch=epoch), "set_state", request_id)
 
     def prepare_failover(self, request_id: str) -> FailoverRequest | None:
         return self._run(self.core.prepare_failover(request_id), "prepare_failover", request_id)
@@ -231,12 +240,22 @@ class AsyncFailoverManager(_Facade):
         op = self.core.start_tracking(request_id, prompt, backend, **options)
         return await self._run(op, "start_tracking", request_id)
 
-    async def append_tokens(self, request_id: str, tokens: str, *, seq: int | None = None) -> AppendAck | None:
-        if seq is not None or self.core.check_offer(request_id, tokens) is None:
-            return await self._run(self.core.append_tokens(request_id, tokens, seq=seq), "append_tokens", request_id)
-        return await self._batcher.append(request_id, tokens)
+    async def append_tokens(
+        self, request_id: str, tokens: str, *, seq: int | None = None, epoch: int | None = None
+    ) -> AppendAck | None:
+        """Commit ``tokens``; returns once Redis acknowledged them (shares round trips).
 
-    def offer_tokens(self, request_id: str, tokens: str) -> asyncio.Future[AppendAck | None]:
+        ``epoch``: the caller's generation token (the epoch its generation started or
+        claimed the request under); a write of an older generation raises LeaseLostError
+        even when this worker holds the request at a newer epoch (it re-claimed it)."""
+        if seq is not None or self.core.check_offer(request_id, tokens) is None:
+            op = self.core.append_tokens(request_id, tokens, seq=seq, epoch=epoch)
+            return await self._run(op, "append_tokens", request_id)
+        return await self._batcher.append(request_id, tokens, epoch)
+
+    def offer_tokens(
+        self, request_id: str, tokens: str, *, epoch: int | None = None
+    ) -> asyncio.Future[AppendAck | None]:
         """Queue tokens without waiting; the future resolves once Redis acknowledged them.
 
         For producers that generate faster than they wait: tokens of one request offered
@@ -244,21 +263,28 @@ class AsyncFailoverManager(_Facade):
         (do not cancel it). Input is validated here, before anything is queued.
         """
         if self.core.check_offer(request_id, tokens) is None:
-            return asyncio.ensure_future(self.append_tokens(request_id, tokens))
-        return self._batcher.submit(request_id, tokens)
+            return asyncio.ensure_future(self.append_tokens(request_id, tokens, epoch=epoch))
+        return self._batcher.submit(request_id, tokens, epoch)
 
     async def append_direct(self, request_id: str, tokens: str, *, seq: int | None = None) -> AppendAck | None:
         """One awaited script call per append, bypassing the batcher (the benchmark's naive path)."""
         return await self._run(self.core.append_tokens(request_id, tokens, seq=seq), "append_tokens", request_id)
 
-    async def complete(self, request_id: str, *, backend: str | None = None, model: str | None = None) -> bool:
-        return await self._run(self.core.complete(request_id, backend=backend, model=model), "complete", request_id)
+    async def complete(
+        self, request_id: str, *, backend: str | None = None, model: str | None = None, **ending: Any
+    ) -> bool:
+        """Finish as Completed; ``ending``: optional ``finish_reason`` and ``usage`` kept in the
+        outcome, and ``epoch``, the caller's generation token (see ``append_tokens``)."""
+        op = self.core.complete(request_id, backend=backend, model=model, **ending)
+        return await self._run(op, "complete", request_id)
 
-    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError") -> bool:
-        return await self._run(self.core.fail(request_id, reason, kind=kind), "fail", request_id)
+    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError", **ending: Any) -> bool:
+        """Finish as Failed; ``ending``: optional ``finish_reason`` and ``usage`` kept in the
+        outcome, and ``epoch``, the caller's generation token (see ``append_tokens``)."""
+        return await self._run(self.core.fail(request_id, reason, kind=kind, **ending), "fail", request_id)
 
-    async def release(self, request_id: str) -> None:
-        await self._run(self.core.release(request_id), "release", request_id)
+    async def release(self, request_id: str, *, epoch: int | None = None) -> None:
+        await self._run(self.core.release(request_id, epoch=epoch), "release", request_id)
 
     async def get_context(self, request_id: str) -> StreamingContext | None:
         return await self._run(self.core.get_context(request_id), "get_context", request_id)
@@ -272,14 +298,23 @@ class AsyncFailoverManager(_Facade):
     async def next_backend_for(self, request_id: str) -> ServingBackend | None:
         return await self._run(self.core.next_backend_for(request_id), "next_backend_for", request_id)
 
-    async def mark_backend_failed(self, request_id: str, backend: ServingBackend | str) -> None:
-        await self._run(self.core.mark_backend_failed(request_id, backend), "mark_backend_failed", request_id)
+    async def mark_backend_failed(
+        self, request_id: str, backend: ServingBackend | str, *, epoch: int | None = None
+    ) -> None:
+        op = self.core.mark_backend_failed(request_id, backend, epoch=epoch)
+        await self._run(op, "mark_backend_failed", request_id)
 
-    async def set_state(self, request_id: str, state: StreamState) -> None:
-        await self._run(self.core.update_state(request_id, state), "set_state", request_id)
+    async def set_state(self, request_id: str, state: StreamState, *, epoch: int | None = None) -> None:
+        await self._run(self.core.update_state(request_id, state, epoch=epoch), "set_state", request_id)
 
-    async def set_current_backend(self, request_id: str, backend: ServingBackend | str) -> None:
-        await self._run(self.core.set_current_backend(request_id, backend), "set_current_backend", request_id)
+    async def set_usage(self, request_id: str, usage: dict[str, int], *, epoch: int | None = None) -> None:
+        await self._run(self.core.set_usage(request_id, usage, epoch=epoch), "set_usage", request_id)
+
+    async def set_current_backend(
+        self, request_id: str, backend: ServingBackend | str, *, epoch: int | None = None
+    ) -> None:
+        op = self.core.set_current_backend(request_id, backend, epoch=epoch)
+        await self._run(op, "set_current_backend", request_id)
 
     async def prepare_failover(self, request_id: str) -> FailoverRequest | None:
         return await self._run(self.core.prepare_failover(request_id), "prepare_failover", request_id)

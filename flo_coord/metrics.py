@@ -27,6 +27,9 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("flo_committed_chars_total", "counter", "Answer characters committed by this worker"),
     ("flo_lease_renewals_total", "counter", "Leases renewed by heartbeats"),
     ("flo_lease_lost_total", "counter", "Writes refused because another worker owns the request now"),
+    ("flo_redis_available", "gauge", "1 while Redis answers this worker, 0 during an outage"),
+    ("flo_redis_outages", "gauge", "Outages this worker has seen since it started (Redis stopped answering)"),
+    ("flo_redis_last_success_age_seconds", "gauge", "Seconds since Redis last answered this worker"),
 )
 
 _APPEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -74,11 +77,20 @@ class WorkerMetrics:
         self.committed_chars = prom.Counter("flo_committed_chars", METRICS[7][2], **reg)
         self.lease_renewals = prom.Counter("flo_lease_renewals", METRICS[8][2], **reg)
         self.lease_lost = prom.Counter("flo_lease_lost", METRICS[9][2], **reg)
+        self.redis_available = prom.Gauge("flo_redis_available", METRICS[10][2], **reg)
+        self.redis_outages = prom.Gauge("flo_redis_outages", METRICS[11][2], **reg)
+        self.redis_last_success_age = prom.Gauge("flo_redis_last_success_age_seconds", METRICS[12][2], **reg)
         self._server: Any = None
 
     def track_active(self, manager: AsyncFailoverManager) -> None:
         """Report ``manager``'s held requests as the active gauge, read at each scrape."""
         self.active.set_function(lambda: len(manager.held()))
+        health = manager.shell.health
+        self.redis_available.set_function(lambda: 1.0 if health.available else 0.0)
+        self.redis_outages.set_function(lambda: float(health.outages))
+        self.redis_last_success_age.set_function(
+            lambda: time.monotonic() - health.last_success if health.last_success is not None else float("nan")
+        )
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns the bound port.
@@ -115,10 +127,10 @@ class ObservedManager(AsyncFailoverManager):
         self.metrics.started.inc()
         return ctx
 
-    async def append_tokens(self, request_id: str, tokens: str, *, seq: int | None = None) -> Any:
+    async def append_tokens(self, request_id: str, tokens: str, *, seq: int | None = None, **kw: Any) -> Any:
         started = time.perf_counter()
         try:
-            ack = await super().append_tokens(request_id, tokens, seq=seq)
+            ack = await super().append_tokens(request_id, tokens, seq=seq, **kw)
         except LeaseLostError:
             self.metrics.lease_lost.inc()
             raise
@@ -152,14 +164,16 @@ class ObservedManager(AsyncFailoverManager):
         self.metrics.lease_renewals.inc(renewed)
         return renewed
 
-    async def complete(self, request_id: str, *, backend: str | None = None, model: str | None = None) -> bool:
-        done = await super().complete(request_id, backend=backend, model=model)
+    async def complete(
+        self, request_id: str, *, backend: str | None = None, model: str | None = None, **ending: Any
+    ) -> bool:
+        done = await super().complete(request_id, backend=backend, model=model, **ending)
         if done:
             self.metrics.finished.labels(state="completed").inc()
         return done
 
-    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError") -> bool:
-        done = await super().fail(request_id, reason, kind=kind)
+    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError", **ending: Any) -> bool:
+        done = await super().fail(request_id, reason, kind=kind, **ending)
         if done:
             self.metrics.finished.labels(state="failed").inc()
         return done

@@ -230,6 +230,9 @@ class StreamingContext(msgspec.Struct, kw_only=True):
     current_backend: str | None = None
     created_at: float | None = None
     takeovers: int = 0
+    #: token usage the backends reported for this request so far, summed over attempts (JSON
+    #: field "usage"), so a replica that takes it over reports the whole request's usage
+    usage: dict[str, int] | None = None
 
     @classmethod
     def new(cls, prompt: str, request_id: str) -> StreamingContext:
@@ -378,3 +381,8 @@ class RequestOutcome(msgspec.Struct, kw_only=True):
     model: str | None = None
     token_count: int = 0
     finished_at: float | None = None
+    #: how the answer ended: "stop", "length" (cut by a token limit), "content_filter"; None if unknown
+    finish_reason: str | None = None
+    #: token usage summed over every attempt of the request (prompt tokens billed by each attempt,
+    #: completion tokens); each attempt's own usage is in the history. None when no backend reported any.
+    usage: dict[str, int] | None = None

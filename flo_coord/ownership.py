@@ -5,8 +5,10 @@
 - ``Reaper`` / ``AsyncReaper`` claim requests whose lease expired (their worker died or
   froze) and hand each claimed context to a callback, such as the executor's resume.
 
-A failed round (Redis briefly unreachable) is logged and retried at the next tick:
-leases are sized so that one missed renewal does not lose them.
+A failed round is retried at the next tick: leases are sized so that one missed renewal
+does not lose them. Redis being unreachable (``CoordinatorUnavailableError``) is a state
+the shell's ``RedisHealth`` logs once per change, so a round failing for that reason is
+not logged again; any other failure is logged with its traceback.
 """
 
 from __future__ import annotations
@@ -18,12 +20,20 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from flo_coord import defaults
+from flo_coord.errors import CoordinatorUnavailableError
 from flo_coord.models import StreamingContext
 
 if TYPE_CHECKING:
     from flo_coord.manager import AsyncFailoverManager, FailoverManager
 
 log = logging.getLogger("flo_coord.ownership")
+
+
+def _round_failed(name: str, interval: float, exc: Exception) -> None:
+    if isinstance(exc, CoordinatorUnavailableError):  # an outage: logged once by RedisHealth
+        log.debug("%s round failed (%s); retrying in %.2fs", name, exc, interval)
+    else:
+        log.error("%s round failed; retrying in %.2fs", name, interval, exc_info=exc)
 
 
 class _Periodic:
@@ -43,8 +53,8 @@ class _Periodic:
         while not self._stop.wait(self.interval):
             try:
                 self._tick()
-            except Exception:
-                log.exception("%s round failed; retrying in %.2fs", self._thread.name, self.interval)
+            except Exception as exc:
+                _round_failed(self._thread.name, self.interval, exc)
 
     def stop(self, timeout: float | None = 5.0) -> None:
         self._stop.set()
@@ -84,8 +94,8 @@ class _AsyncPeriodic:
                 await self._tick()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("%s round failed; retrying in %.2fs", self.name, self.interval)
+            except Exception as exc:
+                _round_failed(self.name, self.interval, exc)
 
     async def stop(self) -> None:
         if self._task is not None:

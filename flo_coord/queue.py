@@ -5,6 +5,11 @@ A worker acknowledges an entry only once the request is tracked (and so protecte
 lease). An entry taken by a worker that died before that stays pending in the group and
 is re-taken by another worker with XAUTOCLAIM after ``idle`` seconds. From then on,
 leases and takeover protect the request.
+
+An entry a worker cannot run (not JSON, not UTF-8, fields of the wrong type) is decoded
+as a ``Poison``: the worker ends its request as failed when the entry names a valid
+request id (followers see why), acknowledges it, and goes on. ``submit`` refuses at the
+door everything a worker would refuse (the same validation as ``start_tracking``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 import msgspec
 
 from flo_coord import validation
-from flo_coord.codec import pairs, text
+from flo_coord.codec import text
 from flo_coord.core import Cmd, FailoverCore, Operation, ok
 from flo_coord.errors import ValidationError
 from flo_coord.models import ChatMessage
@@ -32,8 +37,20 @@ class Submission(msgspec.Struct, kw_only=True):
     max_tokens: int | None = None
 
 
+class Poison(msgspec.Struct, frozen=True):
+    """A queue entry no worker can run: its request id (when one could be read) and why."""
+
+    request_id: str | None
+    reason: str
+
+
+class _Named(msgspec.Struct):
+    request_id: str
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Submission)
+_id_decoder = msgspec.json.Decoder(_Named)
 
 
 def submit(core: FailoverCore, submission: Submission) -> Operation[str]:
@@ -45,6 +62,14 @@ def submit(core: FailoverCore, submission: Submission) -> Operation[str]:
         validation.prompt(submission.prompt, core.limits)
     else:
         submission.messages = validation.messages(submission.messages, core.limits)
+    # What a worker's start_tracking would refuse is refused here, before it is queued.
+    core.start_new(
+        submission.request_id,
+        submission.prompt,
+        submission.primary,
+        messages=submission.messages,
+        max_tokens=submission.max_tokens,
+    ).close()
     return _submit(core, submission)
 
 
@@ -59,19 +84,47 @@ def ensure_group(core: FailoverCore) -> Operation[None]:
         raise reply
 
 
-def _decode(entries: Any) -> list[tuple[str, Submission | None]]:
-    out: list[tuple[str, Submission | None]] = []
+Entry = tuple[str, Submission | Poison]
+
+
+def _raw_field(fields: Any) -> bytes | str:
+    if isinstance(fields, dict):
+        fields = [x for kv in fields.items() for x in kv]
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] in (b"r", "r"):
+            value = fields[i + 1]
+            return value if isinstance(value, bytes | str) else str(value)
+    return b""
+
+
+def decode_entry(fields: Any) -> Submission | Poison:
+    """One queue entry's submission, or the Poison it is (never raises)."""
+    raw: bytes | str = b""
+    try:
+        raw = _raw_field(fields)
+        return _decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
+        reason = f"undecodable queue entry: {exc}"
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")  # not UTF-8: find the id anyway, if it is intact
+        reason = "undecodable queue entry: not valid UTF-8" if "\ufffd" in raw else reason
+    try:
+        rid = _id_decoder.decode(raw).request_id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        rid = None
+    return Poison(None if rid is None or "\ufffd" in rid else rid, reason)
+
+
+def _decode(entries: Any) -> list[Entry]:
+    out: list[Entry] = []
     for entry_id, fields in entries or []:
         if fields is None:  # deleted entry
             continue
-        try:
-            out.append((text(entry_id), _decoder.decode(pairs(fields).get("r", ""))))
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            out.append((text(entry_id), None))  # foreign data: acknowledged and dropped
+        out.append((text(entry_id), decode_entry(fields)))
     return out
 
 
-def take(core: FailoverCore, count: int, block_ms: int) -> Operation[list[tuple[str, Submission | None]]]:
+def take(core: FailoverCore, count: int, block_ms: int) -> Operation[list[Entry]]:
     """New entries for this worker (blocking up to ``block_ms``)."""
     queue = core.keys.queue
     command = ("XREADGROUP", "GROUP", GROUP, core.worker_id, "COUNT", count, "BLOCK", block_ms, "STREAMS", queue, ">")
@@ -84,7 +137,7 @@ def take(core: FailoverCore, count: int, block_ms: int) -> Operation[list[tuple[
     return _decode(reply[0][1])
 
 
-def reclaim(core: FailoverCore, idle_ms: int, count: int) -> Operation[list[tuple[str, Submission | None]]]:
+def reclaim(core: FailoverCore, idle_ms: int, count: int) -> Operation[list[Entry]]:
     """Entries another worker took but never acknowledged for ``idle_ms`` (it died first)."""
     command = ("XAUTOCLAIM", core.keys.queue, GROUP, core.worker_id, idle_ms, "0-0", "COUNT", count)
     (reply,) = yield [Cmd(command)]

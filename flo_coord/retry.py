@@ -17,6 +17,7 @@ the call was sent leaves it unknown, so it is not repeated.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import ssl
 import time
@@ -30,6 +31,8 @@ from tenacity import RetryCallState, wait_random_exponential
 
 from flo_coord import defaults
 from flo_coord.errors import ConfigError
+
+_log = logging.getLogger("flo_coord.redis")
 
 #: First word of an error reply that means "not now": Redis refused the command without
 #: running it, and the same command may succeed shortly.
@@ -177,3 +180,58 @@ class RetryPolicy:
             return exc is not None and may_retry(exc)
 
         return {"stop": stop, "wait": wait, "retry": retry, "reraise": True}
+
+
+class RedisHealth:
+    """Whether Redis answered this client's last call, and since when (for readiness and metrics).
+
+    The shells report every operation's end here: ``success()`` or ``failure(exc)`` (a
+    ``CoordinatorUnavailableError``). A change of state is logged once (an outage at
+    WARNING, the recovery at INFO with its length), never once per call. Times are
+    ``time.monotonic()`` seconds (``last_success`` is None before the first success).
+    """
+
+    def __init__(self) -> None:
+        self.available = True
+        self.changed_at = time.monotonic()
+        self.last_success: float | None = None
+        self.outages = 0
+        self.last_error: str | None = None
+
+    def success(self) -> None:
+        now = time.monotonic()
+        self.last_success = now
+        if not self.available:
+            self.available, down = True, now - self.changed_at
+            self.changed_at = now
+            _log.info("Redis reachable again after %.1fs; resuming", down)
+
+    def failure(self, exc: BaseException) -> None:
+        self.last_error = str(exc)
+        if self.available:
+            self.available = False
+            self.changed_at = time.monotonic()
+            self.outages += 1
+            _log.warning("Redis unreachable (%s); waiting it out with backoff", exc)
+
+    def down_for(self) -> float:
+        """Seconds since Redis stopped answering (0.0 while it answers)."""
+        return 0.0 if self.available else time.monotonic() - self.changed_at
+
+
+def outage_retrying(
+    initial: float = defaults.OUTAGE_BACKOFF_INITIAL, maximum: float = defaults.OUTAGE_BACKOFF_MAX
+) -> Any:
+    """A tenacity ``AsyncRetrying`` that waits out ``CoordinatorUnavailableError`` for ever:
+    capped exponential backoff with full jitter (``initial``..``maximum`` seconds). Any
+    other error is raised at once; cancel the task to stop waiting."""
+    from tenacity import AsyncRetrying, retry_if_exception_type, stop_never
+
+    from flo_coord.errors import CoordinatorUnavailableError
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type(CoordinatorUnavailableError),
+        wait=wait_random_exponential(multiplier=initial, max=maximum),
+        stop=stop_never,
+        reraise=True,
+    )

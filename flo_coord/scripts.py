@@ -87,14 +87,8 @@ def _script(name: str, body: str) -> Script:
     return Script(name, _PRELUDE + body)
 
 
-START = _script(
-    "start",
-    r"""
--- Track a request, overwriting any previous one with this id (as the original does).
--- ARGV: request_id, prompt, primary_backend, owner, lease_ttl_ms, max_age_ms, messages_json, max_tokens
-local old = math.max(num(redis.call('HGET', KEYS[1], 'epoch'), 'epoch'),
-                     num(redis.call('HGET', KEYS[2], 'epoch'), 'epoch'))
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+# Fenced intake: create a request only if nobody ever created it (no context, no outcome).
+_START_BODY = r"""
 local now = now_ms()
 local epoch = old + 1
 local lease = now + tonumber(ARGV[5])
@@ -104,6 +98,61 @@ redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'prompt', ARGV[2], 'primary_b
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('SET', KEYS[3], '', 'PX', ARGV[6])
 return {'OK', epoch, lease, now}
+"""
+
+START = _script(
+    "start",
+    r"""
+-- Track a request, overwriting any previous one with this id (as the original does).
+-- ARGV: request_id, prompt, primary_backend, owner, lease_ttl_ms, max_age_ms, messages_json, max_tokens
+local old = math.max(num(redis.call('HGET', KEYS[1], 'epoch'), 'epoch'),
+                     num(redis.call('HGET', KEYS[2], 'epoch'), 'epoch'))
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+"""
+    + _START_BODY,
+)
+
+START_NEW = _script(
+    "start_new",
+    r"""
+-- Start a queued request: refused (EXISTS) when the request exists or has an outcome,
+-- so a late or duplicate queue delivery can never overwrite or redo a request.
+-- ARGV: as START
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return {'EXISTS'} end
+local old = 0
+"""
+    + _START_BODY,
+)
+
+REJECT = _script(
+    "reject",
+    r"""
+-- End a request that cannot be run (a poison queue entry or a corrupt stored context) as
+-- Failed, so its followers see why. Refused (EXISTS) when it already has an outcome, and
+-- (LIVE) when its context names a live lease: only a request nobody runs is ended here.
+-- ARGV: owner, error, error_kind, retention_ms
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'EXISTS'} end
+local epoch = 1
+-- pcall: a key of another type is foreign data, replaced (no TYPE: the worker ACL lacks it)
+local read, f = pcall(redis.call, 'HMGET', KEYS[1], 'lease', 'epoch')
+if read then
+  local lease, old = tonumber(f[1] or ''), tonumber(f[2] or '')
+  if lease and old and lease > now_ms() then return {'LIVE', f[2]} end
+  if old and old == old and old >= 0 and old < 2^53 then epoch = math.floor(old) + 1 end
+end
+redis.call('DEL', KEYS[1])
+local got, text = pcall(redis.call, 'GET', KEYS[3])
+if not got then redis.call('DEL', KEYS[3]); text = false end
+redis.call('HSET', KEYS[2], 'state', 'Failed', 'owner', ARGV[1], 'epoch', epoch, 'error', ARGV[2],
+  'error_kind', ARGV[3], 'backend', '', 'model', '', 'token_count', 0, 'finished', now_ms())
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[3], text or '', 'PX', ARGV[4])
+if not pcall(redis.call, 'XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'end', 'Failed') then
+  redis.call('DEL', KEYS[4])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'end', 'Failed')
+end
+redis.call('PEXPIRE', KEYS[4], ARGV[4])
+return {'OK', epoch}
 """,
 )
 
@@ -209,7 +258,8 @@ FINISH = _script(
     r"""
 -- Complete (or fail) a request: delete its context, keep its text and outcome for the
 -- retention period, and tell followers. Retrying a finish that already happened is OK.
--- ARGV: owner, epoch, state, error, error_kind, backend, model, retention_ms
+-- ARGV: owner, epoch, state, error, error_kind, backend, model, retention_ms, then optional
+-- extra outcome field/value pairs (finish_reason, usage)
 local f = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'token_count')
 if not f[2] then
   local r = redis.call('HMGET', KEYS[2], 'owner', 'epoch')
@@ -224,6 +274,7 @@ local now = now_ms()
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[2], 'state', ARGV[3], 'owner', ARGV[1], 'epoch', ARGV[2], 'error', ARGV[4],
   'error_kind', ARGV[5], 'backend', ARGV[6], 'model', ARGV[7], 'token_count', f[3] or 0, 'finished', now)
+for i = 9, #ARGV - 1, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
 -- Rewrite the text once: APPEND's spare capacity is not kept for the retention period.
 redis.call('SET', KEYS[3], redis.call('GET', KEYS[3]) or '', 'PX', ARGV[8])
@@ -390,6 +441,8 @@ return {f[1] or 'closed', failures}
 
 ALL: tuple[Script, ...] = (
     START,
+    START_NEW,
+    REJECT,
     APPEND,
     APPEND_MANY,
     HEARTBEAT,

@@ -45,6 +45,12 @@ the defaults in ``flo_coord.defaults``. Example (every key, with its default)::
     chat = true
     completions = true
     connect_timeout = 5.0
+    # how it continues a chat answer from a committed prefix: "prefill", "continue_final_message"
+    # (vLLM, TGI, SGLang), "completions" (the chat rendered as a prompt), "none"; default per
+    # ServingBackend (backends.CONTINUATION_DEFAULTS: Vllm/Tgi/HuggingFace continue_final_message,
+    # OpenAI/AzureOpenAI none, every other prefill)
+    continuation = "continue_final_message"
+    max_connections = 64               # its HTTP pool; default: the worker's --concurrency
 """
 
 from __future__ import annotations

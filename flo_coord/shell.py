@@ -34,7 +34,7 @@ import redis.exceptions as rex
 from tenacity import AsyncRetrying, Retrying
 
 from flo_coord import functions
-from flo_coord.connection import rebuilt_for_deadline
+from flo_coord.connection import MIN_PLAIN_SOCKET_TIMEOUT, rebuilt_for_deadline
 from flo_coord.core import Call, Cmd, Eval, Operation, merge_appends
 from flo_coord.errors import (
     ConfigError,
@@ -43,21 +43,24 @@ from flo_coord.errors import (
     FloCoordError,
     ValidationError,
 )
-from flo_coord.retry import RetryPolicy, disable_client_retries, is_async_client, is_transient, not_sent
-from flo_coord.scripts import APPEND, APPEND_MANY, FINISH, START, Script
+from flo_coord.retry import RedisHealth, RetryPolicy, disable_client_retries, is_async_client, is_transient, not_sent
+from flo_coord.scripts import APPEND, APPEND_MANY, FINISH, REJECT, START, START_NEW, Script
 
 T = TypeVar("T")
 log = logging.getLogger("flo_coord.shell")
 
 # Writes that a ``durability="replica"`` shell confirms with WAIT before reporting them.
-_DURABLE_SCRIPTS = frozenset({APPEND.sha, APPEND_MANY.sha, FINISH.sha, START.sha})
+_DURABLE_SCRIPTS = frozenset({s.sha for s in (APPEND, APPEND_MANY, FINISH, START, START_NEW, REJECT)})
 #: Calls that are not idempotent: sending one twice adds a second stream entry.
 _NOT_IDEMPOTENT = frozenset({"XADD"})
 #: Loads within one attempt before it counts as a fault (a fallback to EVALSHA takes 2).
 _MAX_RELOADS = 4
 #: An attempt that starts at or after the deadline still gets this long (asyncio), so a
-#: healthy Redis can answer the last batch of a slow operation.
+#: healthy Redis can answer the last batch of a slow operation. With the time blocking
+#: calls may take (XREAD BLOCK, WAIT), it is the documented margin of an asyncio call:
+#: every operation returns or raises within its deadline + DEADLINE_MARGIN (+ blocking).
 _MIN_ATTEMPT = 0.5
+DEADLINE_MARGIN = _MIN_ATTEMPT
 _PENDING: Any = object()
 
 
@@ -197,13 +200,17 @@ class _ShellBase:
                 "use a primary with replicas behind Sentinel"
             )
         if not self.asynchronous:
-            client = rebuilt_for_deadline(client, self.policy.deadline)
+            # blocking calls (WAIT) need room in the socket timeout; plain calls need little
+            floor = wait_timeout_ms / 1000 + 1.0 if durability == "replica" else MIN_PLAIN_SOCKET_TIMEOUT
+            client = rebuilt_for_deadline(client, self.policy.deadline, floor)
             _warn_without_timeout(client)
         self.client = client
         self._merge_appends = not _is_cluster(client)
         self.durability = durability
         self.wait_timeout_ms = wait_timeout_ms
         self.scripting = functions.Scripting()
+        #: whether Redis answered the last operation (``Coordinator.redis_available`` reads it)
+        self.health = RedisHealth()
         # One retry layer: switch off the client's own retries (redis-py retries 10x by default).
         disable_client_retries(client)
 
@@ -229,7 +236,10 @@ class _ShellBase:
         return call.args
 
     def _error(self, exc: Exception, operation: str, request_id: str | None) -> BaseException:
-        return public_error(exc, operation, request_id)
+        error = public_error(exc, operation, request_id)
+        if isinstance(error, CoordinatorUnavailableError):
+            self.health.failure(error)
+        return error
 
 
 #: Script or command errors that only foreign data in a key of ours can cause.
@@ -303,8 +313,17 @@ def _warn_without_timeout(client: Any) -> None:
         )
 
 
+#: How far past its deadline a sync attempt started by a retry may end (scheduling noise).
+_SYNC_SLACK = 0.1
+
+
 class SyncShell(_ShellBase):
     asynchronous = False
+
+    def _socket_timeout(self) -> float:
+        kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", None)
+        timeout = kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
+        return float(timeout) if isinstance(timeout, int | float) else 0.0
 
     def _send(self, calls: list[Call]) -> list[Any]:
         if len(calls) == 1:  # the hot path: skip the pipeline object
@@ -340,14 +359,20 @@ class SyncShell(_ShellBase):
         """Execute one batch, retrying transient faults until ``deadline_at`` (monotonic)."""
         deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
         run = self._new_run(batch)
+        # A sync attempt cannot be cut: retry none that could end (one socket timeout) past the deadline.
+        last_start = deadline_at - self._socket_timeout() + _SYNC_SLACK
         try:  # the first attempt outside tenacity: the common case pays no retry machinery
-            return self._attempt(run)
+            replies = self._attempt(run)
+            self.health.success()
+            return replies
         except Exception as exc:
-            if not run.may_retry(exc) or time.monotonic() >= deadline_at:
+            if not run.may_retry(exc) or time.monotonic() >= last_start:
                 raise
-        for attempt in Retrying(**self.policy.tenacity_kwargs(deadline_at, run.may_retry)):
+        for attempt in Retrying(**self.policy.tenacity_kwargs(last_start, run.may_retry)):
             with attempt:
-                return self._attempt(run)
+                replies = self._attempt(run)
+                self.health.success()
+                return replies
         raise AssertionError("unreachable")  # pragma: no cover
 
     def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:
@@ -409,13 +434,17 @@ class AsyncShell(_ShellBase):
         deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
         run = self._new_run(batch)
         try:  # the first attempt outside tenacity: the common case pays no retry machinery
-            return await self._bounded_attempt(run, deadline_at)
+            replies = await self._bounded_attempt(run, deadline_at)
+            self.health.success()
+            return replies
         except Exception as exc:
             if not run.may_retry(exc) or time.monotonic() >= deadline_at:
                 raise
         async for attempt in AsyncRetrying(**self.policy.tenacity_kwargs(deadline_at, run.may_retry)):
             with attempt:
-                return await self._bounded_attempt(run, deadline_at)
+                replies = await self._bounded_attempt(run, deadline_at)
+                self.health.success()
+                return replies
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:

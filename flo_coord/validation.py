@@ -167,3 +167,10 @@ def offset(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValidationError(f"offset must be an integer >= 0, got {value!r}")
     return value
+
+
+def epoch(value: Any) -> int:
+    """A generation token's epoch: an int >= 1 (fencing epochs start at 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(f"epoch must be an integer >= 1, got {value!r}")
+    return value

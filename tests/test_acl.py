@@ -153,6 +153,12 @@ def full_run(primary: RedisServer, namespace: str, users: tuple[str, str], passw
         assert [e for e, _ in taken] == [entry]
         second.shell.run(reclaim(second.core, 60_000, 10), "queue")
         second.shell.run(ack(second.core, entry), "queue")
+        # fenced intake (a duplicate delivery changes nothing) and a poison request ended typed
+        assert second.shell.run(second.core.start_new("req-q", "prompt"), "start_tracking") is not None
+        assert second.shell.run(second.core.start_new("req-q", "prompt"), "start_tracking") is None
+        assert second.complete("req-q")
+        assert second.shell.run(second.core.reject("req-p", "poison", kind="PoisonRequestError"), "reject")
+        assert second.outcome("req-p").error_kind == "PoisonRequestError"  # type: ignore[union-attr]
         # a stream, a heartbeat, a crash and a takeover
         first.start_tracking("req-1", "prompt", ServingBackend.Vllm)
         first.append_tokens("req-1", "one ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import pytest_asyncio
 
 from flo_coord.backends import (
     Backend,
+    BackendConfigError,
     BackendConnectError,
     BackendError,
     BackendHTTPError,
@@ -28,11 +30,14 @@ from flo_coord.backends import (
     OllamaBackend,
     OpenAIBackend,
     PrefillRejectedError,
+    Progress,
     RateLimitedError,
     ServerError,
+    StreamAbortedError,
     StreamCutError,
     StreamEnd,
     TextChunk,
+    ToolCallsOnlyError,
     UnsupportedRequestError,
     classify_error,
     make_backend,
@@ -436,7 +441,10 @@ async def test_api_key_is_sent_as_bearer_and_never_shown(
     monkeypatch.setenv("FLO_TEST_KEY", SECRET)
     backend = make(api_key_env="FLO_TEST_KEY")
     _, error = await collect(backend, GenerationRequest(prompt=PROMPT))
-    assert error is None and server.requests[-1]["authorization"] == f"Bearer {SECRET}"
+    # the fake's request log keeps only a digest of the credential (issue 16), never the key
+    sent = hashlib.sha256(f"Bearer {SECRET}".encode()).hexdigest()
+    assert error is None and server.requests[-1]["authorization_sha256"] == sent
+    assert SECRET not in str(server.requests)
     server.set_fault("m", "http5xx:1")
     backend = make(api_key_env="FLO_TEST_KEY")
     _, error = await collect(backend, GenerationRequest(prompt=PROMPT))
@@ -448,8 +456,10 @@ async def test_api_key_is_sent_as_bearer_and_never_shown(
 @pytest.mark.asyncio
 async def test_missing_key_env_is_a_config_error(make: Callable[..., Backend], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLO_MISSING_KEY", raising=False)
-    with pytest.raises(ConfigError, match="FLO_MISSING_KEY"):
-        await collect(make(api_key_env="FLO_MISSING_KEY"), GenerationRequest(prompt=PROMPT))
+    # a backend fault (issue 11: the next backend continues), still a ConfigError
+    events, error = await collect(make(api_key_env="FLO_MISSING_KEY"), GenerationRequest(prompt=PROMPT))
+    assert events == [] and isinstance(error, BackendConfigError) and isinstance(error, ConfigError)
+    assert "FLO_MISSING_KEY" in str(error)
 
 
 @pytest.mark.asyncio
@@ -658,3 +668,88 @@ def test_runs_as_a_process() -> None:
         assert proc.wait(timeout=5) == 0
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+# ------------------------------------------------------------------ issue 11: endings at the adapter
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("dialect", ["event", "field", "data", "anthropic", "ollama"])
+@pytest.mark.parametrize(
+    ("inband_kind", "expected"),
+    [
+        ("server", ServerError),
+        ("overloaded", ServerError),
+        ("rate_limit", RateLimitedError),
+        ("context_length", ContextLengthError),
+    ],
+)
+async def test_in_band_errors_are_classified_like_their_status(
+    server: FakeLLMServer, make: Callable[..., Backend], dialect: str, inband_kind: str, expected: type
+) -> None:
+    server.set_fault("m", f"inband:{dialect}:3:{inband_kind}")
+    events, error = await collect(make(), GenerationRequest(prompt=PROMPT))
+    assert type(error) is expected and error.received_text  # type: ignore[union-attr]
+    # the error's own text never reaches the caller as answer text
+    assert text_of(events) == "".join(full_answer(PROMPT)[:3])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_finish_reasons_map_to_one_model(server: FakeLLMServer, make: Callable[..., Backend], kind: str) -> None:
+    for reason, outcome in [
+        ("stop", "stop"),
+        ("eos", "stop"),
+        ("length", "length"),
+        ("abort", StreamAbortedError),
+        ("mystery", StreamAbortedError),
+        ("content_filter", ContentPolicyRejection),
+    ]:
+        server.set_fault("m", f"finish:{reason}:4")
+        events, error = await collect(make(kind), GenerationRequest(prompt=PROMPT))
+        assert text_of(events) == "".join(full_answer(PROMPT)[:4])
+        if isinstance(outcome, str):
+            assert error is None and events[-1].finish_reason == outcome, reason
+        else:
+            assert type(error) is outcome, reason
+
+
+@pytest.mark.asyncio
+async def test_a_connection_error_is_named_once(server: FakeLLMServer, make: Callable[..., Backend]) -> None:
+    server.set_fault("m", "die_after:4")
+    _, error = await collect(make(), GenerationRequest(prompt=PROMPT))
+    name = str(error).split("received: ")[1].split(":")[0]
+    assert str(error).count(f"{name}:") == 1, str(error)
+
+
+@pytest.mark.asyncio
+async def test_reasoning_and_tool_call_deltas_are_progress(server: FakeLLMServer, make: Callable[..., Backend]) -> None:
+    server.set_fault("m", "reasoning:3")
+    events, error = await collect(make(), GenerationRequest(messages=MESSAGES))
+    assert error is None and [e for e in events if isinstance(e, Progress)] == [Progress("reasoning")] * 3
+    assert text_of(events) == full_answer_text(render_messages(MESSAGES))
+    server.set_fault("m", "tool_calls")
+    events, error = await collect(make(), GenerationRequest(messages=MESSAGES))
+    assert isinstance(error, ToolCallsOnlyError) and events == [Progress("tool_call")]
+
+
+@pytest.mark.asyncio
+async def test_hand_written_keepalive_shapes_are_skipped() -> None:
+    body = (
+        b'\xef\xbb\xbfdata: {"choices": [{"text": "a", "finish_reason": null}]}\n\n'
+        b': comment\n\nevent: ping\ndata: {}\n\ndata: {"type": "ping"}\n\ndata:\n\ndata: keep-alive\n\n'
+        b'data: {"object": "keepalive"}\n\n'
+        b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\n'
+        b'data: {"choices": [{"text": "b", "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+    )
+    events, error = await collect(_mock_backend(body), GenerationRequest(prompt=PROMPT))
+    assert error is None and text_of(events) == "ab" and events[-1] == StreamEnd("stop", {"completion_tokens": 2})
+
+
+def test_pool_is_sized_from_concurrency_unless_the_spec_says() -> None:
+    spec = BackendSpec(name="Vllm", base_url="http://h:1", model="m")
+    pool = make_backend(spec, max_connections=321)._client._transport._pool  # type: ignore[attr-defined]
+    assert pool._max_connections == 321
+    spec = BackendSpec(name="Vllm", base_url="http://h:1", model="m", max_connections=7)
+    pool = make_backend(spec, max_connections=321)._client._transport._pool  # type: ignore[attr-defined]
+    assert pool._max_connections == 7

@@ -116,3 +116,24 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     # the readable table went to stdout, one line per figure
     for fig in results["figures"]:
         assert fig["label"][:40] in proc.stdout, f"{fig['key']} not in the printed table"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_flo_coord_bench_runs_the_real_benchmark(tmp_path: Path) -> None:
+    """``flo-coord bench`` loads scripts/bench.py in-process (its dataclasses included) and runs it for real:
+    the latency section and a takeover with 2 SIGKILLed worker processes (re-launched from the script's path)."""
+    require_redis_server()
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLO_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flo_coord", "bench", "--quick", "--sections", "single,takeover", "--kills", "2",
+         "--wave", "2", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"flo-coord bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr
+    figures = {f["key"]: f["value"] for f in json.loads(out.read_text())["figures"]}
+    assert figures["takeover.samples"] >= 2 and figures["takeover.not_taken_over"] == 0
+    assert 0 < figures["single.async.batched.p50"] <= figures["single.async.batched.p99"]
+    assert "takeover" in proc.stdout and "fenced append" in proc.stdout  # the table went to stdout

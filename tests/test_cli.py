@@ -107,6 +107,14 @@ MISTAKES: list[tuple[list[str], dict[str, str], str]] = [
     (["serve-fake-llm", "--fault", "m=explode"], {}, "bad fault"),
     (["serve-fake-llm", "--fault", "nomodel"], {}, "MODEL=SPEC"),
     (["nonsense"], {}, "invalid choice"),
+    # a bad flag of a subcommand points at that subcommand's own help
+    (["submit", "hi", "--bogus"], {}, "see 'flo-coord submit --help'"),
+    (["top", "--once", "--nope", "1"], {}, "see 'flo-coord top --help'"),
+    (["submit", "--message", "robot=hi"], {}, "ROLE=TEXT"),
+    (["submit", "--message", "user="], {}, "ROLE=TEXT"),
+    (["submit", "a prompt", "--message", "user=hi"], {}, "not both"),
+    (["submit", "--message", "user=hi", "--messages-file", "m.json"], {}, "not both"),
+    (["submit", "--messages-file", "/nonexistent/m.json"], {}, "cannot read --messages-file"),
 ]
 
 
@@ -124,6 +132,27 @@ def test_user_mistakes_exit_2_with_one_line_and_no_traceback() -> None:
         assert len(lines) == 1, (argv, stderr)
         assert lines[0].startswith("flo-coord"), lines
         assert expected in lines[0], (argv, lines[0])
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("not json", "is not JSON"),
+        ("[]", "must hold a JSON list"),
+        ('{"model": "m"}', "must hold a JSON list"),
+        ('[{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]', "message 1 must be"),
+        ('[{"role": "user", "content": 3}]', "message 0 must be"),
+        ('[{"role": "user", "content": "hi", "tool_calls": []}]', "message 0 must be"),
+    ],
+)
+def test_a_bad_messages_file_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, expected: str
+) -> None:
+    path = tmp_path / "m.json"
+    path.write_text(content)
+    assert main(["submit", "--messages-file", str(path), "--redis-url", DEAD_REDIS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flo-coord submit: error: ") and expected in err[0], err
 
 
 def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -176,7 +205,12 @@ def test_bench_forwards_every_argument(tmp_path: Path, monkeypatch: pytest.Monke
     from flo_coord.cli import serve
 
     script = tmp_path / "bench.py"
-    script.write_text("import json, sys\ndef main(argv):\n    print(json.dumps(argv))\n    return 3\n")
+    # a dataclass with string annotations, as scripts/bench.py has: it needs the module in sys.modules
+    script.write_text(
+        "from __future__ import annotations\nimport json, sys\nfrom dataclasses import dataclass, field\n"
+        "@dataclass\nclass Args:\n    argv: list[str] = field(default_factory=list)\n"
+        "def main(argv):\n    print(json.dumps(Args(argv).argv))\n    return 3\n"
+    )
     monkeypatch.setattr(serve, "_bench_script", lambda: script)
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
@@ -296,6 +330,70 @@ def test_submit_streams_the_exact_answer_and_the_record_reads_back(deployment: D
     lines = [line for line in deployment.log.read_text().splitlines() if "cli-r1" in line]
     assert lines and all("worker_id=cli-w1" in line and "request_id=cli-r1" in line for line in lines)
     assert any("epoch=1" in line for line in lines)
+    # a new request is "starting", never "resuming ... from 0 chars"
+    assert any("starting cli-r1 at epoch 1" in line for line in lines)
+    assert not any("resuming" in line for line in lines)
+
+
+def test_outputs_say_what_is_true(deployment: Deployment) -> None:
+    """An unknown request is unknown; an offset past the end is an error; the end itself is an empty answer."""
+    prompt = "Where does the answer end?"
+    assert deployment.cli("submit", prompt, "--request-id", "cli-end").returncode == 0
+    length = len(full_answer_text(prompt))
+    unknown, empty, past, at_end, exact = run_all(
+        [
+            ["history", "--request-id", "no-such-request"],
+            ["history", "--request-id", "cli-end", "--json"],
+            ["follow", "cli-end", "--offset", str(length + 1)],
+            ["follow", "cli-end", "--offset", str(length)],
+            ["follow", "cli-end", "--offset", str(length - 3)],
+        ],
+        env=_env(FLO_REDIS_URL=deployment.url, FLO_NAMESPACE=deployment.namespace),
+    )
+    assert unknown[0] == 2 and "unknown request 'no-such-request'" in unknown[2], unknown
+    assert "no history" not in unknown[1]
+    assert empty[0] == 0 and json.loads(empty[1])[-1]["request_id"] == "cli-end"
+    assert past[0] == 2 and past[1] == "" and f"past the end of the answer of cli-end ({length} chars)" in past[2]
+    assert at_end[0] == 0 and at_end[1] == "", at_end
+    assert exact[0] == 0 and exact[1] == full_answer_text(prompt)[-3:] + "\n"
+
+
+def test_submit_sends_chat_messages(deployment: Deployment, tmp_path: Path) -> None:
+    from flo_coord.fakellm import render_messages
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a lease?"}]
+    expected = full_answer_text(render_messages(chat))
+    flags = deployment.cli("submit", "--message", "system=Be brief.", "--message", "user=What is a lease?")
+    assert flags.returncode == 0, flags.stderr
+    assert flags.stdout == expected + "\n"
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps({"model": "ignored", "messages": chat}))
+    from_file = deployment.cli("submit", "--messages-file", str(path), "--request-id", "cli-chat")
+    assert from_file.returncode == 0 and from_file.stdout == expected + "\n", from_file.stderr
+    record = json.loads(deployment.cli("inspect", "cli-chat", "--json").stdout)
+    assert record["answer"] == expected
+
+
+def test_a_taken_over_request_is_logged_as_resuming(deployment: Deployment) -> None:
+    from flo_coord import AsyncFailoverManager
+
+    prompt = "Who carries on?"
+    prefix = full_answer_text(prompt)[:30]
+
+    async def abandon() -> None:  # a worker that died after committing 30 characters
+        manager = AsyncFailoverManager(
+            url=deployment.url, namespace=deployment.namespace, worker_id="dead", lease_ttl=0.2
+        )
+        await manager.start_tracking("cli-orphan", prompt, "Vllm")
+        await manager.append_tokens("cli-orphan", prefix)
+        await manager.aclose()
+
+    asyncio.run(abandon())
+    answer = deployment.cli("follow", "cli-orphan", "--timeout", "30")
+    assert answer.returncode == 0 and answer.stdout == full_answer_text(prompt) + "\n", answer.stderr
+    lines = [line for line in deployment.log.read_text().splitlines() if "cli-orphan" in line]
+    assert any("resuming cli-orphan at epoch 2 from 30 chars" in line for line in lines), lines
+    assert not any("starting cli-orphan" in line for line in lines)
 
 
 def test_top_and_inspect_show_a_live_request(deployment: Deployment) -> None:

@@ -165,7 +165,12 @@ async def test_async_client_retries_are_off_with_the_asyncio_retry_class(server:
 
 
 def test_sync_socket_timeout_follows_a_short_deadline(server: RedisServer) -> None:
+    # half the deadline: two attempts on a frozen server still end by the deadline (issue 10)
     with FailoverManager(url=server.url, namespace="t", retry=RetryPolicy(deadline=1.0)) as manager:
+        assert manager.redis.connection_pool.connection_kwargs["socket_timeout"] == 0.5
+    # a blocking WAIT (durability="replica") keeps room in the socket timeout
+    policy = RetryPolicy(deadline=1.0)
+    with FailoverManager(url=server.url, namespace="t", retry=policy, durability="replica") as manager:
         assert manager.redis.connection_pool.connection_kwargs["socket_timeout"] == MIN_SOCKET_TIMEOUT
     with FailoverManager(url=server.url, namespace="t", retry=RetryPolicy(deadline=60.0)) as manager:
         assert manager.redis.connection_pool.connection_kwargs["socket_timeout"] == 5.0
@@ -526,6 +531,7 @@ async def test_every_async_call_fails_within_its_deadline_when_redis_is_gone() -
         ("append_direct", ("req-1", "y"), {}, "req-1"),
         ("offer_tokens", ("req-1", "z"), {}, "req-1"),
         ("set_current_backend", ("req-1", ServingBackend.Groq), {}, "req-1"),
+        ("set_usage", ("req-1", {"completion_tokens": 3}), {}, "req-1"),
     ]
     assert {c[0] for c in calls} == _public_io_methods(AsyncFailoverManager)
     results = await asyncio.gather(*(call(*c[:3]) for c in calls))

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from flo_coord.cli.common import CommandFailedError, UsageError
-from flo_coord.cli.parser import build_parser
+from flo_coord.cli.parser import build_parser, subcommand_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -37,7 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # everything after "bench" belongs to scripts/bench.py, options included
         args = argparse.Namespace(command="bench", handler="flo_coord.cli.serve:cmd_bench", bench_args=argv[1:])
     else:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:  # reported by the subcommand's own parser, so the message points at its own --help
+            subcommand_parser(parser, getattr(args, "command", None)).error(
+                f"unrecognized arguments: {' '.join(extras)}"
+            )
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2

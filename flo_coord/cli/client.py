@@ -80,6 +80,24 @@ async def stream_answer(
         ) from None
 
 
+async def _answer_chars(manager: AsyncFailoverManager, request_id: str) -> int:
+    """Characters of ``request_id``'s committed answer (0 when nothing is stored)."""
+    from flo_coord.codec import text
+
+    raw = await manager.redis.get(manager.core.keys.request(request_id).text)
+    return len(text(raw)) if raw is not None else 0
+
+
+async def _check_offset(manager: AsyncFailoverManager, request_id: str, offset: int) -> None:
+    """An answer that ended before ``offset`` printed nothing: say so (exit 2) rather than succeed silently."""
+    length = await _answer_chars(manager, request_id)
+    if offset > length:
+        raise UsageError(
+            f"--offset {offset} is past the end of the answer of {request_id} ({length} chars); "
+            f"use an offset from 0 to {length}"
+        )
+
+
 async def _finish_stream(
     manager: AsyncFailoverManager, request_id: str, offset: int, wait: float, timeout: float, not_found: str | None
 ) -> int:
@@ -87,6 +105,8 @@ async def _finish_stream(
 
     try:
         written = await stream_answer(manager, request_id, offset, wait=wait, timeout=timeout, out=sys.stdout)
+        if not written and offset:
+            await _check_offset(manager, request_id, offset)
     except RequestFailedError as exc:
         print(file=sys.stdout, flush=True)
         raise CommandFailedError(str(exc)) from None
@@ -116,13 +136,65 @@ def _prompt(args: Any) -> str:
     if args.prompt == "-":
         return sys.stdin.read()
     if not args.prompt:
-        raise UsageError("no prompt: give one as an argument, with --prompt-file FILE, or '-' to read stdin")
+        raise UsageError(
+            "no prompt: give one as an argument, with --prompt-file FILE, '-' to read stdin, "
+            "or chat messages with --message ROLE=TEXT or --messages-file FILE"
+        )
     return str(args.prompt)
+
+
+#: Roles ``--message`` and ``--messages-file`` accept (OpenAI's chat roles that carry plain text).
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def _message(value: str) -> dict[str, str]:
+    role, sep, content = value.partition("=")
+    if not sep or role not in CHAT_ROLES or not content:
+        raise UsageError(
+            f"--message must look like ROLE=TEXT with ROLE one of {', '.join(CHAT_ROLES)} and some TEXT, got {value!r}"
+        )
+    return {"role": role, "content": content}
+
+
+def _messages_file(path: str) -> list[dict[str, str]]:
+    """A JSON list of ``{"role", "content"}`` objects, or an object with such a ``"messages"`` list."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise UsageError(f"cannot read --messages-file {path!r}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--messages-file {path!r} is not JSON: {exc}") from None
+    if isinstance(data, dict):
+        data = data.get("messages")
+    shape = 'a JSON list of {"role": ROLE, "content": TEXT} objects (or {"messages": [...]})'
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"--messages-file {path!r} must hold {shape}")
+    for i, item in enumerate(data):
+        ok = isinstance(item, dict) and item.get("role") in CHAT_ROLES and isinstance(item.get("content"), str)
+        if not ok or set(item) != {"role", "content"}:
+            raise UsageError(
+                f'--messages-file {path!r}: message {i} must be {{"role": ROLE, "content": TEXT}} '
+                f"with ROLE one of {', '.join(CHAT_ROLES)}, got {json.dumps(item)[:80]}"
+            )
+    return [{"role": item["role"], "content": item["content"]} for item in data]
+
+
+def _chat(args: Any) -> list[dict[str, str]] | None:
+    """The chat messages of ``submit`` (``--message`` or ``--messages-file``), or None for a prompt."""
+    if not args.message and not args.messages_file:
+        return None
+    if args.message and args.messages_file:
+        raise UsageError("give chat messages with --message or with --messages-file, not both")
+    if args.prompt or args.prompt_file:
+        raise UsageError("give a prompt or chat messages (--message / --messages-file), not both")
+    return _messages_file(args.messages_file) if args.messages_file else [_message(v) for v in args.message]
 
 
 def cmd_submit(args: Any) -> int:
     setup_logging(args)
-    prompt = _prompt(args)
+    messages = _chat(args)
+    prompt = _prompt(args) if messages is None else None
     settings = load(args)
     if args.primary:
         from flo_coord.models import ServingBackend
@@ -130,17 +202,17 @@ def cmd_submit(args: Any) -> int:
         args.primary = ServingBackend.parse(args.primary).value
     manager = client_manager(settings)
     request_id = args.request_id or f"req-{uuid.uuid4().hex[:12]}"
-    return run(_submit(manager, request_id, prompt, args))
+    return run(_submit(manager, request_id, prompt, messages, args))
 
 
-async def _submit(manager: AsyncFailoverManager, request_id: str, prompt: str, args: Any) -> int:
+async def _submit(manager: AsyncFailoverManager, request_id: str, prompt: str | None, messages: Any, args: Any) -> int:
     from flo_coord import queue
 
     try:
-        if await manager.get_context(request_id) is not None or await manager.outcome(request_id) is not None:
+        if await _known(manager, request_id):
             raise UsageError(f"request id {request_id!r} is already in use; choose another --request-id")
         submission = queue.Submission(
-            request_id=request_id, prompt=prompt, primary=args.primary, max_tokens=args.max_tokens
+            request_id=request_id, prompt=prompt, messages=messages, primary=args.primary, max_tokens=args.max_tokens
         )
         await manager.shell.run(queue.submit(manager.core, submission), "submit", request_id)
     except BaseException:
@@ -306,18 +378,29 @@ def history_row(entry: Any) -> list[Any]:
     ]
 
 
+async def _known(manager: AsyncFailoverManager, request_id: str) -> bool:
+    """Whether ``request_id`` is live or has a stored outcome."""
+    return await manager.get_context(request_id) is not None or await manager.outcome(request_id) is not None
+
+
 async def _history(manager: AsyncFailoverManager, args: Any) -> int:
+    from flo_coord.errors import UnknownRequestError
+
+    rid = args.request_id
     try:
-        entries = await manager.history(100 if args.request_id else min(args.count, 100))
+        entries = await manager.history(100 if rid else min(args.count, 100))
+        if rid:
+            entries = [e for e in entries if e.request_id == rid][-args.count :]
+            if not entries and not await _known(manager, rid):
+                raise UnknownRequestError(rid)
     finally:
         await manager.aclose()
-    if args.request_id:
-        entries = [e for e in entries if e.request_id == args.request_id][-args.count :]
     if args.json:
         _emit_json([_builtins(e) for e in entries])
         return 0
     if not entries:
-        print(f"no history in namespace {manager.namespace!r}")
+        about = f" for request {rid!r} among the newest 100 entries" if rid else ""
+        print(f"no history{about} in namespace {manager.namespace!r}")
         return 0
     headers = ["TIME", "KIND", "REQUEST", "WORKER", "BACKEND", "RESULT"]
     print(render.table(headers, [history_row(e) for e in entries]))

@@ -139,7 +139,9 @@ def build_parser() -> Parser:
         "Run a worker: take submitted requests, stream them with failover, take over orphans",
         (redis, logs),
     )
-    p.add_argument("--worker-id", metavar="ID", help="unique id of this replica (env FLO_WORKER_ID; default host-pid)")
+    p.add_argument(
+        "--worker-id", metavar="ID", help="unique id of this replica (env FLO_WORKER_ID; default <host>-<pid>-<random>)"
+    )
     p.add_argument("--lease-ttl", type=seconds, metavar="S", help="lease in seconds (env FLO_LEASE_TTL; default 5)")
     p.add_argument("--concurrency", type=count, metavar="N", help="requests run at once (env FLO_CONCURRENCY; 64)")
     p.add_argument("--grace", type=seconds0, default=10.0, metavar="S", help="on SIGTERM, time to finish (10)")
@@ -151,11 +153,22 @@ def build_parser() -> Parser:
     p = command(
         "submit",
         "flo_coord.cli.client:cmd_submit",
-        "Queue a request for the workers and print its answer as it streams",
+        "Queue a request (a prompt or chat messages) for the workers and print its answer as it streams",
         (redis, logs),
     )
     p.add_argument("prompt", nargs="?", help="the prompt (or --prompt-file, or stdin with '-')")
     p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
+    p.add_argument(
+        "--message",
+        action="append",
+        metavar="ROLE=TEXT",
+        help="a chat message instead of a prompt (repeatable, in order; ROLE system, developer, user or assistant)",
+    )
+    p.add_argument(
+        "--messages-file",
+        metavar="FILE",
+        help='chat messages from a JSON file: [{"role": ..., "content": ...}, ...] or {"messages": [...]}',
+    )
     p.add_argument("--request-id", metavar="ID", help="request id (default: a random one)")
     p.add_argument("--primary", metavar="BACKEND", help="backend to try first (e.g. Vllm)")
     p.add_argument("--max-tokens", type=count, metavar="N", help="answer length limit")
@@ -169,7 +182,7 @@ def build_parser() -> Parser:
         "Print a request's answer from an offset, live, until it ends (from any replica)",
         (redis, logs),
     )
-    p.add_argument("request_id", metavar="REQUEST_ID")
+    p.add_argument("request_id", metavar="REQUEST_ID", help="the request (its id, as submit prints it)")
     p.add_argument("--offset", type=offset, default=0, metavar="N", help="start at character N (default 0)")
     p.add_argument("--wait", type=seconds0, default=0.0, metavar="S", help="wait S for the request to appear")
     p.add_argument("--timeout", type=seconds, default=600.0, metavar="S", help="give up after S (600)")
@@ -180,7 +193,7 @@ def build_parser() -> Parser:
         "Show one request: its live context or its outcome",
         (redis, logs, output),
     )
-    p.add_argument("request_id", metavar="REQUEST_ID")
+    p.add_argument("request_id", metavar="REQUEST_ID", help="the request (its id, as submit prints it)")
     p.add_argument("--full", action="store_true", help="do not shorten the prompt and answer")
 
     command(
@@ -236,7 +249,13 @@ def build_parser() -> Parser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=8001, help="port (default 8001)")
-    p.add_argument("--fault", action="append", default=[], metavar="MODEL=SPEC", help="e.g. m=cut:5 (MODEL may be *)")
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="MODEL=SPEC",
+        help="inject a fault: e.g. m=cut:5 (MODEL may be *; repeatable; SPECs in docs/CLI.md)",
+    )
     p.add_argument("--token-delay", type=seconds0, default=0.0, metavar="S", help="seconds between tokens")
     p.add_argument("--model-delay", action="append", default=[], metavar="MODEL=S", help="per-model token delay")
     p.add_argument("--tokens", type=count, default=48, metavar="N", help="answer length in tokens (48)")
@@ -247,4 +266,12 @@ def build_parser() -> Parser:
         "Run scripts/bench.py; every argument after 'bench' goes to it ('bench -- --help' for its help)",
     )
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for scripts/bench.py")
+    return parser
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (``parser`` itself for None or an unknown name)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]  # type: ignore[no-any-return]
     return parser

@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +96,18 @@ async def _worker(
             durability=settings.redis.durability,
         )
         coordinator = Coordinator(
-            settings.backends, manager=manager, executor=settings.executor, breaker=settings.breaker
+            settings.backends,
+            manager=manager,
+            executor=settings.executor,
+            breaker=settings.breaker,
+            concurrency=concurrency,
         )
     else:
-        coordinator = Coordinator(**settings.coordinator_options(), worker_id=worker_id)
+        coordinator = Coordinator(**settings.coordinator_options(), worker_id=worker_id, concurrency=concurrency)
     worker = Worker(coordinator, concurrency=concurrency, grace=grace)
     worker.install_signal_handlers()
     watch = asyncio.create_task(_watch_parent(worker.request_stop)) if exit_with_parent else None
-    backends = ", ".join(f"{s.name}={s.base_url} ({s.model})" for s in settings.backends)
+    backends = ", ".join(f"{s.name}={s.safe_url} ({s.model})" for s in settings.backends)  # no URL credentials
     log.info("backends: %s; lease %.1fs; concurrency %d", backends, settings.ownership.lease_ttl, concurrency)
     try:
         # The group exists from here on, so anything submitted now is taken (Worker.run creates it too).
@@ -122,6 +127,7 @@ async def _worker(
 
 def cmd_fake_llm(args: Any) -> int:
     from flo_coord import fakellm
+    from flo_coord.cli.reference import fault_grammar
 
     argv = [
         "--host",
@@ -140,7 +146,8 @@ def cmd_fake_llm(args: Any) -> int:
         try:
             fakellm.parse_fault(spec)
         except ValueError as exc:
-            raise UsageError(f"--fault {value!r}: {exc}") from None
+            valid = ", ".join(grammar for grammar, _ in fault_grammar())
+            raise UsageError(f"--fault {value!r}: {exc}; SPEC is one of {valid} (optionally *TIMES)") from None
         argv += ["--fault", value]
     for value in args.model_delay:
         model, sep, delay = value.partition("=")
@@ -165,6 +172,24 @@ def _bench_script() -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def _load_script(path: Path, name: str) -> Any:
+    """Import the script at ``path`` as module ``name``.
+
+    The module is registered in ``sys.modules`` before it runs, as a regular import would: ``dataclasses`` (and
+    ``typing.get_type_hints``) look a class's module up there to resolve string annotations, and fail without it.
+    """
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def cmd_bench(args: Any) -> int:
     path = _bench_script()
     if path is None:
@@ -172,10 +197,7 @@ def cmd_bench(args: Any) -> int:
             "bench runs scripts/bench.py from a source checkout, and none was found; "
             "run it from the repository root (git clone, then flo-coord bench)"
         )
-    spec = importlib.util.spec_from_file_location("flo_coord_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script(path, "flo_coord_bench")
     main = getattr(module, "main", None)
     if main is None:
         raise UsageError(f"{path} has no main(argv) function")
