@@ -6,8 +6,9 @@ stats, history, a follower, the intake queue and ``durability="replica"``; it ca
 a key outside its namespace; and every rule is needed (each one removed breaks the run).
 The scripts run as a Redis Functions library an operator loads once, so the worker ACL
 refuses EVAL, EVALSHA, SCRIPT and FUNCTION. ``CLIENT_RULES`` (submit and follow only) is
-narrower: read-only keys but for the queue and the feeds. Both are tested as sufficient
-for the CLI commands of their role and necessary rule by rule.
+narrower: FCALL of the two read functions only, and no write command but XADD. Both are
+tested as sufficient for the CLI commands of their role and necessary rule by rule, and
+as the ones README.md and docs/OPERATING.md show.
 """
 
 from __future__ import annotations
