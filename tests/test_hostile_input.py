@@ -667,3 +667,19 @@ def test_a_non_utf8_index_member_is_skipped_not_fatal(server: RedisServer) -> No
         assert manager.orphans() == ["good"]
         assert [rid for rid, _ in manager.active_requests()] == ["good"]
         assert [ctx.request_id for ctx in manager.claim_orphans()] == ["good"]
+
+
+def test_listeners_bind_loopback_unless_told_otherwise() -> None:
+    pytest.importorskip("prometheus_client")
+    from flo_coord.cli.parser import build_parser
+    from flo_coord.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    try:
+        metrics.serve(0)
+        assert metrics._server is not None and metrics._server.server_address[0] == "127.0.0.1"
+    finally:
+        metrics.stop()
+    parser = build_parser()
+    assert parser.parse_args(["worker"]).metrics_addr == "127.0.0.1"
+    assert parser.parse_args(["serve-fake-llm"]).host == "127.0.0.1"
