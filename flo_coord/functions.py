@@ -169,6 +169,32 @@ class Scripting:
                 raise
 
 
+def ensure_loaded(client: Any, namespace: str) -> None:
+    """Fail fast when this Redis lacks the library and the credential may not load it.
+
+    Calls the read-only READ function on a probe key of ``namespace`` (a synchronous
+    client): a missing library is loaded when allowed (else ConfigError naming
+    ``install-functions``); a server without Functions switches to the EVALSHA fallback;
+    an ACL refusing FCALL itself is a ConfigError too. A worker runs it at start.
+    """
+    from flo_coord.scripts import READ
+
+    scripting = Scripting()
+    keys = tuple(f"{namespace}:{{flo-probe}}:{kind}" for kind in ("ctx", "result", "text", "feed"))
+    for _ in range(3):
+        try:
+            client.execute_command(*scripting.args(READ, keys, ()))
+            return
+        except rex.NoPermissionError as exc:
+            raise ConfigError(
+                f"this credential may not call flo_coord's functions ({exc}); see the worker ACL"
+            ) from exc
+        except rex.ResponseError as exc:
+            if not is_missing(exc):
+                raise
+            scripting.load(client, {READ: exc})
+
+
 def _libraries(client: Any) -> list[str]:
     listed = client.function_list(library=LIBRARY_PREFIX + "*")
     if isinstance(listed, dict):  # a Cluster client answers per node

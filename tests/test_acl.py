@@ -411,6 +411,11 @@ def test_a_worker_without_the_library_is_told_to_install_it(servers: Any) -> Non
         with early, pytest.raises(ConfigError, match="install-functions"):
             early.start_tracking("req-1", "prompt")
         assert admin.keys("early:*") == []
+        # the worker command says so at start (one line, exit 2) instead of failing every round
+        url = user_url(primary, "flo-early", "pw")
+        worker = _cli(url, "early", "worker", "--backend", "Vllm=http://127.0.0.1:1,m")
+        assert worker.returncode == 2 and "install-functions" in worker.stderr, worker.stderr
+        assert "Traceback" not in worker.stderr and "pw@" not in worker.stderr
         # a worker whose credential may load the library (here: the admin) loads it at first use
         with FailoverManager(redis=primary.client(), namespace="early") as manager:
             manager.start_tracking("req-1", "prompt")

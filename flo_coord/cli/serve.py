@@ -52,10 +52,23 @@ def cmd_worker(args: Any) -> int:
         log.info("metrics on http://%s:%d/metrics", args.metrics_addr, bound)
     try:
         check_redis(settings.redis.url)
+        _check_functions(settings)
         return run(_worker(settings, worker_id, concurrency, args.grace, metrics, args.exit_with_parent))
     finally:
         if metrics is not None:
             metrics.stop()
+
+
+def _check_functions(settings: Any) -> None:
+    """Exit at start (code 2, one line) when the Functions library is missing and cannot be loaded."""
+    from flo_coord import functions
+    from flo_coord.connection import connect
+
+    client = connect(settings.redis.url)
+    try:
+        functions.ensure_loaded(client, settings.redis.namespace)
+    finally:
+        client.close()
 
 
 def _register_secrets(settings: Any) -> None:
