@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import uuid
@@ -122,7 +123,8 @@ def ok(reply: Any, request_id: str | None = None) -> Any:
     if isinstance(reply, BaseException):
         message = str(reply)
         if request_id is not None and ("FLOCORRUPT" in message or "WRONGTYPE" in message):
-            raise CorruptStateError(request_id, message.split(" script: ")[0].strip()) from None
+            detail = re.sub(r"^(ERR )?user_(script|function):\d+: ", "", message.split(" script: ")[0].strip())
+            raise CorruptStateError(request_id, detail) from None
         raise reply
     return reply
 
