@@ -14,10 +14,13 @@ from flo_coord.errors import (
     FloCoordError,
     GenerationError,
     LeaseLostError,
+    PrivacyTierError,
     RequestFailedError,
+    UnknownModelError,
     ValidationError,
 )
 from flo_coord.executor import AnswerStream, Coordinator, ExecutorConfig
+from flo_coord.groups import GroupDeployment, ModelGroup
 from flo_coord.manager import AsyncFailoverManager, FailoverManager
 from flo_coord.models import (
     ChatMessage,
@@ -60,11 +63,14 @@ __all__ = [
     "FailoverStats",
     "FloCoordError",
     "GenerationError",
+    "GroupDeployment",
     "HeartbeatTask",
     "HeartbeatThread",
     "LeaseLostError",
     "Limits",
+    "ModelGroup",
     "PrivacyTier",
+    "PrivacyTierError",
     "Reaper",
     "RequestFailedError",
     "RequestOutcome",
@@ -73,5 +79,6 @@ __all__ = [
     "StreamState",
     "StreamingContext",
     "Takeover",
+    "UnknownModelError",
     "ValidationError",
 ]

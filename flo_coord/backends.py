@@ -1,4 +1,4 @@
-"""Backend adapters: stream text from OpenAI-compatible and Ollama servers over httpx.
+"""Backend adapters: stream text from OpenAI-compatible, Ollama and Anthropic servers over httpx.
 
 An adapter only turns HTTP into typed events (TextChunk, Progress, then one StreamEnd)
 and typed errors. Retries, stall and time-to-first-token deadlines and failover belong to
@@ -38,11 +38,14 @@ import httpx
 import msgspec
 
 from flo_coord.errors import ConfigError, FloCoordError, ValidationError
-from flo_coord.models import ChatMessage, ServingBackend
+from flo_coord.models import ChatMessage, ServingBackend, is_deployment_name
 
 __all__ = [
+    "ANTHROPIC_VERSION",
     "CONTINUATION_DEFAULTS",
+    "DEFAULT_BASE_URLS",
     "MAX_ERROR_BODY",
+    "AnthropicBackend",
     "Backend",
     "BackendConfigError",
     "BackendConnectError",
@@ -95,16 +98,37 @@ CONTINUATION_DEFAULTS: dict[ServingBackend, Continuation] = {
     ServingBackend.AzureOpenAI: "none",
 }
 _CONTINUATIONS = ("prefill", "continue_final_message", "completions", "none")
+_KINDS = ("openai", "ollama", "anthropic")
+#: The base_url of a deployment that sets none, for hosted providers with a public API
+#: (their ``api_host()``, with the path of their OpenAI-compatible or native API).
+DEFAULT_BASE_URLS: dict[ServingBackend, str] = {
+    ServingBackend.OpenAI: "https://api.openai.com/v1",
+    ServingBackend.Anthropic: "https://api.anthropic.com",
+    ServingBackend.Groq: "https://api.groq.com/openai/v1",
+    ServingBackend.Together: "https://api.together.xyz/v1",
+    ServingBackend.Fireworks: "https://api.fireworks.ai/inference/v1",
+}
 
 # ------------------------------------------------------------------------------ config
 
 
 class BackendSpec(msgspec.Struct, kw_only=True):
-    """One configured model endpoint. Holds the NAME of the key's env var, never the key."""
+    """One deployment: a configured model endpoint. Holds the NAME of the key's env var, never the key.
+
+    ``name`` is free and unique per configuration (DEPLOYMENT_NAME_PATTERN: it keys the
+    breaker, the failed set, capability memory and in-flight counts). ``provider`` is the
+    ServingBackend it runs on (parsed case-insensitively), which fixes ``is_local()``, the
+    privacy tier, the default continuation and the default ``base_url`` of hosted APIs;
+    when left out, ``name`` must itself be a ServingBackend name (older configs).
+    Raises ConfigError for anything invalid.
+    """
 
     name: str
-    kind: Literal["openai", "ollama"] = "openai"
-    base_url: str
+    provider: str | None = None
+    #: the wire protocol; None: "anthropic" for the Anthropic provider, else "openai"
+    kind: Literal["openai", "ollama", "anthropic"] | None = None
+    #: "" (left out): the provider's public API (DEFAULT_BASE_URLS), for the hosted providers listed there
+    base_url: str = ""
     model: str
     api_key_env: str | None = None
     prefill: bool = True
@@ -120,9 +144,31 @@ class BackendSpec(msgspec.Struct, kw_only=True):
     max_connections: int | None = None
 
     def __post_init__(self) -> None:
-        ServingBackend.parse(self.name)
-        if self.kind not in ("openai", "ollama"):
-            raise ConfigError(f"backend {self.name}: kind must be 'openai' or 'ollama', got {self.kind!r}")
+        if not is_deployment_name(self.name):
+            raise ConfigError(
+                f"backend name {self.name!r} is not a valid deployment name "
+                "(letters, digits and . _ : / @ + -, at most 64 characters, no commas or spaces)"
+            )
+        if self.provider is None:
+            try:
+                self.provider = ServingBackend.parse(self.name)
+            except ConfigError:
+                raise ConfigError(
+                    f"backend {self.name}: unknown backend {self.name!r} and no provider; a free deployment name "
+                    f"needs provider = one of {', '.join(b.value for b in ServingBackend)}"
+                ) from None
+        else:
+            self.provider = ServingBackend.parse(self.provider)
+        if self.kind is None:
+            self.kind = "anthropic" if self.provider is ServingBackend.Anthropic else "openai"
+        if self.base_url == "":
+            self.base_url = DEFAULT_BASE_URLS.get(self.backend, "")
+            if not self.base_url:
+                raise ConfigError(f"backend {self.name}: base_url is required for provider {self.provider}")
+        if self.kind not in _KINDS:
+            raise ConfigError(f"backend {self.name}: kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.kind == "anthropic" and self.continuation in ("continue_final_message", "completions"):
+            raise ConfigError(f"backend {self.name}: the anthropic kind continues by prefill or not at all")
         parts = urlsplit(self.base_url) if isinstance(self.base_url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(f"backend {self.name}: base_url must be an http(s) URL, got {self.base_url!r}")
@@ -154,7 +200,7 @@ class BackendSpec(msgspec.Struct, kw_only=True):
             return self.continuation
         if not self.prefill:
             return "none"
-        return CONTINUATION_DEFAULTS.get(ServingBackend(self.name), "prefill")
+        return CONTINUATION_DEFAULTS.get(self.backend, "prefill")
 
     @property
     def safe_url(self) -> str:
@@ -163,13 +209,15 @@ class BackendSpec(msgspec.Struct, kw_only=True):
 
     @property
     def backend(self) -> ServingBackend:
-        return ServingBackend(self.name)
+        """The provider (a ServingBackend): is_local(), privacy tier and defaults come from it."""
+        return ServingBackend(str(self.provider))  # normalised by __post_init__
 
     def __repr__(self) -> str:
         # headers may carry credentials a user put there by hand: never print their values
         headers = {k: ("***" if k.lower() in _SENSITIVE_HEADERS else v) for k, v in self.headers.items()}
         return (
-            f"BackendSpec(name={self.name!r}, kind={self.kind!r}, base_url={self.safe_url!r}, model={self.model!r}, "
+            f"BackendSpec(name={self.name!r}, provider={self.backend.value!r}, kind={self.kind!r}, "
+            f"base_url={self.safe_url!r}, model={self.model!r}, "
             f"api_key_env={self.api_key_env!r}, prefill={self.prefill}, chat={self.chat}, "
             f"completions={self.completions}, connect_timeout={self.connect_timeout}, headers={headers!r}, "
             f"stream_usage={self.stream_usage}, continuation={self.continues_chat!r}, "
@@ -193,6 +241,8 @@ class GenerationRequest(msgspec.Struct):
     prefix: str = ""
     max_tokens: int | None = None
     request_id: str = ""
+    #: sampling parameters (temperature, top_p, stop, seed, ...) the adapters add to the payload
+    params: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -763,6 +813,13 @@ class _HTTPBackend:
         raise NotImplementedError
 
 
+def _ollama_options(params: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenAI-style sampling parameters in Ollama's shape (``options``; ``stop`` included)."""
+    names = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty")
+    options = {name: params[name] for name in names if params and params.get(name) is not None}
+    return {"options": options} if options else {}
+
+
 # ------------------------------------------------------------------------------ OpenAI
 
 
@@ -830,7 +887,7 @@ class OpenAIBackend(_HTTPBackend):
     _accept = "text/event-stream"
 
     def _build(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        payload: dict[str, Any] = {"model": self.spec.model, "stream": True}
+        payload: dict[str, Any] = {**(request.params or {}), "model": self.spec.model, "stream": True}
         if self.spec.stream_usage:
             payload["stream_options"] = {"include_usage": True}
         if request.max_tokens is not None:
@@ -948,9 +1005,9 @@ class OllamaBackend(_HTTPBackend):
     _accept = "application/x-ndjson"
 
     def _build(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        payload: dict[str, Any] = {"model": self.spec.model, "stream": True}
+        payload: dict[str, Any] = {"model": self.spec.model, "stream": True, **_ollama_options(request.params)}
         if request.max_tokens is not None:
-            payload["options"] = {"num_predict": request.max_tokens}
+            payload["options"] = {**payload.get("options", {}), "num_predict": request.max_tokens}
         base = self.spec.base_url.rstrip("/")
         if request.messages is None or (request.prefix and self.spec.continues_chat == "completions"):
             # raw: no chat template, so prompt+prefix is continued verbatim
@@ -1044,6 +1101,174 @@ def _ollama_chunk(
     return text, kind, (reason, usage or None, _optional_str(obj, "model"))
 
 
+# ------------------------------------------------------------------------------ Anthropic
+
+#: the Messages API version sent as ``anthropic-version`` (the stable one its SSE format is documented for)
+ANTHROPIC_VERSION = "2023-06-01"
+#: ``max_tokens`` is required by the Messages API: what is sent when the request sets none
+ANTHROPIC_DEFAULT_MAX_TOKENS = 4096
+
+
+class AnthropicBackend(_HTTPBackend):
+    """Anthropic's Messages API (POST /v1/messages, ``stream: true``) over SSE.
+
+    Text comes from ``content_block_delta`` events (``text_delta``; ``thinking_delta`` and
+    ``input_json_delta`` are Progress), the ending from ``message_delta``'s ``stop_reason``
+    (end_turn/stop_sequence: stop, max_tokens: length, refusal: ContentPolicyRejection,
+    tool_use: ToolCallsOnlyError, any other: StreamAbortedError), usage from
+    ``message_start`` (input_tokens) and ``message_delta`` (output_tokens). An in-band
+    ``error`` event is classified like its HTTP status (overloaded_error: 529, a
+    ServerError). Authenticates with ``x-api-key`` and sends ``anthropic-version``.
+    Continuation is an assistant prefill; the API refuses a final assistant message that
+    ends in whitespace, so that whitespace is left out of the prefill and dropped from the
+    start of the continued text. System messages go to the top-level ``system`` field.
+    The Messages API has no text completion: a prompt (non-chat) request is refused locally
+    (UnsupportedRequestError), so the Coordinator moves on to a deployment that has one.
+    """
+
+    _accept = "text/event-stream"
+
+    def _request_headers(self, key: str | None) -> dict[str, str]:
+        headers = {"Accept": self._accept, "anthropic-version": ANTHROPIC_VERSION, **self.spec.headers}
+        if key is not None:
+            headers["x-api-key"] = key
+        return headers
+
+    def _check_capabilities(self, request: GenerationRequest) -> None:
+        if not request.is_chat:
+            raise self._local_error(UnsupportedRequestError, "the Messages API serves chat requests only")
+        if request.prefix and self.spec.continues_chat == "none":
+            raise self._local_error(PrefillRejectedError, "this backend cannot continue an answer (continuation)")
+        if request.is_chat and not self.spec.chat:
+            raise self._local_error(UnsupportedRequestError, "chat requests are disabled for this backend")
+
+    def _build(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        assert request.messages is not None  # _check_capabilities refused prompts
+        chat = [{"role": m.role, "content": m.content} for m in request.messages]
+        system = "\n\n".join(m["content"] for m in chat if m["role"] == "system")
+        messages = [m for m in chat if m["role"] != "system"]
+        prefill = request.prefix.rstrip()  # the API rejects a final assistant message ending in whitespace
+        if prefill:
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1] = {"role": "assistant", "content": messages[-1]["content"] + prefill}
+            else:
+                messages.append({"role": "assistant", "content": prefill})
+        payload: dict[str, Any] = {
+            "model": self.spec.model,
+            "stream": True,
+            "max_tokens": request.max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS,
+            "messages": messages,
+        }
+        if system:
+            payload["system"] = system
+        base = self.spec.base_url.rstrip("/")
+        return (f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"), payload
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        # the whitespace left out of the prefill comes back at the start of the continuation: drop it once
+        trimmed = request.prefix[len(request.prefix.rstrip()) :] if request.prefix.rstrip() else ""
+        async with contextlib.aclosing(super().stream(request)) as events:
+            async for event in events:
+                if trimmed and isinstance(event, TextChunk):
+                    text, trimmed = _drop_echo(event.text, trimmed)
+                    if not text:
+                        continue
+                    event = TextChunk(text)
+                yield event
+
+    def _events(self, response: httpx.Response, ending: _Ending, key: str | None) -> AsyncGenerator[StreamEvent, None]:
+        return self._parse_messages(response, ending, key)
+
+    async def _parse_messages(
+        self, response: httpx.Response, ending: _Ending, key: str | None
+    ) -> AsyncGenerator[StreamEvent, None]:
+        try:
+            async with contextlib.aclosing(_sse_events(response.aiter_lines())) as events:
+                async for event in events:
+                    data = (event.data or "").strip()
+                    if event.event == "error" or event.error is not None:
+                        raise self._in_band_error(_loads(event.error or data), ending, key)
+                    if not data or event.event.lower() in _KEEPALIVE:
+                        continue
+                    try:
+                        obj = msgspec.json.decode(data)
+                        item, stop = self._message_event(obj, ending)
+                    except (msgspec.DecodeError, _ChunkShapeError) as exc:
+                        if not event.complete:
+                            break  # a half-written final event is a cut, not garbage
+                        detail = f"malformed stream event ({exc})"
+                        raise self._malformed(detail, _redact(data, key), ending.received) from None
+                    if isinstance(obj, dict) and obj.get("type") == "error":
+                        raise self._in_band_error(obj, ending, key)
+                    if item is not None:
+                        yield item
+                    if stop:
+                        break
+        except httpx.TransportError:
+            if ending.finish is None:
+                raise
+        yield self._end(ending)
+
+    def _message_event(self, obj: Any, ending: _Ending) -> tuple[StreamEvent | None, bool]:
+        """(event to yield, True at message_stop) for one decoded Messages API event."""
+        if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+            raise _ChunkShapeError("event is not an object with a type")
+        kind = obj["type"]
+        if kind == "message_start":
+            message: dict[str, Any] = obj["message"] if isinstance(obj.get("message"), dict) else {}
+            ending.model = _optional_str(message, "model") or ending.model
+            self._add_usage(ending, message.get("usage"))
+        elif kind == "content_block_delta":
+            delta = obj.get("delta")
+            if not isinstance(delta, dict):
+                raise _ChunkShapeError("delta is not an object")
+            if delta.get("type") == "text_delta":
+                text = _optional_str(delta, "text")
+                if text:
+                    ending.received = True
+                    return TextChunk(text), False
+            elif delta.get("type") in ("thinking_delta", "signature_delta"):
+                return Progress("reasoning"), False
+            elif delta.get("type") == "input_json_delta":
+                ending.tool_calls = True
+                return Progress("tool_call"), False
+        elif kind == "content_block_start":
+            block = obj.get("content_block")
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                ending.tool_calls = True
+                return Progress("tool_call"), False
+        elif kind == "message_delta":
+            delta = obj["delta"] if isinstance(obj.get("delta"), dict) else {}
+            ending.finish = _optional_str(delta, "stop_reason") or ending.finish
+            self._add_usage(ending, obj.get("usage"))
+        elif kind == "message_stop":
+            return None, True
+        return None, False  # ping, content_block_stop and event types added later are skipped
+
+    @staticmethod
+    def _add_usage(ending: _Ending, raw: Any) -> None:
+        """Fold Anthropic usage (input_tokens, output_tokens: cumulative) into prompt/completion/total."""
+        usage = _usage(raw) or {}
+        merged = dict(ending.usage or {})
+        if "input_tokens" in usage:
+            merged["prompt_tokens"] = usage["input_tokens"]
+        if "output_tokens" in usage:
+            merged["completion_tokens"] = usage["output_tokens"]
+        if merged:
+            merged["total_tokens"] = merged.get("prompt_tokens", 0) + merged.get("completion_tokens", 0)
+            ending.usage = merged
+
+
+def _drop_echo(text: str, trimmed: str) -> tuple[str, str]:
+    """``text`` without the leading part of ``trimmed`` (whitespace left out of a prefill) it repeats."""
+    common = 0
+    while common < min(len(text), len(trimmed)) and text[common] == trimmed[common]:
+        common += 1
+    if common == len(text):
+        return "", trimmed[common:]
+    return text[common:], ""
+
+
 # ------------------------------------------------------------------------------ factory
 
 
@@ -1057,4 +1282,6 @@ def make_backend(
     """
     if spec.kind == "ollama":
         return OllamaBackend(spec, client, max_connections=max_connections)
+    if spec.kind == "anthropic":
+        return AnthropicBackend(spec, client, max_connections=max_connections)
     return OpenAIBackend(spec, client, max_connections=max_connections)

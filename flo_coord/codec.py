@@ -37,6 +37,7 @@ json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 _history_decoder = msgspec.json.Decoder(HistoryEntry, dec_hook=_dec_hook)
 _messages_decoder = msgspec.json.Decoder(list[ChatMessage])
 _context_json_decoder = msgspec.json.Decoder(StreamingContext, dec_hook=_dec_hook)
+_params_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 def text(value: Any) -> str:
@@ -91,7 +92,7 @@ def decode_context(request_id: str, fields: list[Any] | dict[Any, Any], prefix: 
         raw: dict[str, Any] = {}
         for name, value in pairs(fields).items():  # type: ignore[arg-type]
             attr = _RENAMED.get(name, name)
-            if attr not in _CONTEXT_FIELDS or attr in ("messages", "failed_backends", "usage"):
+            if attr not in _CONTEXT_FIELDS or attr in ("messages", "failed_backends", "usage", "params", "backends"):
                 continue
             raw[attr] = int(value) / 1000.0 if name in _MS_FIELDS else value
         raw["generated_prefix"] = text(prefix)
@@ -105,6 +106,9 @@ def decode_context(request_id: str, fields: list[Any] | dict[Any, Any], prefix: 
         ctx.failed_backends = [b for b in extra.get("failed_backends", "").split(",") if b]
         if extra.get("usage"):
             ctx.usage = msgspec.json.decode(extra["usage"], type=dict[str, int])
+        ctx.backends = [b for b in extra.get("backends", "").split(",") if b] or None
+        if extra.get("params"):
+            ctx.params = _params_decoder.decode(extra["params"])
         return ctx
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, UnicodeDecodeError, IndexError) as exc:
         raise CorruptStateError(request_id, f"context does not decode: {exc}") from None
@@ -128,6 +132,11 @@ def decode_outcome(request_id: str, fields: list[Any] | dict[Any, Any]) -> Reque
 
 def encode_messages(messages: list[ChatMessage] | None) -> bytes:
     return json_encoder.encode(messages) if messages else b""
+
+
+def encode_params(params: dict[str, Any] | None) -> bytes:
+    """Request parameters as JSON for the ctx hash (b"" for none)."""
+    return json_encoder.encode(params) if params else b""
 
 
 def encode_history(entry: HistoryEntry) -> bytes:

@@ -28,6 +28,7 @@ from flo_coord.codec import (
     decode_outcome,
     encode_history,
     encode_messages,
+    encode_params,
     index_member,
     json_encoder,
     pairs,
@@ -167,6 +168,9 @@ class FailoverCore:
         self.lease_ttl = validation.positive_seconds("lease_ttl", lease_ttl)
         self.max_age = validation.positive_seconds("max_age", max_age)
         self.retention = validation.positive_seconds("retention", retention)
+        #: deployment names (besides ServingBackend names) this core accepts as a backend;
+        #: the Coordinator registers its configured deployments here
+        self.deployments: frozenset[str] = frozenset()
         self._held: dict[str, Holding] = {}
         self._held_lock = threading.Lock()
 
@@ -250,8 +254,16 @@ class FailoverCore:
         *,
         messages: Any = None,
         max_tokens: int | None = None,
+        params: dict[str, Any] | None = None,
+        backends: list[ServingBackend | str] | None = None,
     ) -> Operation[StreamingContext]:
-        return self._start(*self._start_args(request_id, prompt, backend, messages, max_tokens))
+        """Track a request; ``params`` (sampling parameters, JSON values) and ``backends`` (its
+        own fallback order) are stored with it for any replica that takes it over."""
+        if params is not None and not isinstance(params, dict):
+            raise ValidationError(f"params must be a dict of JSON values, got {type(params).__name__}")
+        order = [self._backend_name(b) for b in backends] if backends else None
+        args = self._start_args(request_id, prompt, backend, messages, max_tokens)
+        return self._start(*args, params=params or None, backends=order)
 
     def start_new(
         self,
@@ -308,6 +320,8 @@ class FailoverCore:
             return self.config.fallback_order[0].value
         if isinstance(backend, ServingBackend):
             return backend.value
+        if isinstance(backend, str) and backend in self.deployments:
+            return backend
         if isinstance(backend, str):
             return ServingBackend.parse(backend).value
         raise ValidationError(f"backend must be a ServingBackend, got {type(backend).__name__}")
@@ -321,6 +335,8 @@ class FailoverCore:
         msgs: list[ChatMessage] | None,
         max_tokens: int | None,
         script: Script = START,
+        params: dict[str, Any] | None = None,
+        backends: list[str] | None = None,
     ) -> Operation[Any]:
         ttl = self._ms(self.lease_ttl)
         args = (
@@ -332,6 +348,8 @@ class FailoverCore:
             self._ms(self.max_age),
             encode_messages(msgs),
             max_tokens or "",
+            _encode_params(params, self.limits),
+            ",".join(backends or ()),
         )
         # The index hint goes first: a live request is never missing from the index.
         replies = yield [Eval(INDEX_TOUCH, (self.keys.active,), (ttl, "add", rid)), Eval(script, astuple(rk), args)]
@@ -347,6 +365,8 @@ class FailoverCore:
             primary_backend=primary,
             messages=msgs,
             max_tokens=max_tokens,
+            params=params,
+            backends=backends,
             owner=self.worker_id,
             epoch=epoch,
             lease_deadline=lease / 1000,
@@ -418,6 +438,12 @@ class FailoverCore:
     ) -> Operation[None]:
         rid, rk = self._rid(request_id)
         return self._update(rid, rk, "current_backend", self._backend_name(backend), epoch=epoch)
+
+    def set_model_group(self, request_id: Any, model_group: str, *, epoch: int | None = None) -> Operation[None]:
+        """Store the model group a request runs against (fenced), for a takeover to use the same."""
+        rid, rk = self._rid(request_id)
+        value = validation.label("model_group", model_group, self.limits)
+        return self._update(rid, rk, "model_group", value, epoch=epoch)
 
     def _update(self, rid: str, rk: RequestKeys, *pairs_: str, epoch: int | None = None) -> Operation[None]:
         call, epoch = self._fenced(UPDATE, rk, rid, *pairs_, epoch=epoch)
@@ -565,7 +591,8 @@ class FailoverCore:
             checked = None
         if not isinstance(checked, FailoverAttempt):
             raise ValidationError(f"attempt has a field of the wrong type or value: {attempt!r:.200}")
-        attempt = checked
+        # a ServingBackend or one of the deployments registered here (the Coordinator's)
+        attempt = msgspec.structs.replace(checked, backend=self._backend_name(str(checked.backend)))
         if attempt.request_id is not None:
             validation.request_id(attempt.request_id, self.limits)
         if attempt.worker_id is None:
@@ -578,7 +605,7 @@ class FailoverCore:
         rid = attempt.request_id
         failed = attempt.result is not None and attempt.result.is_failure()
         if mark_failed and failed and rid is not None and rid in self._held:
-            yield from self._update(rid, self.keys.request(rid), "+failed", attempt.backend.value)
+            yield from self._update(rid, self.keys.request(rid), "+failed", str(attempt.backend))
 
     def _history_add(self, entry: HistoryEntry) -> Cmd:
         return Cmd(("XADD", self.keys.history, "MAXLEN", defaults.HISTORY_MAXLEN, "*", "e", encode_history(entry)))
@@ -761,6 +788,17 @@ def _ending_fields(finish_reason: str | None, usage: dict[str, int] | None, limi
 def astuple(rk: RequestKeys) -> tuple[str, str, str, str]:
     """A request's keys in the order every per-request script takes them."""
     return (rk.ctx, rk.result, rk.text, rk.feed)
+
+
+def _encode_params(params: dict[str, Any] | None, limits: validation.Limits) -> bytes:
+    """Request parameters as JSON; ValidationError when not JSON or over ``max_chunk_bytes``."""
+    try:
+        data = encode_params(params)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise ValidationError(f"params must hold only JSON values: {exc}") from None
+    if len(data) > limits.max_chunk_bytes:
+        raise ValidationError(f"params are {len(data)} bytes as JSON; the limit is {limits.max_chunk_bytes}")
+    return data
 
 
 def render_messages(messages: list[ChatMessage]) -> str:

@@ -108,3 +108,18 @@ class UnknownRequestError(FloCoordError, LookupError):
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         super().__init__(f"unknown request {request_id!r} (never tracked, or its retention period is over)")
+
+
+class UnknownModelError(ValidationError, LookupError):
+    """A request asked for a model that no configured model group serves (an OpenAI gateway's 404)."""
+
+
+class PrivacyTierError(GenerationError):
+    """Every deployment the request's privacy tier allows failed or was unavailable.
+
+    ``excluded`` names the deployments the tier kept the prompt away from.
+    """
+
+    def __init__(self, request_id: str, message: str, excluded: list[str], attempts: list | None = None) -> None:
+        self.excluded = list(excluded)
+        super().__init__(request_id, message, attempts)

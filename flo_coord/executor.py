@@ -2,7 +2,12 @@
 
 ``stream()`` tracks a request, commits every chunk to Redis (fenced, seq-numbered,
 batched) before handing it to the caller, and when a backend fails continues on the
-next backend that has not failed for this request, from the committed prefix. When a
+next backend that has not failed for this request, from the committed prefix.
+Backends are deployments, keyed by their unique name (breaker, failed set, capability
+memory, in-flight counts, history). A request for a model group (``model=``) runs
+through that group's tiers, picked by weight and fleet-wide in-flight calls, then its
+fallbacks (``context_window_fallbacks`` after a context-too-long failure), under its
+privacy tier (groups.py); otherwise ``primary`` then ``fallback_order``. When a
 worker dies, another replica's reaper claims the request and ``resume()`` finishes it;
 any client can ``follow()`` the answer from any replica.
 
@@ -47,6 +52,7 @@ from flo_coord.backends import (
     BackendSpec,
     BadRequestError,
     ContentPolicyRejection,
+    ContextLengthError,
     GenerationRequest,
     PrefillRejectedError,
     Progress,
@@ -68,8 +74,10 @@ from flo_coord.errors import (
     FloCoordError,
     GenerationError,
     LeaseLostError,
+    PrivacyTierError,
     ValidationError,
 )
+from flo_coord.groups import InFlight, ModelGroup, Router, Tier, check_unique
 from flo_coord.manager import AsyncFailoverManager
 from flo_coord.models import (
     ChatMessage,
@@ -79,6 +87,7 @@ from flo_coord.models import (
     RequestOutcome,
     ServingBackend,
     StreamingContext,
+    is_deployment_name,
 )
 from flo_coord.ownership import AsyncReaper
 from flo_coord.redact import register_backend_secrets
@@ -130,6 +139,8 @@ class _Run:
     finish: StreamEnd | None = None
     finished_by: str | None = None
     cannot_continue: set[str] = field(default_factory=set)  # rejected a prefill for this request
+    context_exceeded: bool = False  # a deployment said the prompt is too long: context_window_fallbacks now
+    excluded: list[str] = field(default_factory=list)  # deployments the group's privacy tier kept out
     retry_at: dict[str, float] = field(default_factory=dict)  # failed transiently: monotonic time to retry
     spent_tokens: int = 0  # completion tokens of the answer so far (usage, else estimate_tokens)
     usage: dict[str, int] = field(default_factory=dict)  # summed over this run's attempts
@@ -154,6 +165,20 @@ def estimate_tokens(text: str, deltas: int = 0) -> int:
     return max(deltas, math.ceil(len(text.encode("utf-8")) / 4))
 
 
+class _Ending:
+    """How an answer ended, shared by an AnswerStream and the generator that fills it in.
+
+    The generator holds this, never the AnswerStream: a stream -> generator -> stream cycle
+    would leave a caller's abandoned stream to the cyclic GC, which finalises the nested
+    generators in any order at once, and the request would never be ended.
+    """
+
+    __slots__ = ("outcome",)
+
+    def __init__(self) -> None:
+        self.outcome: RequestOutcome | None = None
+
+
 class AnswerStream(AsyncIterator[str]):
     """The committed chunks of one answer (``Coordinator.stream`` and ``follow``).
 
@@ -163,8 +188,12 @@ class AnswerStream(AsyncIterator[str]):
     """
 
     def __init__(self) -> None:
-        self.outcome: RequestOutcome | None = None
+        self._ending = _Ending()
         self._chunks: AsyncGenerator[str, None] | None = None
+
+    @property
+    def outcome(self) -> RequestOutcome | None:
+        return self._ending.outcome
 
     def __aiter__(self) -> AnswerStream:
         return self
@@ -204,11 +233,16 @@ class Coordinator:
         manager: AsyncFailoverManager | None = None,
         concurrency: int | None = None,
         capability_ttl: float | None = None,
+        models: Iterable[ModelGroup] | None = None,
         **manager_options: Any,
     ) -> None:
-        """``concurrency``: requests this Coordinator runs at once (a Worker's ``concurrency``);
+        """``backends``: the deployments, as BackendSpecs (each keyed by its unique ``name``) or
+        a mapping of deployment name (or ServingBackend) to a Backend or BackendSpec.
+        ``concurrency``: requests this Coordinator runs at once (a Worker's ``concurrency``);
         it sizes each backend's HTTP connection pool unless its spec sets ``max_connections``.
         ``capability_ttl``: seconds a runtime prefill rejection is remembered for all workers.
+        ``models``: the model groups ``stream(..., model=...)`` routes through (groups.py).
+        Raises ConfigError for duplicate deployment names or an invalid model group.
         """
         self.manager = manager or AsyncFailoverManager(
             config,
@@ -220,6 +254,13 @@ class Coordinator:
             **manager_options,
         )
         self.backends = _backend_map(backends, concurrency)
+        self.router = Router(models or (), {name: b.spec.backend for name, b in self.backends.items()})
+        self.manager.core.deployments = frozenset(self.backends)
+        # a call stays counted for three leases without renewal: a dead worker's calls drop out
+        self.inflight = InFlight(self.manager.core.keys, 3 * self.manager.core.lease_ttl)
+        self._inflight: dict[str, str] = {}  # member -> deployment of this worker's calls in flight
+        self._renewer: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[None]] = set()
         self.executor = executor or ExecutorConfig()
         self.breaker = CircuitBreaker(self.manager.core.keys, self.manager.worker_id, breaker)
         self.capabilities = CapabilityMemory(self.manager.core.keys, capability_ttl or capabilities.DEFAULT_TTL)
@@ -279,6 +320,11 @@ class Coordinator:
         failed = await self._hand_back(self.manager.held(), left()) if hand_back else []
         if self._heartbeat is not None:
             await _bounded(self._heartbeat.stop(), left())
+        if self._releases:
+            await _bounded(asyncio.gather(*self._releases, return_exceptions=True), left())
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
         for backend in self.backends.values():
             await _bounded(backend.aclose(), left())
         await _bounded(self.manager.aclose(), left())
@@ -321,32 +367,57 @@ class Coordinator:
         *,
         primary: ServingBackend | str | None = None,
         max_tokens: int | None = None,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+        backends: list[ServingBackend | str] | None = None,
     ) -> AnswerStream:
         """Track, generate and yield the answer's chunks, each once it is committed.
 
+        ``model``: a model group name (``[[models]]``): the request runs through that
+        group's deployments and fallbacks under its privacy tier; the name is stored with
+        the request, so a replica that takes it over routes it the same way. Without it,
+        ``primary`` (a deployment or ServingBackend name) then ``fallback_order``.
         Returns an AnswerStream: iterate it; afterwards its ``outcome``, ``finish_reason``
-        and ``usage`` tell how the answer ended. Raises the request's typed error
-        (GenerationError, ContentPolicyError, ...) where it ends.
+        and ``usage`` tell how the answer ended. Raises UnknownModelError (before anything
+        is stored) for a model no group serves, else the request's typed error
+        (GenerationError, ContentPolicyError, PrivacyTierError, ...) where it ends.
+        ``params``: sampling parameters (JSON values) stored with the request and added to
+        every backend call's payload, also by a replica that takes the request over.
+        ``backends``: this request's own fallback order instead of
+        ``failover.fallback_order`` (without ``model``), also stored with the request.
         """
+        if model is not None:
+            self.router.group(model)
         answer = AnswerStream()
-        answer._chunks = self._stream(answer, request_id, prompt_or_messages, primary, max_tokens)
+        answer._chunks = self._stream(
+            answer._ending, request_id, prompt_or_messages, primary, max_tokens, model, params, backends
+        )
         return answer
 
     async def _stream(
         self,
-        answer: AnswerStream,
+        ending: _Ending,
         request_id: str,
         prompt_or_messages: PromptOrMessages,
         primary: ServingBackend | str | None,
         max_tokens: int | None,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+        backends: list[ServingBackend | str] | None = None,
     ) -> AsyncGenerator[str, None]:
         prompt, messages = _split(prompt_or_messages)
-        ctx = await self.manager.start_tracking(request_id, prompt, primary, messages=messages, max_tokens=max_tokens)
+        if primary is None and model is not None:
+            primary = self.router.group(model).entries[0].name
+        ctx = await self.manager.start_tracking(
+            request_id, prompt, primary, messages=messages, max_tokens=max_tokens, params=params, backends=backends
+        )
+        if model is not None:
+            await self.assign_model(ctx, model)
         delivered = 0
         try:
             # aclosing: a caller that stops early must end the request (and close the backend's
             # stream) before its aclose() returns, not whenever the generators are collected
-            async with contextlib.aclosing(self._generate(ctx, answer)) as chunks:
+            async with contextlib.aclosing(self._generate(ctx, ending)) as chunks:
                 async for chunk in chunks:
                     delivered += len(chunk)
                     yield chunk
@@ -356,7 +427,7 @@ class Coordinator:
             async with contextlib.aclosing(self.follow(request_id, offset=delivered)) as rest:
                 async for chunk in rest:
                     yield chunk
-                answer.outcome = rest.outcome
+                ending.outcome = rest.outcome
 
     async def run(
         self,
@@ -365,13 +436,28 @@ class Coordinator:
         *,
         primary: ServingBackend | str | None = None,
         max_tokens: int | None = None,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
     ) -> RequestOutcome | None:
         """Generate to the end without a consumer (clients ``follow``); returns the outcome."""
-        stream = self.stream(request_id, prompt_or_messages, primary=primary, max_tokens=max_tokens)
+        stream = self.stream(
+            request_id, prompt_or_messages, primary=primary, max_tokens=max_tokens, model=model, params=params
+        )
         async with contextlib.aclosing(stream) as chunks:
             async for _ in chunks:
                 pass
         return await self.manager.outcome(request_id)
+
+    async def assign_model(self, ctx: StreamingContext, model: str) -> None:
+        """Route the tracked request ``ctx`` (held by this worker) through model group ``model``.
+
+        Stored with the request (one fenced write), so a replica that takes it over uses
+        the same group. Raises UnknownModelError when no group is called ``model``.
+        """
+        self.router.group(model)
+        op = self.manager.core.set_model_group(ctx.request_id, model, epoch=ctx.epoch)
+        await self.manager.shell.run(op, "model_group", ctx.request_id)
+        ctx.model_group = model
 
     async def resume(self, ctx: StreamingContext) -> None:
         """Finish a request this worker claimed, from its committed prefix."""
@@ -390,9 +476,10 @@ class Coordinator:
         the answer ends, from the same read that saw the end (no extra round trip).
         """
         answer = AnswerStream()
+        ending = answer._ending
 
         def seen(outcome: RequestOutcome) -> None:
-            answer.outcome = outcome
+            ending.outcome = outcome
 
         answer._chunks = follow(self.manager, request_id, offset, wait=wait, on_outcome=seen)
         return answer
@@ -449,7 +536,7 @@ class Coordinator:
             except Exception as exc:
                 log.warning("resumed request %s ended with %s", ctx.request_id, exc)
 
-    async def _generate(self, ctx: StreamingContext, answer: AnswerStream | None = None) -> AsyncGenerator[str, None]:
+    async def _generate(self, ctx: StreamingContext, ending: _Ending | None = None) -> AsyncGenerator[str, None]:
         run = _Run(ctx=ctx, prefix=ctx.generated_prefix, failed=set(ctx.failed_backends), usage=dict(ctx.usage or {}))
         run.spent_tokens = estimate_tokens(ctx.generated_prefix)  # committed before this worker: conservative
         try:
@@ -466,8 +553,8 @@ class Coordinator:
             except Exception as exc:  # every request ends: a bug, ...
                 raise await self._end_on_error(run, exc) from exc
             finally:
-                if answer is not None:
-                    answer.outcome = run.outcome
+                if ending is not None:
+                    ending.outcome = run.outcome
         except (asyncio.CancelledError, GeneratorExit):
             await self._abandon(run)
             raise
@@ -542,62 +629,141 @@ class Coordinator:
         except (Exception, asyncio.CancelledError) as exc:
             log.warning("could not end %s cleanly: %r", run.request_id, exc)
 
-    def _order(self, run: _Run) -> list[str]:
-        primary = run.ctx.primary_backend
-        names = [primary] if primary else []
-        names += [b.value for b in self.manager.config().fallback_order]
-        return list(dict.fromkeys(names))
+    def _order(self, run: _Run) -> list[Tier]:
+        """The tiers of deployments to try, in order, each (deployment, weight) pairs.
 
-    def _fallback_name(self, run: _Run) -> ServingBackend:
-        for name in self._order(run):
-            try:
-                return ServingBackend(name)
-            except ValueError:
-                continue
-        return self.manager.config().fallback_order[0]
+        A request for a model group: the group's route (groups.Router.route) under its
+        privacy tier. Otherwise the original order: ``primary``, then ``fallback_order``; a
+        ServingBackend name there stands for every deployment of that provider (one tier).
+        """
+        if run.ctx.model_group:
+            route, run.excluded = self.router.route(run.ctx.model_group, context_exceeded=run.context_exceeded)
+            return route
+        names = [run.ctx.primary_backend] if run.ctx.primary_backend else []
+        names += run.ctx.backends or [b.value for b in self.manager.config().fallback_order]
+        tiers: list[Tier] = []
+        seen: set[str] = set()
+        for name in dict.fromkeys(names):
+            members = [name] if name in self.backends else []
+            members += [d for d, b in self.backends.items() if b.spec.backend.value == name and d != name]
+            tier = [(d, 1.0) for d in members if d not in seen]
+            seen.update(members)
+            if tier:
+                tiers.append(tier)
+        return tiers
+
+    def _fallback_name(self, run: _Run) -> str:
+        for tier in self._order(run):
+            return tier[0][0]
+        return run.ctx.primary_backend or self.manager.config().fallback_order[0].value
 
     async def _pick(self, run: _Run) -> str | None:
-        """The backend to try next: primary first, configured, able to continue, breaker not open.
+        """The deployment to try next, counted in flight on it (released by _try_backend).
 
-        Backends not yet failed here come first; then one that failed transiently, once its
-        backoff is over (waited for within the failover budget). None: nothing can continue.
+        In tier order: the deployments not yet failed here whose breaker is not open, picked
+        by weight and fleet-wide in-flight calls (a half-open one's probe goes first); then
+        one that failed transiently, once its backoff is over (waited for within the
+        failover budget). None: nothing can continue.
         """
-        names = await self._able(run)
-        fresh = [n for n in names if n not in run.failed]
+        tiers = await self._able(run)
+        for tier in tiers:
+            fresh = [(n, w) for n, w in tier if n not in run.failed]
+            decisions = [(n, w, await self._breaker_decision(run, n)) for n, w in fresh]
+            probe = [(n, w) for n, w, d in decisions if d == "PROBE"]
+            closed = [(n, w) for n, w, d in decisions if d == "CLOSED"]
+            if probe or closed:
+                return await self._acquire(run, probe[:1] or closed)
+        names = [n for tier in tiers for n, _ in tier]
         again = sorted((n for n in names if n in run.retry_at), key=lambda n: run.retry_at[n])
-        for name in fresh:
-            if await self._breaker_allows(run, name):
-                return name
         for name in again:
             await self._sleep_within_budget(run, run.retry_at[name] - time.monotonic())
             if self._budget_left(run) == 0:
                 return None
-            if await self._breaker_allows(run, name):
-                return name
+            if await self._breaker_decision(run, name) != "OPEN":
+                return await self._acquire(run, [(name, 1.0)])
         return None
 
-    async def _able(self, run: _Run) -> list[str]:
-        """Configured backends in order that can continue this request (by capability, never by name)."""
-        names = [n for n in self._order(run) if n in self.backends and n not in run.cannot_continue]
-        if run.ctx.messages is None or not run.prefix:
-            return names
-        modes = {n: self.backends[n].spec.continues_chat for n in names}
-        names = [n for n in names if modes[n] != "none"]
-        asked = [(n, modes[n]) for n in names if modes[n] != "completions"]  # only prefills are remembered
+    async def _acquire(self, run: _Run, candidates: Tier) -> str:
+        """Pick among ``candidates`` by weight and in-flight calls, and count this call there."""
+        member = f"{self.worker_id}/{run.request_id}"
         try:
-            forgotten = await self.manager.shell.run(self.capabilities.missing(asked), "capability", run.request_id)
-        except CoordinatorUnavailableError as exc:  # a shared hint only: each request still learns by itself
-            log.warning("could not read remembered capabilities: %s", exc)
-            forgotten = set()
-        return [n for n in names if n not in forgotten]
+            name, _ = await self.manager.shell.run(self.inflight.pick(candidates, member), "inflight", run.request_id)
+        except CoordinatorUnavailableError as exc:  # balancing is a hint: weights alone still spread the load
+            log.warning("could not read in-flight counts: %s", exc)
+            return random.choices([n for n, _ in candidates], [w for _, w in candidates])[0]
+        self._inflight[member] = name
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_inflight(), name="inflight-renew")
+        return name
 
-    async def _breaker_allows(self, run: _Run, name: str) -> bool:
+    async def _release(self, run: _Run, name: str) -> None:
+        member = f"{self.worker_id}/{run.request_id}"
+        if self._inflight.pop(member, None) is None:
+            return
+        try:
+            await self.manager.shell.run(self.inflight.release(name, member), "inflight", run.request_id)
+        except CoordinatorUnavailableError as exc:  # its deadline passes anyway: self-healing
+            log.warning("could not release the in-flight call of %s on %s: %s", run.request_id, name, exc)
+
+    def _release_soon(self, run: _Run, name: str) -> None:
+        """Release in a task of its own (the call's deadline would end it anyway: self-healing)."""
+        member = f"{self.worker_id}/{run.request_id}"
+        if self._inflight.pop(member, None) is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._release_member(name, member))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release_member(self, name: str, member: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.manager.shell.run(self.inflight.release(name, member), "inflight")
+
+    async def _renew_inflight(self) -> None:
+        """Keep this worker's calls counted while they run (a third of the count's ttl apart)."""
+        interval = self.inflight.ttl_ms / 3000
+        while self._inflight:
+            await asyncio.sleep(interval)
+            try:
+                await self.manager.shell.run(self.inflight.renew(dict(self._inflight)), "inflight")
+            except CoordinatorUnavailableError as exc:
+                log.warning("could not renew in-flight counts: %s", exc)
+
+    async def _able(self, run: _Run) -> list[Tier]:
+        """The tiers, keeping configured deployments that can continue this request (by capability)."""
+        usable = set(self.backends) - run.cannot_continue
+        tiers = [[(n, w) for n, w in tier if n in usable] for tier in self._order(run)]
+        if run.ctx.messages is not None and run.prefix:
+            names = [n for tier in tiers for n, _ in tier]
+            modes = {n: self.backends[n].spec.continues_chat for n in names}
+            asked = [(n, modes[n]) for n in names if modes[n] not in ("none", "completions")]  # prefills are remembered
+            try:
+                forgotten = await self.manager.shell.run(self.capabilities.missing(asked), "capability", run.request_id)
+            except CoordinatorUnavailableError as exc:  # a shared hint only: each request still learns by itself
+                log.warning("could not read remembered capabilities: %s", exc)
+                forgotten = set()
+            tiers = [[(n, w) for n, w in tier if modes[n] != "none" and n not in forgotten] for tier in tiers]
+        return [tier for tier in tiers if tier]
+
+    async def _breaker_decision(self, run: _Run, name: str) -> str:
         # one probe per request: a half-open backend gets one trial call, not this worker's every request
         allow = self.breaker.allow(name, f"{self.worker_id}/{run.request_id}")
-        return await self.manager.shell.run(allow, "breaker", run.request_id) != "OPEN"
+        return await self.manager.shell.run(allow, "breaker", run.request_id)
 
     async def _try_backend(self, run: _Run, name: str) -> AsyncGenerator[str, None]:
         """Calls to one backend (with its same-backend retries) until success or a final failure."""
+        try:
+            async with contextlib.aclosing(self._calls(run, name)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except (GeneratorExit, asyncio.CancelledError):
+            self._release_soon(run, name)  # no awaiting while being closed or cancelled
+            raise
+        except BaseException:
+            await self._release(run, name)
+            raise
+        await self._release(run, name)
+
+    async def _calls(self, run: _Run, name: str) -> AsyncGenerator[str, None]:
         backend = self.backends[name]
         server_errors = rate_limits = 0
         while True:
@@ -644,6 +810,7 @@ class Coordinator:
             prefix=run.prefix,
             max_tokens=self._remaining_tokens(run),
             request_id=ctx.request_id,
+            params=ctx.params,
         )
         started, produced, text_here = time.time(), 0, ""
         await self.manager.set_current_backend(ctx.request_id, name, epoch=ctx.epoch)
@@ -735,6 +902,8 @@ class Coordinator:
         request_specific = isinstance(exc, BadRequestError) or exc.local or getattr(exc, "budget_exhausted", False)
         if not request_specific:
             await self._breaker(name, False)
+        if isinstance(exc, ContextLengthError):
+            run.context_exceeded = True  # a model group moves on to its context_window_fallbacks
         if isinstance(exc, PrefillRejectedError):
             await self._cannot_continue(run, name, exc)
         else:
@@ -794,7 +963,7 @@ class Coordinator:
     ) -> None:
         backend = self.backends.get(str(name))
         attempt = FailoverAttempt(
-            backend=ServingBackend(str(name)),
+            backend=str(name),
             started_at=started if started is not None else time.time(),
             result=result,
             request_id=run.request_id,
@@ -827,7 +996,13 @@ class Coordinator:
         """
         if error is None:
             detail = f"{reason}; last failure: {run.cause}" if run.cause is not None else reason
-            error = GenerationError(run.request_id, f"request {run.request_id!r} failed: {detail}")
+            message = f"request {run.request_id!r} failed: {detail}"
+            if run.excluded:
+                tier = self.router.group(run.ctx.model_group or "").tier.value
+                detail += f" (privacy tier {tier} of model {run.ctx.model_group!r} excluded: {', '.join(run.excluded)})"
+                error = PrivacyTierError(run.request_id, f"request {run.request_id!r} failed: {detail}", run.excluded)
+            else:
+                error = GenerationError(run.request_id, message)
         else:
             detail = str(error)
         error.attempts = list(run.attempts)
@@ -902,22 +1077,36 @@ def _backend_map(
     backends: Mapping[ServingBackend | str, Backend | BackendSpec] | Iterable[BackendSpec],
     concurrency: int | None = None,
 ) -> dict[str, Backend]:
+    """Deployment name -> adapter (names are case-sensitive; a ServingBackend key becomes its value)."""
     if isinstance(backends, Mapping):
         items = list(backends.items())
     elif isinstance(backends, Iterable) and not isinstance(backends, str | bytes):
-        items = [(getattr(spec, "name", None), spec) for spec in backends]
+        specs = list(backends)
+        if not all(isinstance(spec, BackendSpec) for spec in specs):
+            raise ConfigError("a list of backends must hold BackendSpec values only")
+        check_unique(specs)
+        items = [(spec.name, spec) for spec in specs]
     else:
         raise ConfigError(f"backends must be a list of BackendSpec or a mapping, got {type(backends).__name__}")
     out: dict[str, Backend] = {}
     for key, value in items:
         if not (isinstance(value, BackendSpec) or callable(getattr(value, "stream", None))):
             raise ConfigError(f"each backend must be a BackendSpec or a Backend, got {type(value).__name__}")
-        name = ServingBackend.parse(str(key)).value
+        name = _deployment_key(key)
         register_backend_secrets(getattr(value, "spec", value))  # its API key never reaches logs or Redis
         out[name] = make_backend(value, max_connections=concurrency) if isinstance(value, BackendSpec) else value
     if not out:
         raise ConfigError("a Coordinator needs at least one backend")
     return out
+
+
+def _deployment_key(key: object) -> str:
+    """A backend map key as a deployment name: a ServingBackend's value, else the name as given."""
+    if isinstance(key, ServingBackend):
+        return key.value
+    if is_deployment_name(key):
+        return str(key)
+    raise ConfigError(f"backend key {key!r} is neither a ServingBackend nor a valid deployment name")
 
 
 async def _read_events(events: Any, inbox: asyncio.Queue[Any], backend: Backend) -> None:

@@ -1,7 +1,10 @@
 """A deterministic fake LLM server (stdlib asyncio only) for tests and demos.
 
-Speaks OpenAI's /v1/completions and /v1/chat/completions (SSE) and Ollama's /api/generate
-and /api/chat (NDJSON). The answer to a prompt is a fixed function of it, and a prompt that
+Speaks OpenAI's /v1/completions and /v1/chat/completions (SSE), Ollama's /api/generate
+and /api/chat (NDJSON) and Anthropic's /v1/messages (SSE events message_start ...
+message_stop; ``system`` is rendered as a leading system message; a prefill ending in
+whitespace is refused with 400, as the real API does; ``inband`` errors are always
+Anthropic's ``event: error``). The answer to a prompt is a fixed function of it, and a prompt that
 ends with a prefix of its own answer is continued from there, so a client that fails over
 mid-stream can check it got exactly the rest. Faults (resets, 5xx, 429, cuts, stalls,
 garbage, 4xx kinds) are set per model at start-up, at runtime via ``POST /_faults``, or per
@@ -324,7 +327,7 @@ class _Conn:
         return self._gone is not None and self._gone.done()
 
     async def send_head(self, status: int, headers: Mapping[str, str]) -> None:
-        lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "Connection: close"]
+        lines = [f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}", "Connection: close"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         await self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
@@ -380,6 +383,7 @@ class _Wire:
         self.include_usage = include_usage
         self.id = f"fake-{random.getrandbits(48):012x}"
         self.created = int(time.time())
+        self.prompt_words = 0  # words of the rendered prompt (the Anthropic dialect reports them first)
 
     def _frame(self, obj: Any) -> bytes:
         return b"data: " + json.dumps(obj).encode() + b"\n\n"
@@ -506,6 +510,82 @@ class _OllamaWire(_Wire):
         return {"error": message}
 
 
+class _AnthropicWire(_Wire):
+    """Anthropic's Messages API stream: named SSE events from message_start to message_stop."""
+
+    _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+    def _event(self, name: str, obj: dict[str, Any]) -> bytes:
+        return f"event: {name}\n".encode() + self._frame({"type": name, **obj})
+
+    def preamble(self) -> bytes:
+        message: dict[str, Any] = {
+            "id": f"msg_{self.id}",
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": self.prompt_words, "output_tokens": 1},
+        }
+        block = {"index": 0, "content_block": {"type": "text", "text": ""}}
+        return self._event("message_start", {"message": message}) + self._event("content_block_start", block)
+
+    def token(self, text: str) -> bytes:
+        return self._event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": text}})
+
+    def finish(self, reason: str, usage: dict[str, int], done: bool) -> bytes:
+        out = self._event("content_block_stop", {"index": 0}) + self.finish_only(reason, usage)
+        return out + (self._event("message_stop", {}) if done else b"")
+
+    def garbage(self) -> bytes:
+        return b"event: content_block_delta\ndata: {not json\n\n"
+
+    def error(self, message: str) -> bytes:
+        return self.inband("anthropic", "server", message)
+
+    def finish_only(self, reason: str, usage: dict[str, int] | None = None) -> bytes:
+        delta = {"stop_reason": self._STOP.get(reason, reason), "stop_sequence": None}
+        out_tokens = {"output_tokens": usage["completion_tokens"] if usage else 0}
+        return self._event("message_delta", {"delta": delta, "usage": out_tokens})
+
+    def pings(self) -> bytes:
+        return self._event("ping", {})
+
+    def reasoning(self, text: str) -> bytes:
+        return self._event("content_block_delta", {"index": 0, "delta": {"type": "thinking_delta", "thinking": text}})
+
+    def tool_call(self) -> bytes:
+        start = {"index": 1, "content_block": {"type": "tool_use", "id": "toolu_fake", "name": "lookup", "input": {}}}
+        delta = {"index": 1, "delta": {"type": "input_json_delta", "partial_json": "{}"}}
+        return self._event("content_block_start", start) + self._event("content_block_delta", delta)
+
+    def inband(self, dialect: str, kind: str, message: str | None = None) -> bytes:
+        """Always Anthropic's own: ``event: error`` with ``{"type": "error", "error": {...}}``."""
+        error = {"type": _ANTHROPIC_TYPES[kind], "message": message or _INBAND[kind][0]}
+        return self._event("error", {"error": error})
+
+    def whole(self, text: str, reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        return {
+            "id": f"msg_{self.id}",
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": self._STOP.get(reason, reason),
+            "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]},
+        }
+
+    def error_body(self, message: str, code: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+        kind = "overloaded_error" if code == "service_unavailable" else kind
+        kind = "rate_limit_error" if code == "rate_limit_exceeded" else kind
+        return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+_WIRES: dict[str, type[_Wire]] = {"ollama": _OllamaWire, "anthropic": _AnthropicWire}
+
+
 def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -573,6 +653,7 @@ _ROUTES = {
     "/chat/completions": ("openai", True),
     "/api/generate": ("ollama", False),
     "/api/chat": ("ollama", True),
+    "/v1/messages": ("anthropic", True),
 }
 
 
@@ -759,6 +840,8 @@ class FakeLLMServer:
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise _BadRequestError("body must be an object with a model")
         prompt, messages = body.get("prompt"), body.get("messages")
+        if api == "anthropic" and isinstance(body.get("system"), str) and isinstance(messages, list):
+            messages = [{"role": "system", "content": body["system"]}, *messages]  # rendered like a system message
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if chat and not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
@@ -793,7 +876,7 @@ class FakeLLMServer:
             "max_tokens": gen.max_tokens,
             "fault": fault.spec if fault else None,
             # a credential is never echoed: only its digest, so tests can check which key was sent
-            "authorization_sha256": _digest(request.headers.get("authorization")),
+            "authorization_sha256": _digest(request.headers.get("authorization") or request.headers.get("x-api-key")),
             "body": gen.body,
             "outcome": "started",
             "tokens_sent": 0,
@@ -807,9 +890,15 @@ class FakeLLMServer:
         gen = self._parse_generation(request, api, chat)
         fault = self._take_fault(gen.model, request.headers.get("x-fake-fault"))
         gen.entry = entry = self._record(request, gen, fault)
-        wire = (_OllamaWire if api == "ollama" else _Wire)(gen.model, chat, gen.include_usage)
+        wire = _WIRES.get(api, _Wire)(gen.model, chat, gen.include_usage)
         try:
             if fault is not None and await self._refuse_early(conn, gen, wire, fault):
+                return
+            if api == "anthropic" and _prefill(gen) and _field((gen.messages or [])[-1], "content")[-1:].isspace():
+                # the Messages API's own rule, so the adapter's prefill is checked against it
+                message = "messages: final assistant content cannot end with trailing whitespace"
+                await conn.send_json(400, wire.error_body(message, "invalid_request_error"))
+                entry["outcome"] = "error:trailing_whitespace"
                 return
             messages = gen.messages or []
             if chat:
@@ -821,6 +910,7 @@ class FakeLLMServer:
                 base, prefix = split_continuation(gen.prompt or "", self.n_tokens)
             chunks, reason = _remaining(base, prefix, self.n_tokens, gen.max_tokens)
             prompt_words = len((render_messages(messages) if chat else gen.prompt or "").split())
+            wire.prompt_words = prompt_words
             if not gen.stream:
                 usage = _usage(prompt_words, len(chunks))
                 await conn.send_json(200, wire.whole("".join(chunks), reason, usage))
@@ -933,6 +1023,10 @@ class FakeLLMServer:
             conn.reset()
         entry["outcome"] = fault.kind
         return True  # cut: the caller's finally closes cleanly (FIN, no terminator)
+
+
+#: reason phrases, plus Anthropic's 529 (overloaded), which http.HTTPStatus does not know
+_PHRASES = {s.value: s.phrase for s in http.HTTPStatus} | {529: "Overloaded"}
 
 
 def _digest(value: str | None) -> str | None:

@@ -50,6 +50,15 @@ class Keys:
         """Hash: liveness record of one worker (for ``top`` and metrics)."""
         return f"{self.namespace}:worker:{worker_id}"
 
+    def gateway(self, request_id: str) -> str:
+        """Hash: how the gateway answers one request (object, model, created, include_usage);
+        in the request's slot, kept as long as the request may be followed."""
+        return f"{self.namespace}:{{{request_id}}}:gw"
+
+    def idempotency(self, key_hash: str) -> str:
+        """String: ``<body sha256> <request id>`` of the request an Idempotency-Key started."""
+        return f"{self.namespace}:idem:{key_hash}"
+
     @property
     def workers(self) -> str:
         """Sorted set: worker id -> last seen (ms)."""

@@ -6,13 +6,25 @@ Names mirror batuta's ``serve::failover`` (and ``serve::backends::ServingBackend
 from __future__ import annotations
 
 import enum
-from typing import Any, ClassVar, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
 from flo_coord.errors import ConfigError, ValidationError
 
 # --------------------------------------------------------------------------- backends
+
+#: What a deployment name may be: it keys breakers, capability memory, in-flight counts and
+#: the comma-separated failed set in Redis, so no commas, spaces or control characters.
+DEPLOYMENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$"
+_DEPLOYMENT_NAME = re.compile(DEPLOYMENT_NAME_PATTERN)
+DeploymentName = Annotated[str, msgspec.Meta(pattern=DEPLOYMENT_NAME_PATTERN)]
+
+
+def is_deployment_name(name: object) -> bool:
+    """True when ``name`` is a string usable as a deployment name (DEPLOYMENT_NAME_PATTERN)."""
+    return isinstance(name, str) and _DEPLOYMENT_NAME.fullmatch(name) is not None
 
 
 class ServingBackend(enum.StrEnum):
@@ -58,11 +70,16 @@ class ServingBackend(enum.StrEnum):
 
     @classmethod
     def parse(cls, name: str) -> ServingBackend:
-        """The variant called ``name``; ConfigError for an unknown name."""
+        """The variant called ``name``, matched case-insensitively ("vllm" is Vllm); ConfigError if unknown."""
         try:
             return cls(name)
         except ValueError:
-            raise ConfigError(f"unknown backend {name!r}; expected one of {', '.join(b.value for b in cls)}") from None
+            pass
+        folded = name.casefold() if isinstance(name, str) else None
+        for backend in cls:
+            if backend.value.casefold() == folded:
+                return backend
+        raise ConfigError(f"unknown backend {name!r}; expected one of {', '.join(b.value for b in cls)}")
 
 
 _B = ServingBackend
@@ -233,6 +250,15 @@ class StreamingContext(msgspec.Struct, kw_only=True):
     #: token usage the backends reported for this request so far, summed over attempts (JSON
     #: field "usage"), so a replica that takes it over reports the whole request's usage
     usage: dict[str, int] | None = None
+    #: the model group the client asked for (``Coordinator.stream(..., model=...)``), so a
+    #: replica that takes the request over routes it through the same deployments
+    model_group: str | None = None
+    # sampling parameters passed to every backend call (temperature, stop, ...), so a
+    # replica that takes the request over continues with the same ones (JSON in the ctx hash)
+    params: dict[str, Any] | None = None
+    # the request's own backend order (a gateway model group); None: the primary backend,
+    # then ``failover.fallback_order``
+    backends: list[str] | None = None
 
     @classmethod
     def new(cls, prompt: str, request_id: str) -> StreamingContext:
@@ -318,9 +344,13 @@ class FailoverConfig(msgspec.Struct, kw_only=True):
 
 
 class FailoverAttempt(msgspec.Struct, kw_only=True, tag="attempt", tag_field="kind"):
-    """One attempt on one backend. ``started_at`` is wall-clock epoch seconds."""
+    """One attempt on one deployment. ``started_at`` is wall-clock epoch seconds.
 
-    backend: ServingBackend
+    ``backend`` is the deployment's name: a ServingBackend name for configs whose backends
+    are named after their provider (the original's case), else the free deployment name.
+    """
+
+    backend: DeploymentName
     started_at: float
     result: FailoverResult | None = None
     request_id: str | None = None

@@ -35,6 +35,8 @@ class Submission(msgspec.Struct, kw_only=True):
     messages: list[ChatMessage] | None = None
     primary: str | None = None
     max_tokens: int | None = None
+    #: a model group name (``[[models]]``): the worker routes the request through that group
+    model: str | None = None
 
 
 class Poison(msgspec.Struct, frozen=True):

@@ -94,7 +94,8 @@ local epoch = old + 1
 local lease = now + tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], 'request_id', ARGV[1], 'prompt', ARGV[2], 'primary_backend', ARGV[3],
   'owner', ARGV[4], 'epoch', epoch, 'lease', lease, 'last_seq', 0, 'token_count', 0,
-  'state', 'Pending', 'created', now, 'messages', ARGV[7], 'max_tokens', ARGV[8])
+  'state', 'Pending', 'created', now, 'messages', ARGV[7], 'max_tokens', ARGV[8], 'params', ARGV[9] or '',
+  'backends', ARGV[10] or '')
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('SET', KEYS[3], '', 'PX', ARGV[6])
 return {'OK', epoch, lease, now}
@@ -104,7 +105,8 @@ START = _script(
     "start",
     r"""
 -- Track a request, overwriting any previous one with this id (as the original does).
--- ARGV: request_id, prompt, primary_backend, owner, lease_ttl_ms, max_age_ms, messages_json, max_tokens
+-- ARGV: request_id, prompt, primary_backend, owner, lease_ttl_ms, max_age_ms, messages_json, max_tokens,
+--       params_json, backends (comma-separated order; both may be absent)
 local old = math.max(num(redis.call('HGET', KEYS[1], 'epoch'), 'epoch'),
                      num(redis.call('HGET', KEYS[2], 'epoch'), 'epoch'))
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
@@ -439,6 +441,85 @@ return {f[1] or 'closed', failures}
 """,
 )
 
+INFLIGHT_PICK = Script(
+    "inflight_pick",
+    _PRELUDE
+    + r"""
+-- Pick the deployment to call and count the call as in flight on it, in one step.
+-- The least busy by in-flight calls per unit of weight wins; ties go by weighted chance.
+-- KEYS: one in-flight sorted set per candidate deployment (member -> deadline ms), all in
+-- one hash slot. ARGV: member, ttl_ms, a random number in [0, 1), then one weight per key.
+-- Members whose deadline passed (their worker died) are dropped first: self-healing.
+-- Reply: {index of the chosen key (1-based), in-flight count of every key before the pick}.
+local now = now_ms()
+local ties, best, counts, total = {}, nil, {}, 0
+for i = 1, #KEYS do
+  -- ZRANGEBYSCORE + ZREM rather than ZREMRANGEBYSCORE: the worker ACL (docs/OPERATING.md) allows these
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', now, 'LIMIT', 0, 1000)
+  if #dead > 0 then redis.call('ZREM', KEYS[i], unpack(dead)) end
+  counts[i] = redis.call('ZCARD', KEYS[i])
+  local load = counts[i] / tonumber(ARGV[3 + i])
+  if best == nil or load < best then
+    ties, best = {i}, load
+  elseif load == best then
+    ties[#ties + 1] = i
+  end
+end
+for _, i in ipairs(ties) do total = total + tonumber(ARGV[3 + i]) end
+local left, chosen = tonumber(ARGV[3]) * total, ties[#ties]
+for _, i in ipairs(ties) do
+  left = left - tonumber(ARGV[3 + i])
+  if left < 0 then chosen = i break end
+end
+redis.call('ZADD', KEYS[chosen], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[chosen], tonumber(ARGV[2]))
+return {chosen, counts}
+""",
+)
+
+INFLIGHT_RENEW = Script(
+    "inflight_renew",
+    _PRELUDE
+    + r"""
+-- Push the deadline of this worker's calls still in flight on one deployment (XX: a call
+-- already released stays released). KEYS[1] in-flight sorted set. ARGV: ttl_ms, members...
+local deadline = now_ms() + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1])) end
+return {'OK'}
+""",
+)
+
+CANCEL = _script(
+    "cancel",
+    r"""
+-- Ask for a request to be cancelled (any replica may): flag its context; the owner's
+-- cancel watcher sees the flag and ends the request, fenced, as failed ("cancelled").
+-- KEYS: the usual four. Replies: {'OK', owner, epoch}, {'DONE', state} or {'GONE'}.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'cancel', '1')
+  local f = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
+  return {'OK', f[1] or '', f[2] or ''}
+end
+local state = redis.call('HGET', KEYS[2], 'state')
+if state then return {'DONE', state} end
+return {'GONE'}
+""",
+)
+
+IDEMPOTENCY_CLAIM = Script(
+    "idempotency_claim",
+    r"""
+-- Bind an idempotency key (its hash) to a request unless it is bound already.
+-- KEYS[1] the key's string. ARGV: value ('<body sha256> <request id>'), ttl_ms.
+-- Replies: {'NEW'} when bound now, {'OLD', value} with the earlier binding.
+local old = redis.call('GET', KEYS[1])
+if old then return {'OLD', old} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {'NEW'}
+""",
+)
+
 ALL: tuple[Script, ...] = (
     START,
     START_NEW,
@@ -456,4 +537,8 @@ ALL: tuple[Script, ...] = (
     ORPHAN_CANDIDATES,
     BREAKER_ALLOW,
     BREAKER_RECORD,
+    INFLIGHT_PICK,
+    INFLIGHT_RENEW,
+    CANCEL,
+    IDEMPOTENCY_CLAIM,
 )

@@ -35,10 +35,25 @@ the defaults in ``flo_coord.defaults``. Example (every key, with its default)::
     cooldown = 10.0
     probe_ttl = 30.0
 
-    [[backends]]
-    name = "Vllm"                      # a ServingBackend name
-    kind = "openai"                    # or "ollama"
-    base_url = "http://vllm:8000"
+    [gateway]                          # flo-coord serve (docs/GATEWAY.md)
+    host = "127.0.0.1"                 # or $FLO_GATEWAY_HOST
+    port = 8080                        # or $FLO_GATEWAY_PORT
+    keys_env = []                      # NAMES of variables holding bearer keys
+    key_hashes = []                    # "sha256:<hex>" of bearer keys; no key: no auth
+    on_disconnect = "keep"             # or "cancel": end a request its client left
+    disconnect_grace = 10.0            # seconds a client has to come back first
+    cors_origins = []                  # CORS off unless origins are listed
+    max_body_bytes = 1114112           # larger bodies get a 413
+    follow_wait = 5.0                  # seconds a resume waits for a request to appear
+
+    [gateway.models]                   # model name -> backends, first tried first
+    "llama" = ["Vllm", "Together"]     # default: each backend's model -> that backend
+
+    [[backends]]                       # one deployment; several may share a provider
+    name = "vllm-a"                    # free and unique: keys its breaker, in-flight count, ...
+    provider = "Vllm"                  # a ServingBackend (any case); default: the name, if it is one
+    kind = "openai"                    # or "ollama", "anthropic"; default "anthropic" for Anthropic
+    base_url = "http://vllm:8000"      # default for OpenAI, Anthropic, Groq, Together, Fireworks: their API
     model = "meta-llama/Llama-3.1-8B-Instruct"
     api_key_env = "VLLM_API_KEY"       # the variable's NAME; the key is never stored
     prefill = true
@@ -51,6 +66,13 @@ the defaults in ``flo_coord.defaults``. Example (every key, with its default)::
     # OpenAI/AzureOpenAI none, every other prefill)
     continuation = "continue_final_message"
     max_connections = 64               # its HTTP pool; default: the worker's --concurrency
+
+    [[models]]                         # a model group: what clients ask for (``model=``)
+    name = "llama"
+    deployments = ["vllm-a", { name = "vllm-b", weight = 2 }, { name = "groq", tier = 2 }]
+    fallbacks = ["llama-small"]        # other groups, after every deployment here failed
+    context_window_fallbacks = ["llama-long"]  # instead, after a context-too-long failure
+    privacy = "Standard"               # "Sovereign": local providers only; "Private": + private clouds
 """
 
 from __future__ import annotations
@@ -58,7 +80,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -67,6 +89,7 @@ from flo_coord.backends import BackendSpec
 from flo_coord.breaker import BreakerConfig
 from flo_coord.errors import ConfigError
 from flo_coord.executor import ExecutorConfig
+from flo_coord.groups import ModelGroup, Router, check_unique
 from flo_coord.models import FailoverConfig
 
 #: Environment variables that override the file (and are overridden by flags).
@@ -75,6 +98,8 @@ ENVIRONMENT = {
     "FLO_NAMESPACE": ("redis", "namespace"),
     "FLO_DURABILITY": ("redis", "durability"),
     "FLO_LEASE_TTL": ("ownership", "lease_ttl"),
+    "FLO_GATEWAY_HOST": ("gateway", "host"),
+    "FLO_GATEWAY_PORT": ("gateway", "port"),
 }
 #: Environment variable naming the TOML file when no ``--config`` flag is given.
 CONFIG_ENV = "FLO_CONFIG"
@@ -92,6 +117,23 @@ class OwnershipSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     retention: float = defaults.RETENTION
 
 
+class GatewaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``flo-coord serve``: the OpenAI-compatible HTTP gateway (docs/GATEWAY.md)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    keys_env: list[str] = msgspec.field(default_factory=list)
+    key_hashes: list[Annotated[str, msgspec.Meta(pattern="^sha256:[0-9a-f]{64}$")]] = msgspec.field(
+        default_factory=list
+    )
+    on_disconnect: Literal["keep", "cancel"] = "keep"
+    disconnect_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    cors_origins: list[str] = msgspec.field(default_factory=list)
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = defaults.MAX_PROMPT_BYTES + 65536
+    follow_wait: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    models: dict[str, list[str]] = msgspec.field(default_factory=dict)
+
+
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     ownership: OwnershipSettings = msgspec.field(default_factory=OwnershipSettings)
@@ -99,11 +141,19 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     executor: ExecutorConfig = msgspec.field(default_factory=ExecutorConfig)
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     backends: list[BackendSpec] = msgspec.field(default_factory=list)
+    models: list[ModelGroup] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_unique(self.backends)
+        Router(self.models, {spec.name: spec.backend for spec in self.backends})  # raises ConfigError
+
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
 
     def coordinator_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Coordinator`` (backends included)."""
         return {
             "backends": self.backends,
+            "models": self.models,
             "url": self.redis.url,
             "namespace": self.redis.namespace,
             "config": self.failover,

@@ -67,6 +67,11 @@ class Worker:
         """Stop taking work (SIGTERM/SIGINT call this)."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set once a stop was requested (for callers that wait on something before ``run``)."""
+        return self._stop
+
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -159,6 +164,8 @@ class Worker:
         rid = submission.request_id
         if self.before_start is not None:
             await self.before_start(entry_id, submission)
+        if submission.model is not None:
+            self.coordinator.router.group(submission.model)  # UnknownModelError: rejected before it starts
         op = core.start_new(
             rid, submission.prompt, submission.primary, messages=submission.messages, max_tokens=submission.max_tokens
         )
@@ -172,6 +179,8 @@ class Worker:
             return
         # Run it first, then acknowledge: a failed ack is retried, and the retry finds the
         # request started (EXISTS) and only acknowledges.
+        if submission.model is not None:
+            await self.coordinator.assign_model(ctx, submission.model)
         task = self.coordinator.resume_in_background(ctx)
         self._running.add(task)
         task.add_done_callback(self._done)

@@ -21,6 +21,9 @@ ceiling   the APPEND script driven by ``redis-benchmark`` (pipelined EVALSHA on 
 takeover  SIGKILL of worker processes -> first token committed by the replica that took over.
 memory    MEMORY USAGE of one request (empty, 1,000 tokens, followed, finished).
 scaling   stats() and orphans() at 1k / 10k / 100k active requests.
+gateway   ``flo-coord serve`` vs the fake LLM server it fronts, side by side in one run: time to
+          first token (sequential streams, interleaved) and tokens/s delivered to N concurrent
+          streaming clients (default 200).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ from flo_coord.embedded import RedisServer, redis_server_binary
 from flo_coord.ownership import AsyncReaper
 from flo_coord.scripts import APPEND
 
-SECTIONS = ("single", "fleet", "ceiling", "takeover", "memory", "scaling")
+SECTIONS = ("single", "fleet", "ceiling", "takeover", "memory", "scaling", "gateway")
 TOKEN = "tok "  # 4 bytes, one token (count_tokens counts whitespace-separated words)
 PROMPT = "Summarise the history of the printing press in three paragraphs."
 LONG_LEASE = 3600.0  # requests that must not expire while measured
@@ -890,6 +893,120 @@ def bench_scaling(env: Env, keep: bool) -> dict[str, Any]:
     return asyncio.run(_scaling(env, env.args.sizes, keep))
 
 
+GATEWAY_TOKENS = 256  # tokens per answer: about 5 s per stream, so the start of 200 requests is not all it measures
+
+
+def _spawn_logged(argv: list[str], ready: str, timeout: float = 30.0) -> tuple[subprocess.Popen[str], str]:
+    """Start a process and wait for a stdout line containing ``ready``; returns it and that line."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if ready in line:
+            return proc, line
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"{argv[:5]} did not print {ready!r}")
+
+
+def _delta_text(line: str) -> str:
+    choices = json.loads(line[6:]).get("choices") or [{}]
+    return str(choices[0].get("delta", {}).get("content") or "")
+
+
+async def _first_token(client: Any, url: str, body: dict[str, Any]) -> float:
+    """Seconds from sending a streaming request to the first event that carries text."""
+    started, elapsed = pc(), None
+    async with client.stream("POST", url, json=body) as resp:
+        async for line in resp.aiter_lines():  # read to the end: the connection goes back to the pool
+            if elapsed is None and line.startswith("data: {") and _delta_text(line):
+                elapsed = pc() - started
+    if elapsed is None:
+        raise RuntimeError(f"no text from {url}")
+    return elapsed
+
+
+async def _stream_tokens(client: Any, url: str, body: dict[str, Any]) -> int:
+    """Tokens (whitespace-separated words) of one streamed chat answer."""
+    text = []
+    async with client.stream("POST", url, json=body) as resp:
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                text.append(_delta_text(line))
+    return len("".join(text).split())
+
+
+async def _gateway_runs(direct: str, gateway: str, samples: int, streams: int, tokens: int) -> dict[str, Any]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        def body(tag: str, model: str) -> dict[str, Any]:
+            return {"model": model, "stream": True, "messages": [{"role": "user", "content": tag}]}
+
+        ttft: dict[str, list[float]] = {"direct": [], "gateway": []}
+        for i in range(samples + 10):  # interleaved, so both see the same machine load
+            for name, url in (("direct", direct), ("gateway", gateway)):
+                seconds = await _first_token(client, f"{url}/v1/chat/completions", body(f"ttft {i}", "bench-m"))
+                if i >= 10:  # warm-up
+                    ttft[name].append(seconds)
+        out: dict[str, Any] = {"samples": samples, "streams": streams, "tokens_per_answer": tokens}
+        for name, values in ttft.items():
+            out[f"ttft_{name}_ms"] = summary(values, 1e3)
+        for name, url in (("direct", direct), ("gateway", gateway)):
+            started = pc()
+            counts = await asyncio.gather(
+                *(_stream_tokens(client, f"{url}/v1/chat/completions", body(f"tput {name} {i}", "slow-m"))
+                  for i in range(streams))
+            )  # fmt: skip
+            wall = pc() - started
+            out[f"throughput_{name}"] = {"tokens": sum(counts), "wall_s": wall, "tokens_per_s": sum(counts) / wall}
+    out["ttft_added_p50_ms"] = out["ttft_gateway_ms"]["p50"] - out["ttft_direct_ms"]["p50"]
+    out["ttft_added_p99_ms"] = out["ttft_gateway_ms"]["p99"] - out["ttft_direct_ms"]["p99"]
+    out["throughput_ratio"] = out["throughput_gateway"]["tokens_per_s"] / out["throughput_direct"]["tokens_per_s"]
+    return out
+
+
+def bench_gateway(env: Env) -> dict[str, Any]:
+    """TTFT and throughput through one ``flo-coord serve`` replica vs straight to the fake server.
+
+    The fake server answers ``bench-m`` at once (TTFT) and ``slow-m`` at 50 tokens/s per
+    stream (throughput: the offered load is N x 50 tokens/s, the same for both paths).
+    """
+    samples = env.args.gateway_samples or (50 if env.quick else 200)
+    streams = env.args.gateway_streams or (50 if env.quick else 200)
+    tokens = 64 if env.quick else GATEWAY_TOKENS
+    ns = namespace("gateway")
+    fake, line = _spawn_logged(
+        [sys.executable, "-m", "flo_coord.fakellm", "--port", "0", "--tokens", str(tokens),
+         "--model-delay", "slow-m=0.02"],
+        "listening on", 30,
+    )  # fmt: skip
+    direct = line.split("listening on ")[1].split()[0]
+    serve_argv = [
+        sys.executable, "-m", "flo_coord", "serve", "--redis-url", env.url, "--namespace", ns, "--port", "0",
+        "--backend", f"Vllm={direct},bench-m", "--backend", f"Together={direct},slow-m", "--log-level", "warning",
+    ]  # fmt: skip
+    gateway_proc = None
+    try:
+        gateway_proc, line = _spawn_logged(serve_argv, "listening on", 60)
+        gateway = line.split("listening on ")[1].split()[0]
+        result = asyncio.run(_gateway_runs(direct, gateway, samples, streams, tokens))
+    finally:
+        for proc in (gateway_proc, fake):
+            if proc is not None:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(15)
+                if proc.poll() is None:
+                    proc.kill()
+        cleanup(env.client, ns)
+    return result
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -1024,6 +1141,19 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         at_most("scaling.orphans_p50_ratio", f"orphans() p50, {span}", sc["orphans_p50_ratio"], "x", 2)
         at_most("scaling.orphans_expired_p50_ratio", f"orphans() p50 (100 expired), {span}",
                 sc["orphans_expired_p50_ratio"], "x", 2)  # fmt: skip
+    g = results.get("gateway")
+    if g:
+        for p in ("p50", "p99"):
+            add(f"gateway.ttft_direct.{p}", f"TTFT straight to the fake server {p}", g["ttft_direct_ms"][p], "ms")
+            add(f"gateway.ttft_gateway.{p}", f"TTFT through flo-coord serve {p}", g["ttft_gateway_ms"][p], "ms")
+        at_most("gateway.ttft_added_p50", "TTFT added by the gateway, p50", g["ttft_added_p50_ms"], "ms", 3)
+        add("gateway.ttft_added_p99", "TTFT added by the gateway, p99", g["ttft_added_p99_ms"], "ms")
+        n = g["streams"]
+        add("gateway.tput_direct", f"tokens/s to {n} clients, direct", g["throughput_direct"]["tokens_per_s"], "tok/s")
+        add("gateway.tput_gateway", f"tokens/s to {n} clients, one replica",
+            g["throughput_gateway"]["tokens_per_s"], "tok/s")  # fmt: skip
+        ratio = g["throughput_ratio"]
+        add("gateway.tput_ratio", "gateway / direct throughput", ratio, "x", ">= 0.5", ratio >= 0.5)
     return out
 
 
@@ -1130,6 +1260,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--sizes", type=_ints, help="active requests for stats/orphans (default 1k,10k,100k; quick 1k,10k)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--gateway-samples", type=int, help="TTFT streams per path (default 200; quick 50)")
+    p.add_argument("--gateway-streams", type=int, help="concurrent streaming clients (default 200; quick 50)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
@@ -1211,6 +1343,9 @@ def main(argv: list[str] | None = None) -> int:
         if "takeover" in sections:
             env.log("takeover latency ...")
             results["takeover"] = bench_takeover(env)
+        if "gateway" in sections:
+            env.log("gateway TTFT and throughput ...")
+            results["gateway"] = bench_gateway(env)
         meta["cpu"] = cpu.report()
         meta["loadavg_end"] = list(os.getloadavg())
         meta["elapsed_s"] = time.time() - started

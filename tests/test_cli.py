@@ -28,6 +28,7 @@ from flo_coord.fakellm import FakeLLMServerThread, full_answer_text
 COMMANDS = [
     "demo",
     "worker",
+    "serve",
     "submit",
     "follow",
     "inspect",
@@ -37,6 +38,7 @@ COMMANDS = [
     "reap",
     "install-functions",
     "serve-fake-llm",
+    "import-litellm",
     "bench",
 ]
 CLI = [sys.executable, "-m", "flo_coord"]
@@ -93,7 +95,8 @@ MISTAKES: list[tuple[list[str], dict[str, str], str]] = [
     (["worker", "--backend", "Vllm"], {}, "NAME=URL,MODEL"),
     (["worker", "--backend", "Nope=http://h:1,m"], {}, "unknown backend"),
     (["worker", "--backend", "Vllm=http://h:1,m"], {"FLO_CONCURRENCY": "many"}, "FLO_CONCURRENCY"),
-    (["worker", "--backend", "Vllm=http://h:1,m", "--redis-url", DEAD_REDIS], {}, "cannot reach Redis"),
+    # an unreachable Redis is waited for (tests/test_startup_wait.py); a bad URL is a usage mistake
+    (["worker", "--backend", "Vllm=http://h:1,m", "--redis-url", "nope://x"], {}, "bad Redis URL"),
     (["worker", "--lease-ttl", "-1"], {}, "--lease-ttl"),
     (["submit"], {}, "no prompt"),
     (["follow"], {}, "REQUEST_ID"),
@@ -101,7 +104,7 @@ MISTAKES: list[tuple[list[str], dict[str, str], str]] = [
     (["stats"], {"FLO_CONFIG": "/nonexistent/flo.toml"}, "does not exist"),
     (["history", "-n", "lots"], {}, "whole number"),
     (["demo", "--requests", "0"], {}, "--requests"),
-    (["demo", "--workers", "1"], {}, "--workers 2"),
+    (["demo", "--replicas", "1"], {}, "--replicas 2"),
     (["demo", "--kill-at", "1.5"], {}, "between 0 and 1"),
     (["worker", "--backend", "Vllm=http://h:1,m,grpc"], {}, "KIND must be"),
     (["serve-fake-llm", "--fault", "m=explode"], {}, "bad fault"),

@@ -3,6 +3,7 @@ whose flags parse, dependencies exist, and the mounted configuration loads."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_every_flo_coord_service_runs_a_subcommand_whose_flags_parse(compose: di
     parser = build_parser()
     commands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     ours = {name: s for name, s in compose["services"].items() if _ours(s)}
-    assert {"fakellm", "worker-1", "worker-2", "worker-3", "client"} <= set(ours)
+    assert {"fakellm", "replica-1", "replica-2", "replica-3"} <= set(ours)
     for name, service in ours.items():
         command = service["command"]
         assert isinstance(command, list) and command[0] in commands, name
@@ -45,20 +46,27 @@ def test_every_flo_coord_service_runs_a_subcommand_whose_flags_parse(compose: di
         assert args.command == command[0]
 
 
-def test_three_worker_replicas_with_their_own_ids_health_checks_and_restarts(compose: dict[str, Any]) -> None:
+def test_three_serve_replicas_with_their_own_ids_health_checks_and_restarts(compose: dict[str, Any]) -> None:
+    # issue 13: the replicas are gateways (flo-coord serve), each also a worker
     parser = build_parser()
-    workers = {n: s for n, s in compose["services"].items() if _ours(s) and s["command"][0] == "worker"}
-    assert sorted(workers) == ["worker-1", "worker-2", "worker-3"]
+    workers = {n: s for n, s in compose["services"].items() if _ours(s) and s["command"][0] == "serve"}
+    assert sorted(workers) == ["replica-1", "replica-2", "replica-3"]
     ids = [parser.parse_args(s["command"]).worker_id for s in workers.values()]
-    assert ids == ["worker-1", "worker-2", "worker-3"]
+    assert ids == ["replica-1", "replica-2", "replica-3"]
     for name, service in workers.items():
         assert service["restart"] == "unless-stopped", name
         assert "healthcheck" in service and service["healthcheck"]["test"], name
-        port = parser.parse_args(service["command"]).metrics_port
-        assert port and str(port) in " ".join(service["healthcheck"]["test"]), name  # it checks /metrics
+        args = parser.parse_args(service["command"])
+        assert args.host == "0.0.0.0" and args.port, name
+        check = " ".join(service["healthcheck"]["test"])
+        assert f"{args.port}/readyz" in check, name  # it checks readiness on the gateway's port
     for name in ("redis", "fakellm"):
         assert "healthcheck" in compose["services"][name] and compose["services"][name].get("restart"), name
-    assert compose["services"]["client"]["restart"] == "no"
+    client = compose["services"]["client"]
+    assert client["restart"] == "no"
+    assert "curl" in client["image"] and "http://replica-1:8080/v1/chat/completions" in client["command"]
+    body = json.loads(client["command"][client["command"].index("-d") + 1])
+    assert body["stream"] is True and body["model"] == "compose-vllm"
 
 
 def test_redis_runs_with_the_append_only_file(compose: dict[str, Any]) -> None:
@@ -86,7 +94,7 @@ def test_depends_on_targets_exist(compose: dict[str, Any]) -> None:
 def test_mounted_config_and_dockerfile(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in ("FLO_REDIS_URL", "FLO_NAMESPACE", "FLO_LEASE_TTL", "FLO_CONFIG", "FLO_DURABILITY"):
         monkeypatch.delenv(variable, raising=False)
-    worker = compose["services"]["worker-1"]
+    worker = compose["services"]["replica-1"]
     mounts = {m.split(":")[1]: m.split(":")[0] for m in worker["volumes"]}
     config_path = worker["environment"]["FLO_CONFIG"]
     source = ROOT / mounts[config_path]
@@ -96,9 +104,11 @@ def test_mounted_config_and_dockerfile(compose: dict[str, Any], monkeypatch: pyt
     assert [b.value for b in settings.failover.fallback_order] == ["Vllm", "Ollama"]
     assert all(b.base_url == "http://fakellm:8001" for b in settings.backends)  # the fakellm service's port
     assert "8001" in " ".join(compose["services"]["fakellm"]["command"])
+    assert (settings.gateway.host, settings.gateway.port) == ("0.0.0.0", 8080)
+    assert "compose-vllm" in {b.model for b in settings.backends}  # the client's model exists
     dockerfile = (ROOT / worker["build"]["dockerfile"]).read_text()
     assert 'ENTRYPOINT ["flo-coord"]' in dockerfile
-    assert "pip install" in dockerfile and "metrics" in dockerfile  # the healthcheck needs /metrics
+    assert "pip install" in dockerfile and "gateway" in dockerfile  # serve needs the gateway extra
 
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="docker is not installed")

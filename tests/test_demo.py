@@ -1,5 +1,6 @@
-"""flo-coord demo end to end: a worker SIGKILLed mid-stream, a backend cut mid-answer, every
-answer verified, and nothing left running afterwards (also after Ctrl-C)."""
+"""flo-coord demo end to end: gateway replicas (flo-coord serve) with HTTP streaming clients, one
+replica SIGKILLed mid-answer, a backend cut mid-answer, clients resuming on other replicas with
+Last-Event-ID, every answer verified, and nothing left running afterwards (also after Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -38,11 +39,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_demo_kills_a_worker_and_verifies_every_answer(tmp_path: Path) -> None:
+def test_demo_kills_a_replica_its_clients_resume_elsewhere_and_every_answer_is_verified(tmp_path: Path) -> None:
     require_redis_server()
     summary_file = tmp_path / "summary.json"
     done = subprocess.run(
-        [*CLI, "demo", "--requests", "6", *FAST, "--backend-fault", "--summary-json", str(summary_file)],
+        [*CLI, "demo", "--requests", "6", *FAST, "--summary-json", str(summary_file)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -52,18 +53,52 @@ def test_demo_kills_a_worker_and_verifies_every_answer(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     summary = json.loads(summary_file.read_text())
     assert summary["ok"] and summary["verified"] == summary["requests"] == 6
-    assert summary["killed_worker"] in {"w1", "w2", "w3"}
-    assert summary["takeovers"] >= 1 and summary["requests_owned_by_killed_worker"] >= 1
-    assert summary["backend_failovers"] >= 1
+    assert summary["replicas"] == 3 and summary["killed_replica"] in {"r1", "r2", "r3"}
+    killed = summary["killed_replica"]
+    assert summary["streams_on_killed_replica"] >= 1 and summary["takeovers"] >= 1
+    # every stream of the killed replica resumed, over HTTP, on another replica
+    assert summary["resumes"] >= summary["streams_on_killed_replica"]
+    assert summary["resumed_requests"] == summary["streams_on_killed_replica"]
+    assert summary["backend_failovers"] >= 1  # the backend cut is on by default
     assert summary["tokens_recovered"] > 0 and summary["chars_recovered"] > 0
     assert 0 < summary["takeover_latency_p50"] <= summary["takeover_latency_p99"] < 10
-    # the line view (stdout is a pipe): the kill, the takeovers, the failovers, the verdict
+    # the line view (stdout is a pipe): the kill, the resumes with Last-Event-ID, the takeovers, the failovers
+    line = rf"stream from {killed} lost at offset (\d+) .*; resuming on (r\d) with Last-Event-ID (\S+):(\d+)"
+    resumes = re.findall(line, done.stdout)
+    assert len(resumes) == summary["resumes"]
+    for offset, target, _, event_offset in resumes:
+        assert target != killed and int(offset) == int(event_offset) > 0
     assert "SIGKILL" in done.stdout and "took over" in done.stdout and "failing over" in done.stdout
     assert "verified byte for byte  6/6" in done.stdout and "PASS" in done.stdout
-    # everything it started is gone: redis-server and the three workers, and their logs
-    assert set(summary["pids"]) == {"redis-server", "w1", "w2", "w3"}
+    # the replicas listened on loopback ports
+    assert all(re.fullmatch(r"http://127\.0\.0\.1:\d+", url) for url in summary["replica_urls"].values())
+    # everything it started is gone: redis-server and the three replicas, and their logs
+    assert set(summary["pids"]) == {"redis-server", "r1", "r2", "r3"}
     assert not [name for name, pid in summary["pids"].items() if _alive(pid)]
     assert not os.path.exists(summary["logs"])
+
+
+def test_a_short_answer_fails_the_verification() -> None:
+    """The check can fail: a backend that ends every answer early (finish_reason "length") is caught."""
+    import asyncio
+
+    from flo_coord.cli.parser import build_parser
+    from flo_coord.demo import VLLM_MODEL, Demo
+
+    require_redis_server()
+    args = build_parser().parse_args(["demo", "--requests", "2", "--no-kill", "--no-backend-fault", "--tokens", "8",
+                                      "--token-delay", "0.01", "--plain"])  # fmt: skip
+    demo = Demo(args)
+    try:
+        demo.start()
+        demo.fake.set_fault(VLLM_MODEL, "finish:length:3")
+        assert asyncio.run(demo.run()) is False
+    finally:
+        demo.cleanup()
+        demo.finish_logs(keep=False)
+    summary = demo.summary(1.0)
+    assert not summary["ok"] and summary["verified"] == 0 and summary["wrong"] == ["req-01", "req-02"]
+    assert all(0 < len(t.received) < len(t.expected) and t.finish_reason == "length" for t in demo.tracks)
 
 
 def test_demo_against_a_given_redis_uses_and_removes_its_own_namespace(tmp_path: Path) -> None:
@@ -73,12 +108,12 @@ def test_demo_against_a_given_redis_uses_and_removes_its_own_namespace(tmp_path:
         client.set("someone-else:key", "kept")
         done = subprocess.run(
             [*CLI, "demo", "--redis-url", server.url, "--requests", "3", "--no-kill", "--tokens", "12",
-             "--token-delay", "0.01", "--plain", "--summary-json", str(tmp_path / "s.json")],
+             "--no-backend-fault", "--token-delay", "0.01", "--plain", "--summary-json", str(tmp_path / "s.json")],
             capture_output=True, text=True, timeout=120, env=_env(),
         )  # fmt: skip
         assert done.returncode == 0, (done.stdout, done.stderr)
         summary = json.loads((tmp_path / "s.json").read_text())
-        assert summary["verified"] == 3 and summary["killed_worker"] is None
+        assert summary["verified"] == 3 and summary["killed_replica"] is None and summary["resumes"] == 0
         assert summary["namespace"].startswith("demo-")
         assert "redis-server" not in summary["pids"]  # not ours to start or stop
         assert client.get("someone-else:key") == b"kept"
@@ -101,6 +136,7 @@ def test_demo_falls_back_to_fakeredis_without_a_redis_server_binary(tmp_path: Pa
     assert done.returncode == 0, (done.stdout, done.stderr)
     summary = json.loads((tmp_path / "s.json").read_text())
     assert "fakeredis" in summary["redis"] and summary["verified"] == 3 and summary["takeovers"] >= 1
+    assert summary["resumes"] >= 1
     assert not [name for name, pid in summary["pids"].items() if _alive(pid)]
 
 
@@ -120,10 +156,10 @@ def test_ctrl_c_stops_everything_the_demo_started() -> None:
         for line in proc.stdout:
             if "started " in line:
                 pids = {name: int(pid) for name, pid in re.findall(r"([\w-]+) \(pid (\d+)\)", line)}
-            if "submitted" in line:
+            if "clients streaming" in line:
                 break
             assert time.monotonic() < deadline
-        assert set(pids) == {"redis-server", "w1", "w2", "w3"}
+        assert set(pids) == {"redis-server", "r1", "r2", "r3"}
         time.sleep(0.5)  # mid-stream
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
@@ -142,8 +178,9 @@ def test_percentiles_and_a_failing_summary() -> None:
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert percentile([float(i) for i in range(1, 101)], 0.99) == 99.0
     text = summary_table({
-        "ok": False, "requests": 2, "verified": 1, "wrong": ["req-02"], "killed_worker": None, "killed_at": None,
-        "requests_owned_by_killed_worker": 0, "takeovers": 0, "backend_failovers": 0, "tokens_recovered": 0,
+        "ok": False, "requests": 2, "verified": 1, "wrong": ["req-02"], "killed_replica": None, "killed_at": None,
+        "streams_on_killed_replica": 0, "takeovers": 0, "resumes": 0, "resumed_requests": 0, "backend_failovers": 0,
+        "tokens_recovered": 0,
         "chars_recovered": 0, "takeover_latency_p50": None, "takeover_latency_p99": None, "claim_latency_p50": None,
         "claim_latency_p99": None, "lease_ttl": 1.0, "wall_seconds": 1.0,
     })  # fmt: skip

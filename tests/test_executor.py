@@ -123,7 +123,7 @@ async def attempts_of(coordinator: Coordinator, request_id: str) -> list[Failove
 
 def summary(attempts: list[FailoverAttempt]) -> list[tuple[str, str]]:
     """(backend, result name) of each attempt."""
-    return [(a.backend.value, a.result.name if a.result else "") for a in attempts]
+    return [(str(a.backend), a.result.name if a.result else "") for a in attempts]
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0, what: str = "") -> None:

@@ -520,7 +520,7 @@ def test_foreign_history_entries_are_skipped(corrupt_env: Any) -> None:
     )
     raw.xadd(f"{namespace}:history", {"e": "not json"})
     raw.xadd(f"{namespace}:history", {"other": "field"})
-    raw.xadd(f"{namespace}:history", {"e": '{"kind":"attempt","backend":"Nope","started_at":1}'})
+    raw.xadd(f"{namespace}:history", {"e": '{"kind":"attempt","backend":"not, a deployment","started_at":1}'})
     raw.xadd(f"{namespace}:history", {"e": b"\xff\xfe"})
     worker.record_attempt(
         FailoverAttempt(backend=ServingBackend.Groq, started_at=time.time(), result=FailoverResult.Timeout)

@@ -197,9 +197,15 @@ def cmd_submit(args: Any) -> int:
     prompt = _prompt(args) if messages is None else None
     settings = load(args)
     if args.primary:
-        from flo_coord.models import ServingBackend
+        from flo_coord.errors import ConfigError
+        from flo_coord.models import ServingBackend, is_deployment_name
 
-        args.primary = ServingBackend.parse(args.primary).value
+        try:
+            args.primary = ServingBackend.parse(args.primary).value
+        except ConfigError:
+            if not is_deployment_name(args.primary):
+                raise
+        # a deployment name: the worker that takes the request knows its deployments
     manager = client_manager(settings)
     request_id = args.request_id or f"req-{uuid.uuid4().hex[:12]}"
     return run(_submit(manager, request_id, prompt, messages, args))
@@ -212,7 +218,12 @@ async def _submit(manager: AsyncFailoverManager, request_id: str, prompt: str | 
         if await _known(manager, request_id):
             raise UsageError(f"request id {request_id!r} is already in use; choose another --request-id")
         submission = queue.Submission(
-            request_id=request_id, prompt=prompt, messages=messages, primary=args.primary, max_tokens=args.max_tokens
+            request_id=request_id,
+            prompt=prompt,
+            messages=messages,
+            primary=args.primary,
+            max_tokens=args.max_tokens,
+            model=args.model,
         )
         await manager.shell.run(queue.submit(manager.core, submission), "submit", request_id)
     except BaseException:
@@ -276,6 +287,7 @@ async def _inspect(manager: AsyncFailoverManager, args: Any) -> int:
             ("owner", ctx.owner),
             ("epoch", ctx.epoch),
             ("lease remaining", render.seconds(remaining) if remaining is not None else None),
+            ("model group", ctx.model_group),
             ("primary backend", ctx.primary_backend),
             ("current backend", ctx.current_backend),
             ("failed backends", ", ".join(ctx.failed_backends)),

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from flo_coord.backends import BackendSpec
     from flo_coord.manager import AsyncFailoverManager
     from flo_coord.settings import Settings
+
+log = logging.getLogger("flo_coord.cli")
 
 T = TypeVar("T")
 
@@ -61,22 +64,33 @@ def pick(flag: T | None, key: str, cast: Callable[[str], T], what: str, default:
     return default if value is None else value
 
 
-_BACKEND_RE = re.compile(r"^(?P<name>[A-Za-z0-9]+)=(?P<url>[^,]+),(?P<model>[^,]+)(?:,(?P<kind>[a-z]+))?$")
+_BACKEND_RE = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)=(?P<url>[^,]+),(?P<model>[^,]+)"
+    r"(?:,(?P<kind>[a-z]*))?(?:,(?P<provider>[A-Za-z0-9]+))?$"
+)
 
 
 def parse_backend(value: str) -> BackendSpec:
-    """``NAME=URL,MODEL[,KIND]`` (KIND: openai (default) or ollama) as a BackendSpec."""
+    """``NAME=URL,MODEL[,KIND[,PROVIDER]]`` as a BackendSpec (a deployment).
+
+    KIND: openai (default), ollama or anthropic; PROVIDER: a ServingBackend, needed when
+    NAME is not one (``vllm-a=http://h:8000,llama,,Vllm``).
+    """
     from flo_coord.backends import BackendSpec
     from flo_coord.errors import ConfigError
 
     match = _BACKEND_RE.match(value.strip())
     if match is None:
-        raise UsageError(f"--backend {value!r}: expected NAME=URL,MODEL[,KIND], e.g. Vllm=http://localhost:8000,llama")
+        raise UsageError(
+            f"--backend {value!r}: expected NAME=URL,MODEL[,KIND[,PROVIDER]], e.g. Vllm=http://localhost:8000,llama"
+        )
     try:
-        if match["kind"] not in (None, "openai", "ollama"):
-            raise UsageError(f"--backend {value!r}: KIND must be openai or ollama, got {match['kind']!r}")
-        kind: Literal["openai", "ollama"] = "ollama" if match["kind"] == "ollama" else "openai"
-        return BackendSpec(name=match["name"], base_url=match["url"], model=match["model"], kind=kind)
+        if match["kind"] not in (None, "", "openai", "ollama", "anthropic"):
+            raise UsageError(f"--backend {value!r}: KIND must be openai, ollama or anthropic, got {match['kind']!r}")
+        kind: Any = match["kind"] or None
+        return BackendSpec(
+            name=match["name"], provider=match["provider"], base_url=match["url"], model=match["model"], kind=kind
+        )
     except ConfigError as exc:
         raise UsageError(f"--backend {value!r}: {exc}") from None
 
@@ -85,7 +99,7 @@ def load(args: Any) -> Settings:
     """Settings for a subcommand: its flags, then FLO_* variables, then the TOML file, then the defaults."""
     import msgspec
 
-    from flo_coord.models import ServingBackend
+    from flo_coord.errors import ConfigError
     from flo_coord.settings import load_settings
 
     overrides = {
@@ -96,21 +110,35 @@ def load(args: Any) -> Settings:
     settings = load_settings(getattr(args, "config", None), overrides=overrides)
     specs = [parse_backend(v) for v in getattr(args, "backend", None) or []]
     if specs:
-        # Flags win over the file: these backends, tried in the order given, then the file's order.
+        from flo_coord.groups import check_unique
+
+        try:
+            check_unique(specs)  # a second --backend with the same NAME never silently replaces the first
+        except ConfigError as exc:
+            raise UsageError(f"--backend: {exc}") from None
+        # Flags win over the file: these backends, tried in the order given (deployments of one
+        # provider share its place, load-balanced), then the file's order.
         settings.backends = specs
-        order = [ServingBackend.parse(s.name) for s in specs] + list(settings.failover.fallback_order)
+        order = [s.backend for s in specs] + list(settings.failover.fallback_order)
         settings.failover = msgspec.structs.replace(settings.failover, fallback_order=list(dict.fromkeys(order)))
     return settings
 
 
 def unused_backends(settings: Settings) -> list[str]:
     """Configured backends that ``failover.fallback_order`` never reaches (a worker warns about them)."""
-    order = {b.value for b in settings.failover.fallback_order}
-    return [spec.name for spec in settings.backends if spec.name not in order]
+    reached = {b.value for b in settings.failover.fallback_order}
+    reached |= {entry.name for group in settings.models for entry in group.entries}
+    return [s.name for s in settings.backends if not {s.name, s.backend.value} & reached]
 
 
-def check_redis(url: str, timeout: float = 3.0) -> None:
-    """Fail fast, with a message saying what to do, when Redis at ``url`` cannot be used."""
+def check_redis(url: str, timeout: float = 3.0, *, unreachable_ok: bool = False) -> bool:
+    """Fail fast, with a message saying what to do, when Redis at ``url`` cannot be used.
+
+    Returns True when Redis answers PING within ``timeout`` seconds. A bad URL, refused
+    credentials or an error reply raise UsageError. Unreachable (connection refused, timeout)
+    raises UsageError too, unless ``unreachable_ok``: then it returns False, for the long-running
+    commands that wait an outage out (issue 10: a worker rides out an outage of any length).
+    """
     import redis.exceptions as rex
 
     from flo_coord.connection import connect
@@ -126,12 +154,55 @@ def check_redis(url: str, timeout: float = 3.0) -> None:
     except (rex.AuthenticationError, rex.AuthorizationError) as exc:
         raise UsageError(f"Redis at {shown} refused the credentials ({exc}); fix the URL's user:password") from None
     except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        if unreachable_ok:
+            return False
         reason = str(exc).rstrip(".") or type(exc).__name__
         raise UsageError(f"cannot reach Redis at {shown} ({reason}); {REDIS_HINT}") from None
     except rex.ResponseError as exc:
         raise UsageError(f"Redis at {shown} answered PING with an error ({exc})") from None
     finally:
         client.close()
+    return True
+
+
+async def wait_for_redis(manager: AsyncFailoverManager, url: str, stop: asyncio.Event) -> bool:
+    """PING Redis until it answers, waiting out an outage of any length with the outage
+    backoff (``retry.outage_retrying``: capped, jittered exponential), logged once when the
+    wait starts and once when it ends. Returns True once Redis answers, False when ``stop``
+    is set first (SIGTERM while waiting: the caller exits cleanly)."""
+    import redis.exceptions as rex
+
+    from flo_coord.errors import CoordinatorUnavailableError
+    from flo_coord.retry import outage_retrying
+
+    waited = False
+
+    async def ping() -> None:
+        nonlocal waited
+        async for attempt in outage_retrying():
+            with attempt:
+                try:
+                    await manager.redis.ping()
+                except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+                    if not waited:
+                        log.warning("Redis at %s is unreachable (%s); waiting for it (SIGTERM stops)", redact(url), exc)
+                        waited = True
+                    raise CoordinatorUnavailableError("startup", None, exc) from exc
+
+    pinging, stopping = asyncio.ensure_future(ping()), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({pinging, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not pinging.done():
+            pinging.cancel()
+        await asyncio.gather(pinging, stopping, return_exceptions=True)
+    if pinging.cancelled():
+        return False
+    pinging.result()
+    if waited:
+        log.warning("Redis at %s answers again; starting", redact(url))
+    return True
 
 
 def client_manager(settings: Settings, worker_id: str | None = None) -> AsyncFailoverManager:

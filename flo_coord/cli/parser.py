@@ -17,7 +17,7 @@ Configuration, highest first: flags > FLO_* environment variables > the TOML fil
 
 EPILOG = """\
 start here:
-  flo-coord demo                     3 workers, a fake LLM, a worker SIGKILLed mid-stream
+  flo-coord demo                     3 gateways, a fake LLM, one SIGKILLed mid-answer
   flo-coord worker --backend Vllm=http://localhost:8000,my-model
   flo-coord submit "Why is the sky blue?"
 """
@@ -90,10 +90,32 @@ def _backend_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--backend",
         action="append",
-        metavar="NAME=URL,MODEL[,KIND]",
-        help=f"{what} (repeatable; tried in the order given; KIND openai (default) or ollama; "
-        "replaces the TOML file's [[backends]])",
+        metavar="NAME=URL,MODEL[,KIND[,PROVIDER]]",
+        help=f"{what} (repeatable, each NAME once; tried in the order given, deployments of one provider "
+        "load-balanced; KIND openai (default), ollama or anthropic; PROVIDER a ServingBackend, needed when "
+        "NAME is not one; replaces the TOML file's [[backends]])",
     )
+
+
+def _serve_command(command: Any, redis: argparse.ArgumentParser, logs: argparse.ArgumentParser) -> None:
+    p = command(
+        "serve",
+        "flo_coord.cli.gateway:cmd_serve",
+        "Run an OpenAI-compatible HTTP gateway that is also a worker; streams resume on any replica",
+        (redis, logs),
+    )
+    p.add_argument("--host", metavar="ADDR", help="address to listen on (env FLO_GATEWAY_HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=port, metavar="PORT", help="port, 0 for any (env FLO_GATEWAY_PORT; default 8080)")
+    p.add_argument("--worker-id", metavar="ID", help="unique id of this replica (env FLO_WORKER_ID; default host-pid)")
+    p.add_argument("--lease-ttl", type=seconds, metavar="S", help="lease in seconds (env FLO_LEASE_TTL; default 5)")
+    _backend_flag(p, "a backend to generate with")
+    p.add_argument("--key-env", action="append", metavar="VAR", help="require a bearer key; VAR holds one (repeatable)")
+    p.add_argument("--on-disconnect", choices=("keep", "cancel"), help="when a client leaves (default keep)")
+    p.add_argument("--disconnect-grace", type=seconds0, metavar="S", help="with cancel: time to come back (10)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow this CORS origin (repeatable)")
+    p.add_argument("--reap-interval", type=seconds, metavar="S", help="reaper period (default: from the lease)")
+    p.add_argument("--grace", type=seconds0, default=10.0, metavar="S", help="on SIGTERM, time for open streams (10)")
+    p.add_argument("--exit-with-parent", action="store_true", help="drain and stop when the parent process exits")
 
 
 def build_parser() -> Parser:
@@ -115,11 +137,12 @@ def build_parser() -> Parser:
     p = command(
         "demo",
         "flo_coord.demo:cmd_demo",
-        "Run 3 workers on a fake LLM, SIGKILL the busiest mid-stream, verify every answer byte for byte",
+        "Run 3 gateway replicas on a fake LLM, SIGKILL the busiest mid-answer, resume its HTTP streams "
+        "elsewhere, verify every answer byte for byte",
         (logs,),
     )
-    p.add_argument("--requests", type=count, default=20, metavar="N", help="streaming requests to run (default 20)")
-    p.add_argument("--workers", type=count, default=3, metavar="N", help="worker processes (default 3)")
+    p.add_argument("--requests", type=count, default=20, metavar="N", help="HTTP streaming clients (default 20)")
+    p.add_argument("--replicas", type=count, default=3, metavar="N", help="flo-coord serve processes (default 3)")
     p.add_argument("--redis-url", metavar="URL", help="use this Redis (own namespace) instead of an embedded one")
     p.add_argument("--namespace", metavar="NS", help="key prefix (default: demo-<random>)")
     p.add_argument("--lease-ttl", type=seconds, default=1.5, metavar="S", help="worker lease in seconds (default 1.5)")
@@ -127,11 +150,16 @@ def build_parser() -> Parser:
     p.add_argument("--tokens", type=count, default=64, metavar="N", help="tokens per answer (default 64)")
     p.add_argument("--kill-at", type=fraction, default=0.35, metavar="F", help="kill when answers are F done (0.35)")
     p.add_argument("--no-kill", action="store_true", help="do not kill a worker")
-    p.add_argument("--backend-fault", action="store_true", help="also cut one backend's streams mid-answer")
+    p.add_argument(
+        "--backend-fault",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also cut some of one backend's streams mid-answer (default on)",
+    )
     p.add_argument("--plain", action="store_true", help="line output even on a terminal")
     p.add_argument("--timeout", type=seconds, default=120.0, metavar="S", help="give up after S seconds (120)")
     p.add_argument("--summary-json", metavar="FILE", help="also write the summary (and child pids) as JSON")
-    p.add_argument("--keep-logs", action="store_true", help="keep the workers' log directory")
+    p.add_argument("--keep-logs", action="store_true", help="keep the replicas' log directory")
 
     p = command(
         "worker",
@@ -149,6 +177,8 @@ def build_parser() -> Parser:
     p.add_argument("--metrics-port", type=port, metavar="PORT", help="serve Prometheus /metrics (env FLO_METRICS_PORT)")
     p.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR", help="address for /metrics (127.0.0.1)")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits")
+
+    _serve_command(command, redis, logs)
 
     p = command(
         "submit",
@@ -170,7 +200,12 @@ def build_parser() -> Parser:
         help='chat messages from a JSON file: [{"role": ..., "content": ...}, ...] or {"messages": [...]}',
     )
     p.add_argument("--request-id", metavar="ID", help="request id (default: a random one)")
-    p.add_argument("--primary", metavar="BACKEND", help="backend to try first (e.g. Vllm)")
+    p.add_argument(
+        "--primary", metavar="BACKEND", help="backend (deployment or ServingBackend) to try first (e.g. Vllm)"
+    )
+    p.add_argument(
+        "--model", metavar="GROUP", help="a model group ([[models]] of the workers' config) to run it through"
+    )
     p.add_argument("--max-tokens", type=count, metavar="N", help="answer length limit")
     p.add_argument("--no-follow", action="store_true", help="print the request id and return at once")
     p.add_argument("--wait", type=seconds, default=30.0, metavar="S", help="time for a worker to take it (30)")
@@ -259,6 +294,13 @@ def build_parser() -> Parser:
     p.add_argument("--token-delay", type=seconds0, default=0.0, metavar="S", help="seconds between tokens")
     p.add_argument("--model-delay", action="append", default=[], metavar="MODEL=S", help="per-model token delay")
     p.add_argument("--tokens", type=count, default=48, metavar="N", help="answer length in tokens (48)")
+
+    p = command(
+        "import-litellm",
+        "flo_coord.cli.imports:cmd_import_litellm",
+        "Print the flo_coord TOML equivalent of a LiteLLM config.yaml; untranslated keys go to stderr",
+    )
+    p.add_argument("config_yaml", metavar="CONFIG_YAML", help="the LiteLLM proxy config (model_list, router_settings)")
 
     p = command(
         "bench",

@@ -34,6 +34,8 @@ ENV_MEANING = {
     "FLO_REDIS_SERVER": "the `redis-server` binary (path or name) the demo, benchmark and tests start; "
     "default: `redis-server` on `PATH`; when none exists, the demo uses the in-process fake Redis",
     "FLO_REDIS_CLI": "the `redis-cli` binary (path or name; default: on `PATH`, else beside `redis-server`)",
+    "FLO_GATEWAY_HOST": "address `flo-coord serve` listens on (default `127.0.0.1`)",
+    "FLO_GATEWAY_PORT": "port `flo-coord serve` listens on (default 8080)",
 }
 
 

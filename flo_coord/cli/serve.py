@@ -11,7 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flo_coord.cli.common import UsageError, check_redis, load, pick, run, setup_logging, unused_backends
+from flo_coord.cli.common import (
+    UsageError,
+    check_redis,
+    load,
+    pick,
+    run,
+    setup_logging,
+    unused_backends,
+    wait_for_redis,
+)
 
 log = logging.getLogger("flo_coord.cli")
 
@@ -51,7 +60,7 @@ def cmd_worker(args: Any) -> int:
             raise UsageError(f"cannot serve metrics on {args.metrics_addr}:{metrics_port}: {exc.strerror}") from None
         log.info("metrics on http://%s:%d/metrics", args.metrics_addr, bound)
     try:
-        check_redis(settings.redis.url)
+        check_redis(settings.redis.url, unreachable_ok=True)  # a bad URL or credentials: exit 2; down: wait
         _check_functions(settings)
         return run(_worker(settings, worker_id, concurrency, args.grace, metrics, args.exit_with_parent))
     finally:
@@ -61,12 +70,16 @@ def cmd_worker(args: Any) -> int:
 
 def _check_functions(settings: Any) -> None:
     """Exit at start (code 2, one line) when the Functions library is missing and cannot be loaded."""
+    import redis.exceptions as rex
+
     from flo_coord import functions
     from flo_coord.connection import connect
 
     client = connect(settings.redis.url)
     try:
         functions.ensure_loaded(client, settings.redis.namespace)
+    except (rex.ConnectionError, rex.TimeoutError, OSError):
+        pass  # Redis is down: the worker waits for it, and its shell loads the library on first use
     finally:
         client.close()
 
@@ -79,7 +92,8 @@ def _register_secrets(settings: Any) -> None:
         register_backend_secrets(spec)
 
 
-async def _watch_parent(stop: Any, interval: float = 0.5) -> None:
+async def watch_parent(stop: Any, interval: float = 0.5) -> None:
+    """Call ``stop()`` once the process that started this one exits (polled every ``interval`` seconds)."""
     parent = os.getppid()
     while os.getppid() == parent:
         await asyncio.sleep(interval)
@@ -119,10 +133,14 @@ async def _worker(
         coordinator = Coordinator(**settings.coordinator_options(), worker_id=worker_id, concurrency=concurrency)
     worker = Worker(coordinator, concurrency=concurrency, grace=grace)
     worker.install_signal_handlers()
-    watch = asyncio.create_task(_watch_parent(worker.request_stop)) if exit_with_parent else None
+    watch = asyncio.create_task(watch_parent(worker.request_stop)) if exit_with_parent else None
     backends = ", ".join(f"{s.name}={s.safe_url} ({s.model})" for s in settings.backends)  # no URL credentials
     log.info("backends: %s; lease %.1fs; concurrency %d", backends, settings.ownership.lease_ttl, concurrency)
     try:
+        if not await wait_for_redis(worker.manager, settings.redis.url, worker.stopping):
+            log.info("stopped while waiting for Redis")
+            await coordinator.aclose()
+            return 0
         # The group exists from here on, so anything submitted now is taken (Worker.run creates it too).
         await worker.manager.shell.run(queue.ensure_group(worker.manager.core), "queue")
         log.info("ready: worker %s taking requests from namespace %s", worker_id, settings.redis.namespace)

@@ -1,0 +1,174 @@
+"""``flo-coord serve``: the OpenAI-compatible gateway, which is also a worker (docs/GATEWAY.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import msgspec
+
+from flo_coord.cli.common import UsageError, check_redis, load, pick, setup_logging, unused_backends, wait_for_redis
+
+log = logging.getLogger("flo_coord.cli")
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, plus: the first SIGTERM/SIGINT starts the gateway's drain."""
+
+        def __init__(self, config: Any, front: Any, grace: float) -> None:
+            super().__init__(config)
+            self.front, self.grace = front, grace
+            self.draining: asyncio.Task[None] | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if self.draining is None:
+                self.draining = asyncio.get_running_loop().create_task(self.front.drain(self.grace))
+
+    return Server
+
+
+def gateway_settings(args: Any, settings: Any) -> Any:
+    """The [gateway] section with the flags applied (flags > env > TOML > defaults)."""
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "on_disconnect": args.on_disconnect,
+        "disconnect_grace": args.disconnect_grace,
+        "cors_origins": args.cors_origin or None,
+        "keys_env": args.key_env or None,
+    }
+    changes = {name: value for name, value in flags.items() if value is not None}
+    return msgspec.structs.replace(settings.gateway, **changes)
+
+
+def bearer_keys(gateway: Any, environ: dict[str, str] | None = None) -> set[str]:
+    """SHA-256 digests of the accepted keys: from the variables named by ``keys_env`` and
+    ``key_hashes``. A named variable that is unset or empty is a usage error."""
+    from flo_coord.gateway.store import key_hash
+
+    environ = dict(os.environ) if environ is None else environ
+    digests = {h.removeprefix("sha256:") for h in gateway.key_hashes}
+    for name in gateway.keys_env:
+        value = environ.get(name, "")
+        if not value:
+            raise UsageError(f"[gateway] keys_env names ${name}, which is not set")
+        digests.add(key_hash(value))
+    return digests
+
+
+def cmd_serve(args: Any) -> int:
+    from flo_coord import validation
+    from flo_coord.core import default_worker_id
+
+    settings = load(args)
+    gateway = gateway_settings(args, settings)
+    worker_id = pick(args.worker_id, "worker_id", str, "a worker id", "") or default_worker_id()
+    validation.worker_id(worker_id, validation.Limits())
+    setup_logging(args, "INFO", worker_id=worker_id)
+    if not settings.backends:
+        raise UsageError(
+            "no backends configured: add --backend NAME=URL,MODEL[,KIND] (e.g. Vllm=http://localhost:8000,llama) "
+            "or [[backends]] in the TOML file (--config or FLO_CONFIG)"
+        )
+    for name in unused_backends(settings):
+        log.warning("backend %s is configured but not in failover.fallback_order: it is never used", name)
+    keys = bearer_keys(gateway)
+    check_redis(settings.redis.url, unreachable_ok=True)  # a bad URL or credentials: exit 2; down: wait
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_serve(settings, gateway, worker_id, keys, args))
+
+
+async def _redis_or_signal(manager: Any, url: str) -> bool:
+    """Wait for Redis (an outage of any length) before serving; False on SIGTERM/SIGINT meanwhile.
+    The handlers are ours only while waiting: uvicorn installs its own when it starts."""
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        ready = await wait_for_redis(manager, url, stop)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    if not ready:
+        log.info("stopped while waiting for Redis")
+    return ready
+
+
+def _loop_factory() -> Any:
+    """uvloop's event loop when installed (the gateway extra brings it): less time per event."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], args: Any) -> int:
+    import uvicorn
+
+    from flo_coord.executor import Coordinator
+    from flo_coord.gateway import Gateway
+    from flo_coord.gateway.metrics import GatewayMetrics, ReadyManager
+
+    metrics = GatewayMetrics()
+    manager = ReadyManager(
+        metrics,
+        settings.failover,
+        url=settings.redis.url,
+        namespace=settings.redis.namespace,
+        worker_id=worker_id,
+        lease_ttl=settings.ownership.lease_ttl,
+        max_age=settings.ownership.max_age,
+        retention=settings.ownership.retention,
+        durability=settings.redis.durability,
+    )
+    metrics.track_active(manager)
+    if not await _redis_or_signal(manager, settings.redis.url):
+        await manager.aclose()
+        return 0
+    coordinator = Coordinator(settings.backends, manager=manager, executor=settings.executor, breaker=settings.breaker)
+    front = Gateway(
+        coordinator,
+        gateway,
+        keys=keys,
+        retention=settings.ownership.max_age,
+        metrics=metrics,
+        reap_interval=args.reap_interval,
+    )
+    config = uvicorn.Config(
+        front.app(),
+        host=gateway.host,
+        port=gateway.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(args.grace) + 5,  # a backstop: drain() ends our streams first
+        lifespan="on",
+    )
+    server = _server_class()(config, front, args.grace)
+    task = asyncio.create_task(server.serve())
+    watch = None
+    if args.exit_with_parent:
+        from flo_coord.cli.serve import watch_parent
+
+        # as a SIGTERM would: drain, then stop (a demo's replicas never outlive the demo)
+        watch = asyncio.create_task(watch_parent(lambda: server.handle_exit(signal.SIGTERM, None)))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if server.started:
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        auth = "bearer keys required" if keys else "no authentication"
+        log.info("serving on http://%s:%d (worker %s, %s)", host, port, worker_id, auth)
+        print(f"flo-coord serve: listening on http://{host}:{port} as {worker_id}", file=sys.stdout, flush=True)
+    await task
+    if watch is not None:
+        watch.cancel()
+    return 0 if server.started else 2

@@ -1,0 +1,613 @@
+"""The OpenAI-compatible gateway: a Starlette app around one Coordinator.
+
+Every replica is equal: it generates the requests it accepts (its Coordinator), takes
+over orphans of dead replicas (its reaper) and serves any request's stream from any
+offset (its own requests from memory, the others' from Redis). See docs/GATEWAY.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from flo_coord import validation
+from flo_coord.backends import RateLimitedError
+from flo_coord.errors import (
+    ContentPolicyError,
+    CoordinatorUnavailableError,
+    GenerationError,
+    UnknownRequestError,
+    ValidationError,
+)
+from flo_coord.executor import AnswerStream, Coordinator
+from flo_coord.gateway import protocol, store
+from flo_coord.gateway.live import Live
+from flo_coord.gateway.protocol import InvalidParameterError, Parsed, Shaper
+from flo_coord.gateway.store import IdempotencyConflictError, Presentation
+from flo_coord.models import FailoverResult, ServingBackend, count_tokens
+from flo_coord.settings import GatewaySettings
+
+log = logging.getLogger("flo_coord.gateway")
+#: committed text from an offset: from this replica's memory, or followed from Redis
+Chunks = AsyncGenerator[str, None] | AnswerStream
+HEADER = "x-flo-request-id"
+_MAX_KEY_LENGTH = 256
+
+
+class HTTPError(Exception):
+    """An answer other than success: an HTTP status and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = protocol.error_body(message, kind, code, param)
+
+
+def failure(exc: BaseException) -> HTTPError:
+    """The HTTP status and error object for an exception (the table is in docs/GATEWAY.md)."""
+    if isinstance(exc, HTTPError):
+        return exc
+    if isinstance(exc, IdempotencyConflictError):
+        return HTTPError(409, str(exc), "invalid_request_error", "idempotency_key_reused", "Idempotency-Key")
+    if isinstance(exc, ContentPolicyError):
+        return HTTPError(400, str(exc), "invalid_request_error", "content_policy_violation")
+    if isinstance(exc, UnknownRequestError):
+        return HTTPError(404, str(exc), "invalid_request_error", "request_not_found")
+    if isinstance(exc, ValidationError):
+        return HTTPError(400, str(exc), "invalid_request_error", "invalid_value", getattr(exc, "param", None))
+    if isinstance(exc, CoordinatorUnavailableError):
+        return HTTPError(503, f"coordination store unavailable: {exc}", "server_error", "store_unavailable")
+    if isinstance(exc, GenerationError):
+        failures = [a for a in exc.attempts or [] if _failed_call(a)]
+        if _caused_by(exc, RateLimitedError) or (failures and all(_rate_limited(a) for a in failures)):
+            return HTTPError(429, str(exc), "rate_limit_error", "rate_limit_exceeded")
+        if not failures and "no backend available" in str(exc):
+            return HTTPError(503, str(exc), "server_error", "no_backend_available")  # e.g. every breaker open
+        return HTTPError(502, str(exc), "server_error", "backend_error")
+    log.error("unexpected gateway error: %r", exc)
+    return HTTPError(500, "internal error", "server_error", "internal_error")
+
+
+def _failed_call(attempt: Any) -> bool:
+    """A backend call that failed (not the closing "no backend available" record)."""
+    result = attempt.result
+    return result is not None and result.is_failure() and result != FailoverResult.NoBackendsAvailable
+
+
+def _rate_limited(attempt: Any) -> bool:
+    """Whether a failed attempt was a 429 (attempts keep the failure as text: RateLimitedError's)."""
+    return "HTTP 429" in (getattr(attempt.result, "message", None) or "")
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(16):
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _json(status: int, body: Any, request_id: str | None = None) -> JSONResponse:
+    headers = {HEADER: request_id} if request_id else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _canonical(models: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``[gateway.models]`` with backend names in their canonical spelling (ConfigError if unknown)."""
+    from flo_coord.errors import ConfigError
+
+    try:
+        return {model: [ServingBackend.parse(name).value for name in names] for model, names in models.items()}
+    except ValidationError as exc:
+        raise ConfigError(f"[gateway.models]: {exc}") from None
+
+
+def default_models(coordinator: Coordinator) -> dict[str, list[str]]:
+    """Each configured backend's model name -> the backends serving it, then the other
+    configured backends in ``failover.fallback_order`` (the worker's behaviour)."""
+    order: list[str] = [str(b) for b in coordinator.manager.config().fallback_order if b in coordinator.backends]
+    out: dict[str, list[str]] = {}
+    for name, backend in coordinator.backends.items():
+        out.setdefault(backend.spec.model, []).append(name)
+    return {model: list(dict.fromkeys(names + order)) for model, names in out.items()}
+
+
+class Gateway:
+    """Routes, state and lifecycle of one replica's HTTP front door.
+
+    ``coordinator``: started and closed by the app's lifespan. ``keys``: SHA-256 hex
+    digests of the accepted bearer keys (empty: no authentication). ``retention``:
+    seconds idempotency keys and presentation records live.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        settings: GatewaySettings | None = None,
+        *,
+        keys: set[str] | frozenset[str] = frozenset(),
+        retention: float = 86400.0,
+        limits: validation.Limits | None = None,
+        metrics: Any = None,
+        reap_interval: float | None = None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.manager = coordinator.manager
+        self.settings = settings or GatewaySettings()
+        self.models = _canonical(self.settings.models) or default_models(coordinator)
+        self.keys = frozenset(keys)
+        self.retention = retention
+        self.limits = limits or coordinator.manager.core.limits
+        self.metrics = metrics
+        self.reap_interval = reap_interval
+        self.live: dict[str, Live] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.watcher = store.CancelWatcher(self.manager, self.cancel_local)
+        self._background: set[asyncio.Task[Any]] = set()
+        self.closing = False
+        self._check_models()
+
+    def _check_models(self) -> None:
+        from flo_coord.errors import ConfigError
+
+        for model, names in self.models.items():
+            missing = [n for n in names if n not in self.coordinator.backends]
+            if not names or missing:
+                raise ConfigError(f"gateway model {model!r} maps to unconfigured backends {missing or names}")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        await self.coordinator.start(reap_interval=self.reap_interval)
+        self.watcher.start()
+        try:
+            yield
+        finally:
+            await self.watcher.stop()
+            await self.hand_back()
+            await self.coordinator.aclose()
+
+    async def drain(self, grace: float) -> None:
+        """On SIGTERM: let streams run ``grace`` seconds, then hand back what is still generating.
+
+        Local streams then end with an error event (503, ``replica_shutting_down``) instead of
+        a cut connection, and their clients resume on another replica.
+        """
+        await asyncio.sleep(grace)
+        await self.hand_back()
+
+    async def hand_back(self) -> None:
+        """Stop generating here; the requests go back to Redis for another replica (idempotent)."""
+        self.closing = True
+        # The Coordinator hands a request back (instead of failing it) when it is closing;
+        # our generations must see that before they are cancelled.
+        self.coordinator._closing = True
+        running = list(self.tasks.values()) + list(self._background)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/v1/chat/completions", self._endpoint(self.chat), methods=["POST"]),
+            Route("/v1/completions", self._endpoint(self.completions), methods=["POST"]),
+            Route("/v1/requests/{request_id}", self._endpoint(self.status), methods=["GET"]),
+            Route("/v1/requests/{request_id}", self._endpoint(self.cancel), methods=["DELETE"]),
+            Route("/v1/requests/{request_id}/stream", self._endpoint(self.resume), methods=["GET"]),
+            Route("/v1/models", self._endpoint(self.list_models), methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self._endpoint(self.readyz), methods=["GET"]),
+            Route("/metrics", self._endpoint(self.render_metrics), methods=["GET"]),
+        ]
+        middleware = [Middleware(RequestIdHeader)]
+        if self.settings.cors_origins:
+            middleware.append(
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=self.settings.cors_origins,
+                    allow_methods=["GET", "POST", "DELETE"],
+                    allow_headers=["authorization", "content-type", "idempotency-key", "last-event-id"],
+                    expose_headers=[HEADER],
+                )
+            )
+        return Starlette(routes=routes, middleware=middleware, lifespan=self.lifespan)
+
+    def _endpoint(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """Authenticate, run, and turn every error into OpenAI's error JSON."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                self._authenticate(request)
+                response = await handler(request)
+            except Exception as exc:
+                fail = failure(exc)
+                response = _json(fail.status, fail.body, request.scope.get("flo_request_id"))
+            if self.metrics is not None:
+                self.metrics.requests.labels(handler.__name__, str(response.status_code)).inc()
+            return response
+
+        return endpoint
+
+    def _authenticate(self, request: Request) -> None:
+        if not self.keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest() if scheme.lower() == "bearer" else ""
+        if not any(hmac.compare_digest(digest, key) for key in self.keys):
+            raise HTTPError(
+                401,
+                "missing or invalid API key (Authorization: Bearer <key>)",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+
+    # ------------------------------------------------------------------ creating
+
+    async def chat(self, request: Request) -> Response:
+        return await self._create(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._create(request, chat=False)
+
+    async def _create(self, request: Request, *, chat: bool) -> Response:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        request.scope["flo_request_id"] = rid
+        raw = await self._body(request)
+        parsed = protocol.parse(raw, chat=chat, limits=self.limits)
+        backends = self.models.get(parsed.model)
+        if backends is None:
+            raise HTTPError(
+                404,
+                f"the model {parsed.model!r} does not exist (GET /v1/models lists them)",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
+        shape = Presentation(
+            object="chat.completion" if chat else "text_completion",
+            model=parsed.model,
+            created=int(time.time()),
+            include_usage=parsed.include_usage,
+        )
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            attached = await self._attach(request, key, raw, rid, parsed, shape)
+            if attached is not None:
+                return attached
+        # written while the generation starts (no round trip added to the time to first token);
+        # awaited before the response, so a client can resume only once it is there
+        saved = asyncio.ensure_future(
+            self.manager.shell.run(store.save_presentation(self.manager, rid, shape, self.retention), "gateway", rid)
+        )
+        self._start(rid, parsed, backends)
+        try:
+            await saved
+        except BaseException:
+            self.cancel_local(rid)
+            raise
+        return await self._respond(rid, shape, 0, parsed.stream, resumed=False)
+
+    async def _attach(
+        self, request: Request, key: str, raw: bytes, rid: str, parsed: Parsed, shape: Presentation
+    ) -> Response | None:
+        """Bind the Idempotency-Key to ``rid``; when it was bound before, answer from that request
+        (from ``Last-Event-ID`` when given) instead of starting another generation."""
+        if not key or len(key) > _MAX_KEY_LENGTH:
+            raise InvalidParameterError(f"Idempotency-Key must be 1-{_MAX_KEY_LENGTH} characters", "Idempotency-Key")
+        claim = store.claim_idempotency(self.manager, key, protocol.body_hash(raw), rid, self.retention)
+        earlier = await self.manager.shell.run(claim, "idempotency")
+        if earlier is None:
+            return None
+        request.scope["flo_request_id"] = earlier
+        offset = self._offset(request, earlier)
+        stored = await self.manager.shell.run(store.load_presentation(self.manager, earlier), "gateway")
+        return await self._respond(earlier, stored or shape, offset, parsed.stream, resumed=offset > 0)
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_big = HTTPError(
+            413, f"the request body is larger than {limit} bytes", "invalid_request_error", "request_too_large"
+        )
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+
+    def _start(self, rid: str, parsed: Parsed, backends: list[str]) -> None:
+        live = self.live[rid] = Live()
+        task = asyncio.get_running_loop().create_task(self._produce(rid, live, parsed, backends), name=f"gw-{rid}")
+        self.tasks[rid] = task
+
+    async def _produce(self, rid: str, live: Live, parsed: Parsed, backends: list[str]) -> None:
+        """Generate to the end whatever the client does (it may leave and resume)."""
+        what: Any = parsed.messages if parsed.messages is not None else parsed.prompt
+        stream = self.coordinator.stream(
+            rid,
+            what,
+            primary=backends[0],
+            max_tokens=parsed.max_tokens,
+            params=parsed.params or None,
+            backends=list(backends),
+        )
+        try:
+            async with contextlib.aclosing(stream) as chunks:
+                async for chunk in chunks:
+                    live.push(chunk)
+            live.finish()
+        except asyncio.CancelledError:
+            if self.closing:
+                why = "this replica is shutting down; the request goes on elsewhere: resume with Last-Event-ID"
+                live.finish(HTTPError(503, why, "server_error", "replica_shutting_down"))
+            else:
+                live.finish(GenerationError(rid, f"request {rid!r} failed: cancelled"))
+        except Exception as exc:
+            live.finish(exc)
+        finally:
+            self.live.pop(rid, None)
+            self.tasks.pop(rid, None)
+
+    # ----------------------------------------------------------------- answering
+
+    def _source(self, rid: str, offset: int) -> Chunks:
+        live = self.live.get(rid)
+        if live is not None:
+            return live.read(offset)
+        return self.coordinator.follow(rid, offset, wait=self.settings.follow_wait)
+
+    async def _respond(self, rid: str, shape: Presentation, offset: int, stream: bool, *, resumed: bool) -> Response:
+        shaper = Shaper(rid, shape.object, shape.model, shape.created)
+        headers = {HEADER: rid}
+        chunks = self._source(rid, 0 if not stream else offset)
+        if not stream:
+            async with contextlib.aclosing(chunks) as parts:
+                text = "".join([part async for part in parts])
+            reason, usage = await self._ending(rid, text)
+            return JSONResponse(shaper.whole(text, reason, usage), headers=headers)
+        try:
+            first: str | None = await anext(chunks)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await chunks.aclose()
+            raise
+        events = self._events(rid, shape, shaper, offset, first, chunks, resumed)
+        headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def _ending(self, rid: str, text: str) -> tuple[str, dict[str, int]]:
+        outcome = await self.coordinator.outcome(rid)
+        # finish_reason and usage come from RequestOutcome (contract 2); an outcome written
+        # before they existed, or a backend that reports no usage, gets "stop" and a word count
+        reason = getattr(outcome, "finish_reason", None) or "stop"
+        usage = getattr(outcome, "usage", None)
+        if not usage:
+            completion = outcome.token_count if outcome is not None else count_tokens(text)
+            usage = {"prompt_tokens": 0, "completion_tokens": completion, "total_tokens": completion}
+        return reason, dict(usage)
+
+    async def _events(
+        self,
+        rid: str,
+        shape: Presentation,
+        shaper: Shaper,
+        offset: int,
+        first: str | None,
+        chunks: Chunks,
+        resumed: bool,
+    ) -> AsyncGenerator[bytes, None]:
+        with_usage = shape.include_usage
+        finished = False
+        if self.metrics is not None:
+            self.metrics.streams.inc()
+        try:
+            async with contextlib.aclosing(chunks):
+                # the role chunk goes out in one write with the first text (one send less)
+                head = protocol.sse(shaper.role(with_usage)) if shaper.chat and not resumed else b""
+                position = offset
+                pending = first
+                while True:
+                    if pending:
+                        position += len(pending)
+                        yield head + shaper.text_event(pending, with_usage, protocol.event_id(rid, position))
+                        head = b""
+                    elif head:
+                        yield head
+                        head = b""
+                    try:
+                        pending = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    except Exception as exc:  # after the stream started: one error event, then close
+                        finished = True
+                        yield protocol.sse(failure(exc).body)
+                        return
+            reason, usage = await self._ending(rid, "")
+            yield protocol.sse(shaper.finish(reason, with_usage), protocol.event_id(rid, position))
+            if with_usage:
+                yield protocol.sse(shaper.usage(usage))
+            yield protocol.DONE
+            finished = True
+        finally:
+            if self.metrics is not None:
+                self.metrics.streams.dec()
+            if not finished and self.settings.on_disconnect == "cancel":
+                self._spawn(self._cancel_if_abandoned(rid))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel_if_abandoned(self, rid: str) -> None:
+        """on_disconnect = "cancel": after the grace period, cancel unless a reader came back."""
+        await asyncio.sleep(self.settings.disconnect_grace)
+        live = self.live.get(rid)
+        if live is None or live.readers == 0:
+            with contextlib.suppress(Exception):
+                await self.manager.shell.run(store.request_cancel(self.manager, rid), "cancel", rid)
+                self.cancel_local(rid)
+
+    def _offset(self, request: Request, rid: str) -> int:
+        """The resume position: ``?offset=N``, else ``Last-Event-ID`` (of this request), else 0."""
+        value = request.query_params.get("offset")
+        if value is not None:
+            if not value.isdigit():
+                raise InvalidParameterError(f"offset must be a character count >= 0, got {value[:40]!r}", "offset")
+            return int(value)
+        last = request.headers.get("last-event-id")
+        if not last:
+            return 0
+        event_rid, offset = protocol.parse_event_id(last)
+        if event_rid != rid:
+            raise InvalidParameterError(f"Last-Event-ID belongs to request {event_rid[:80]!r}", "Last-Event-ID")
+        return offset
+
+    # -------------------------------------------------------------- other routes
+
+    async def resume(self, request: Request) -> Response:
+        rid = validation.request_id(request.path_params["request_id"], self.limits)
+        request.scope["flo_request_id"] = rid
+        offset = self._offset(request, rid)
+        shape = await self.manager.shell.run(store.load_presentation(self.manager, rid), "gateway", rid)
+        if shape is None:
+            raise UnknownRequestError(rid)
+        return await self._respond(rid, shape, offset, True, resumed=offset > 0)
+
+    async def status(self, request: Request) -> Response:
+        rid = validation.request_id(request.path_params["request_id"], self.limits)
+        request.scope["flo_request_id"] = rid
+        ctx = await self.manager.get_context(rid)
+        if ctx is not None:
+            body: dict[str, Any] = {
+                "id": rid,
+                "object": "request",
+                "state": ctx.state,
+                "owner": ctx.owner,
+                "epoch": ctx.epoch,
+                "backend": ctx.current_backend,
+                "model": None,
+                "finish_reason": None,
+                "usage": None,
+                "error": None,
+                "committed_chars": len(ctx.generated_prefix),
+            }
+            return _json(200, body, rid)
+        outcome = await self.coordinator.outcome(rid)
+        if outcome is None:
+            raise UnknownRequestError(rid)
+        text = await self.manager.redis.get(self.manager.core.keys.request(rid).text)
+        body = {
+            "id": rid,
+            "object": "request",
+            "state": outcome.state,
+            "owner": outcome.owner,
+            "epoch": outcome.epoch,
+            "backend": outcome.backend,
+            "model": outcome.model,
+            "finish_reason": getattr(outcome, "finish_reason", None),
+            "usage": getattr(outcome, "usage", None),
+            "error": outcome.error,
+            "committed_chars": len(text.decode("utf-8") if isinstance(text, bytes) else text or ""),
+        }
+        return _json(200, body, rid)
+
+    async def cancel(self, request: Request) -> Response:
+        rid = validation.request_id(request.path_params["request_id"], self.limits)
+        request.scope["flo_request_id"] = rid
+        status, detail = await self.manager.shell.run(store.request_cancel(self.manager, rid), "cancel", rid)
+        if status == "GONE":
+            raise UnknownRequestError(rid)
+        if status == "DONE":
+            raise HTTPError(
+                409, f"request {rid!r} already ended ({detail})", "invalid_request_error", "request_finished"
+            )
+        local = self.cancel_local(rid)
+        return _json(202, {"id": rid, "object": "request.cancel", "owner": detail, "cancelled_here": local}, rid)
+
+    def cancel_local(self, rid: str) -> bool:
+        """Stop generating ``rid`` here (a request this replica started or took over)."""
+        task = self.tasks.get(rid) or next(
+            (t for t in asyncio.all_tasks() if t.get_name() == f"resume-{rid}" and not t.done()), None
+        )
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    async def list_models(self, _: Request) -> Response:
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "flo-coord"} for name in self.models]
+        return _json(200, {"object": "list", "data": data})
+
+    async def healthz(self, _: Request) -> Response:
+        return _json(200, {"status": "ok"})
+
+    async def readyz(self, _: Request) -> Response:
+        problems = []
+        try:
+            await asyncio.wait_for(self.manager.redis.ping(), 2.0)
+        except Exception as exc:
+            problems.append(f"redis unreachable: {type(exc).__name__}")
+        beat = getattr(self.manager, "last_heartbeat", None)
+        stale = max(2.0, 2 * self.manager.lease_ttl)
+        if beat is not None and time.monotonic() - beat > stale:
+            problems.append(f"leases not renewed for {time.monotonic() - beat:.1f}s")
+        if time.monotonic() - self.watcher.last_ok > stale:
+            problems.append("cancel checks are not reaching Redis")
+        if not self.coordinator.backends:
+            problems.append("no backend configured")
+        if problems:
+            return _json(503, {"status": "unready", "problems": problems})
+        return _json(200, {"status": "ready", "worker_id": self.manager.worker_id})
+
+    async def render_metrics(self, _: Request) -> Response:
+        if self.metrics is None:
+            raise HTTPError(404, "metrics are off (prometheus-client missing)", "invalid_request_error", "no_metrics")
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class RequestIdHeader:
+    """Pure ASGI middleware: every response carries ``x-flo-request-id`` (a fresh id when the
+    route set none, e.g. /v1/models), without buffering streamed bodies."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name == HEADER.encode() for name, _ in headers):
+                    rid = scope.get("flo_request_id") or f"req-{uuid.uuid4().hex}"
+                    headers.append((HEADER.encode(), str(rid).encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

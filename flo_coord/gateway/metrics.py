@@ -1,0 +1,34 @@
+"""The gateway's Prometheus metrics, in the same registry as its worker's (one /metrics)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flo_coord.metrics import ObservedManager, WorkerMetrics, _prometheus
+
+
+class GatewayMetrics(WorkerMetrics):
+    """WorkerMetrics plus HTTP requests by route and status, and open streams."""
+
+    def __init__(self, registry: Any = None) -> None:
+        super().__init__(registry)
+        prometheus = _prometheus()
+        self.requests = prometheus.Counter(
+            "flo_gateway_requests",
+            "HTTP requests answered, by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.streams = prometheus.Gauge("flo_gateway_streams", "SSE streams open now", registry=self.registry)
+
+
+class ReadyManager(ObservedManager):
+    """An ObservedManager that remembers when its heartbeat last renewed leases (/readyz)."""
+
+    last_heartbeat: float | None = None
+
+    async def heartbeat(self) -> int:
+        renewed = await super().heartbeat()
+        self.last_heartbeat = time.monotonic()
+        return renewed

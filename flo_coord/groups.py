@@ -1,0 +1,260 @@
+"""Model groups: the model name a client asks for, mapped to deployments, with fallbacks.
+
+A model group (``[[models]]`` in the TOML file) lists deployments (BackendSpec names) in
+tiers: the Coordinator picks among the healthy deployments of the first tier by weight
+and by how many calls each has in flight across the fleet, fails over through the rest of
+the list, then through the group's ``fallbacks`` (other groups, each with its own
+fallbacks). A context-too-long failure goes to ``context_window_fallbacks`` instead, when
+the group has any. ``privacy`` (PrivacyTier, batuta's) excludes every deployment whose
+provider the tier does not allow: at config load for the group's own deployments (a
+ConfigError), and at every failover for every candidate, fallback groups' included.
+
+In-flight counts live in Redis (``InFlight``): one sorted set per deployment, member
+``<worker>/<request>`` scored by a deadline on the Redis server clock. A call adds its
+member when its deployment is picked (the pick itself, one script) and removes it when
+the call ends; the worker renews its members' deadlines every few seconds, so the members
+of a worker that died drop out after ``ttl`` seconds. All those sets share one hash slot,
+so the pick over several deployments is one script.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+from flo_coord.backends import BackendSpec
+from flo_coord.codec import text
+from flo_coord.core import Cmd, Eval, Operation, ok
+from flo_coord.errors import ConfigError, UnknownModelError
+from flo_coord.keys import Keys
+from flo_coord.models import PrivacyTier, ServingBackend
+from flo_coord.scripts import INFLIGHT_PICK, INFLIGHT_RENEW
+
+#: Longest model group name (it is stored with each request that asks for it).
+MAX_GROUP_NAME = 256
+
+#: One tier: (deployment name, weight) pairs the Coordinator picks among.
+Tier = list[tuple[str, float]]
+
+
+class GroupDeployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One deployment of a model group: its ``name``, relative ``weight`` (> 0) and ``tier``
+    (1 is tried first; a higher tier only once every deployment of the lower ones failed)."""
+
+    name: str
+    weight: float = 1.0
+    tier: int = 1
+
+
+def _entry(entry: Any) -> GroupDeployment:
+    """A deployment entry as given in Python (a name, a dict, a GroupDeployment) or decoded from TOML."""
+    if isinstance(entry, GroupDeployment):
+        return entry
+    if isinstance(entry, str):
+        return GroupDeployment(name=entry)
+    try:
+        return msgspec.convert(entry, GroupDeployment)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"a model group deployment must be a name or a table with name/weight/tier: {exc}") from None
+
+
+class ModelGroup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A client-facing model name and the deployments that serve it (``[[models]]``).
+
+    ``deployments``: deployment names (weight 1, tier 1) or GroupDeployment tables.
+    ``fallbacks`` / ``context_window_fallbacks``: other model groups' names.
+    ``privacy``: "Sovereign" (local providers only), "Private" (local plus AzureOpenAI,
+    AwsBedrock, GoogleVertex, AwsLambda) or "Standard" (any); case-insensitive.
+    Raises ConfigError when a field is invalid.
+    """
+
+    name: str
+    deployments: list[str | GroupDeployment]
+    fallbacks: list[str] = msgspec.field(default_factory=list)
+    context_window_fallbacks: list[str] = msgspec.field(default_factory=list)
+    privacy: str = "Standard"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > MAX_GROUP_NAME:
+            raise ConfigError(f"model group name must be a non-empty string of at most {MAX_GROUP_NAME} characters")
+        if not self.name.isprintable():
+            raise ConfigError(f"model group name {self.name!r} has control characters")
+        if not self.deployments:
+            raise ConfigError(f"model group {self.name}: deployments must list at least one deployment")
+        for entry in self.entries:
+            weight = entry.weight
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
+                raise ConfigError(f"model group {self.name}: weight of {entry.name} must be a number > 0")
+            if isinstance(entry.tier, bool) or not isinstance(entry.tier, int) or entry.tier < 1:
+                raise ConfigError(f"model group {self.name}: tier of {entry.name} must be an integer >= 1")
+        names = [e.name for e in self.entries]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"model group {self.name}: a deployment is listed twice in {names}")
+        folded = {t.value.casefold(): t for t in PrivacyTier}
+        tier = folded.get(self.privacy.casefold()) if isinstance(self.privacy, str) else None
+        if tier is None:
+            raise ConfigError(f"model group {self.name}: privacy must be one of {', '.join(folded.values())}")
+        self.privacy = tier
+
+    @property
+    def entries(self) -> list[GroupDeployment]:
+        """The deployments as GroupDeployment (a bare name is weight 1, tier 1), in list order."""
+        return [_entry(e) for e in self.deployments]
+
+    @property
+    def tier(self) -> PrivacyTier:
+        return PrivacyTier(self.privacy)
+
+    def tiers(self) -> list[Tier]:
+        """The deployments grouped by tier, lowest tier first, list order kept inside a tier."""
+        levels = sorted({e.tier for e in self.entries})
+        return [[(e.name, float(e.weight)) for e in self.entries if e.tier == level] for level in levels]
+
+
+class Router:
+    """The model groups of one configuration, checked against its deployments.
+
+    ``groups``: the ModelGroups; ``providers``: deployment name -> its ServingBackend.
+    Raises ConfigError for a duplicate group, an unknown deployment or fallback group, or
+    a deployment the group's privacy tier does not allow.
+    """
+
+    def __init__(self, groups: Iterable[ModelGroup], providers: Mapping[str, ServingBackend]) -> None:
+        self.groups: dict[str, ModelGroup] = {}
+        self.providers = dict(providers)
+        for group in groups:
+            if group.name in self.groups:
+                raise ConfigError(f"model group {group.name!r} is defined twice")
+            self.groups[group.name] = group
+        for group in self.groups.values():
+            self._check(group)
+
+    def _check(self, group: ModelGroup) -> None:
+        for entry in group.entries:
+            provider = self.providers.get(entry.name)
+            if provider is None:
+                raise ConfigError(f"model group {group.name}: no deployment named {entry.name!r}")
+            if not group.tier.allows(provider):
+                raise ConfigError(
+                    f"model group {group.name}: privacy {group.tier.value} does not allow deployment "
+                    f"{entry.name} (provider {provider.value}, {'local' if provider.is_local() else 'remote'})"
+                )
+        for name in [*group.fallbacks, *group.context_window_fallbacks]:
+            if name not in self.groups:
+                raise ConfigError(f"model group {group.name}: fallback {name!r} is not a model group")
+
+    def __contains__(self, model: object) -> bool:
+        return model in self.groups
+
+    def group(self, model: str) -> ModelGroup:
+        """The group called ``model``; UnknownModelError (a ValidationError) when there is none."""
+        group = self.groups.get(model) if isinstance(model, str) else None
+        if group is None:
+            known = ", ".join(sorted(self.groups)) or "none configured"
+            raise UnknownModelError(f"unknown model {model!r}; model groups: {known}")
+        return group
+
+    def route(self, model: str, *, context_exceeded: bool = False) -> tuple[list[Tier], list[str]]:
+        """(tiers to try in order, deployments the group's privacy tier excluded).
+
+        The group's tiers, then each fallback group's (depth first, each group once);
+        after a context-too-long failure, the context_window_fallbacks' instead (when set).
+        """
+        group = self.group(model)
+        start = group.context_window_fallbacks if context_exceeded and group.context_window_fallbacks else [model]
+        tiers: list[Tier] = []
+        excluded: list[str] = []
+        seen_groups: set[str] = set()
+        seen: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name in seen_groups:
+                return
+            seen_groups.add(name)
+            for tier in self.groups[name].tiers():
+                allowed = []
+                for deployment, weight in tier:
+                    if deployment in seen:
+                        continue
+                    seen.add(deployment)
+                    if group.tier.allows(self.providers[deployment]):
+                        allowed.append((deployment, weight))
+                    else:
+                        excluded.append(deployment)
+                if allowed:
+                    tiers.append(allowed)
+            for fallback in self.groups[name].fallbacks:
+                visit(fallback)
+
+        for name in start:
+            visit(name)
+        return tiers, excluded
+
+
+def check_unique(specs: Sequence[BackendSpec]) -> None:
+    """ConfigError naming both entries when two deployments share a name."""
+    first: dict[str, int] = {}
+    for index, spec in enumerate(specs):
+        if spec.name in first:
+            other = specs[first[spec.name]]
+            raise ConfigError(
+                f"backend name {spec.name!r} is used twice: entry {first[spec.name] + 1} "
+                f"({other.backend.value} at {other.safe_url}, model {other.model!r}) and entry {index + 1} "
+                f"({spec.backend.value} at {spec.safe_url}, model {spec.model!r}); give each deployment its own name"
+            )
+        first[spec.name] = index
+
+
+class InFlight:
+    """Operations on the fleet-wide in-flight counts of one namespace (run them with a shell).
+
+    ``ttl``: seconds a call stays counted without a renewal (a dead worker's calls drop out
+    after it). Keys: ``<namespace>:{<namespace>:inflight}:<deployment>``, one slot for all.
+    """
+
+    def __init__(self, keys: Keys, ttl: float) -> None:
+        self.keys = keys
+        self.ttl_ms = max(1000, int(ttl * 1000))
+
+    def key(self, deployment: str) -> str:
+        return f"{self.keys.namespace}:{{{self.keys.namespace}:inflight}}:{deployment}"
+
+    def pick(self, candidates: Sequence[tuple[str, float]], member: str) -> Operation[tuple[str, list[int]]]:
+        """Choose among ``candidates`` ((deployment, weight) pairs) and count ``member`` on it.
+
+        Returns (the chosen deployment, every candidate's in-flight count before the pick).
+        """
+        weights = [repr(float(w)) for _, w in candidates]
+        args = (member, self.ttl_ms, repr(random.random()), *weights)
+        (reply,) = yield [Eval(INFLIGHT_PICK, tuple(self.key(n) for n, _ in candidates), args)]
+        index, counts = ok(reply)
+        return candidates[int(index) - 1][0], [int(c) for c in counts]
+
+    def release(self, deployment: str, member: str) -> Operation[None]:
+        """The call of ``member`` on ``deployment`` ended (a single ZREM: no script needed)."""
+        (reply,) = yield [Cmd(("ZREM", self.key(deployment), member))]
+        ok(reply)
+
+    def renew(self, members: Mapping[str, str]) -> Operation[None]:
+        """Push the deadlines of ``members`` (member -> deployment), one script per deployment."""
+        by_deployment: dict[str, list[str]] = {}
+        for member, deployment in members.items():
+            by_deployment.setdefault(deployment, []).append(member)
+        if not by_deployment:
+            return
+        replies = yield [Eval(INFLIGHT_RENEW, (self.key(d),), (self.ttl_ms, *ms)) for d, ms in by_deployment.items()]
+        for reply in replies:
+            ok(reply)
+
+    def counts(self, deployments: Sequence[str]) -> Operation[dict[str, int]]:
+        """Calls in flight per deployment now (expired members not counted); for tools and tests."""
+        if not deployments:
+            return {}
+        (reply,) = yield [Cmd(("TIME",))]
+        seconds, micros = (int(text(v)) for v in ok(reply))
+        now = seconds * 1000 + micros // 1000
+        replies = yield [Cmd(("ZRANGEBYSCORE", self.key(d), f"({now}", "+inf")) for d in deployments]
+        return {d: len(ok(r)) for d, r in zip(deployments, replies, strict=True)}
