@@ -179,7 +179,9 @@ class BackendSpec(msgspec.Struct, kw_only=True):
         timeout = self.connect_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
             raise ConfigError(f"backend {self.name}: connect_timeout must be a finite number > 0, got {timeout!r}")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.headers.items()):
+        if not isinstance(self.headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.headers.items()
+        ):
             raise ConfigError(f"backend {self.name}: headers must map strings to strings")
         if self.continuation is not None and self.continuation not in _CONTINUATIONS:
             raise ConfigError(f"backend {self.name}: continuation must be one of {_CONTINUATIONS}")

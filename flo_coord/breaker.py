@@ -5,16 +5,22 @@ breaker opens for everyone: workers skip that backend for ``cooldown`` seconds. 
 exactly one caller (for the Coordinator: one request) probes it (half-open); its success closes it for all,
 its failure opens it again. State is one small hash per backend (one slot), changed only
 by the Lua scripts BREAKER_ALLOW and BREAKER_RECORD, timed by the Redis server clock.
+
+A breaker hash holding data flo_coord did not write (a field that is not a number, the
+wrong key type) is never trusted: it is deleted (the breaker is closed), logged, and the
+call is made again on the fresh state, so a corrupt breaker cannot hold requests forever.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from typing import Any, Literal
 
 import msgspec
+import redis.exceptions as rex
 
 from flo_coord.codec import text
-from flo_coord.core import Eval, Operation, ok
+from flo_coord.core import Cmd, Eval, Operation, ok
 from flo_coord.errors import ConfigError
 from flo_coord.keys import Keys
 from flo_coord.scripts import BREAKER_ALLOW, BREAKER_RECORD
@@ -38,6 +44,23 @@ class BreakerConfig(msgspec.Struct, kw_only=True, frozen=True):
 
 
 Decision = Literal["CLOSED", "PROBE", "OPEN"]
+log = logging.getLogger("flo_coord.breaker")
+
+
+def _corrupt(reply: Any) -> bool:
+    return isinstance(reply, rex.ResponseError) and any(m in str(reply) for m in ("FLOCORRUPT", "WRONGTYPE"))
+
+
+def _run_fresh(call: Eval) -> Operation[Any]:
+    """Run a breaker script; a corrupt breaker hash is reset (and logged) and the script run again."""
+    (reply,) = yield [call]
+    if _corrupt(reply):
+        key = call.keys[0]
+        log.warning("circuit breaker %s held foreign data (%s): reset to closed", key, str(reply).split(" script: ")[0])
+        (deleted,) = yield [Cmd(("DEL", key))]
+        ok(deleted)
+        (reply,) = yield [call]
+    return ok(reply)
 
 
 class CircuitBreaker:
@@ -55,14 +78,13 @@ class CircuitBreaker:
         request, or a worker with many requests in flight sends them all to a half-open backend.
         """
         owner = probe_id if probe_id is not None else self.worker_id
-        (reply,) = yield [
-            Eval(BREAKER_ALLOW, (self.keys.breaker(backend),), (owner, int(self.config.probe_ttl * 1000)))
-        ]
-        return text(ok(reply)[0])  # type: ignore[return-value]
+        call = Eval(BREAKER_ALLOW, (self.keys.breaker(backend),), (owner, int(self.config.probe_ttl * 1000)))
+        reply = yield from _run_fresh(call)
+        return text(reply[0])  # type: ignore[return-value]
 
     def record(self, backend: str, success: bool) -> Operation[str]:
         """Count one outcome; returns the breaker state after it (closed, open, ...)."""
         c = self.config
         args = ("ok" if success else "fail", c.threshold, int(c.window * 1000), int(c.cooldown * 1000))
-        (reply,) = yield [Eval(BREAKER_RECORD, (self.keys.breaker(backend),), args)]
-        return text(ok(reply)[0])
+        reply = yield from _run_fresh(Eval(BREAKER_RECORD, (self.keys.breaker(backend),), args))
+        return text(reply[0])

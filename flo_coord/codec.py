@@ -3,6 +3,7 @@ unpickled or evaluated, and anything that does not decode raises CorruptStateErr
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -16,6 +17,7 @@ from flo_coord.models import (
     RequestOutcome,
     StreamingContext,
 )
+from flo_coord.redact import redact_secrets
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -45,6 +47,30 @@ def text(value: Any) -> str:
     if isinstance(value, str):
         return value
     return str(value)
+
+
+#: Foreign index members already reported (each is logged once per process).
+_REPORTED: set[bytes | str] = set()
+_log = logging.getLogger("flo_coord.codec")
+
+
+def index_member(value: Any, limits: Any) -> str | None:
+    """A member of a namespace index (a request id), or None for a foreign one.
+
+    A member that is not UTF-8 or not a valid request id cannot name a request: it is
+    skipped (and logged once) so one bad member never breaks orphans, the reaper or
+    ``top`` for the whole namespace. ``limits``: the flo_coord.validation.Limits in force.
+    """
+    from flo_coord import validation
+    from flo_coord.errors import ValidationError
+
+    try:
+        return validation.request_id(text(value), limits)
+    except (UnicodeDecodeError, ValidationError) as exc:
+        if value not in _REPORTED and len(_REPORTED) < 10_000:
+            _REPORTED.add(value)
+            _log.warning("skipping a foreign member of a namespace index %r: %s", value[:80], exc)
+        return None
 
 
 def pairs(flat: list[Any]) -> dict[str, str]:
@@ -114,7 +140,8 @@ def encode_params(params: dict[str, Any] | None) -> bytes:
 
 
 def encode_history(entry: HistoryEntry) -> bytes:
-    return json_encoder.encode(entry)
+    """The stored form of a history entry, with every credential in it redacted (flo_coord.redact)."""
+    return redact_secrets(json_encoder.encode(entry).decode()).encode()
 
 
 def decode_history(data: Any) -> HistoryEntry | None:

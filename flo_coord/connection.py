@@ -56,13 +56,10 @@ def resolve_url(url: str | None) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for logs and error messages)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
-    return parts._replace(netloc=f"{user}:***@{hosts}").geturl()
+    """The URL with any password replaced by ``***`` (for logs and error messages; never raises)."""
+    from flo_coord.redact import redact_url
+
+    return redact_url(url)
 
 
 def _hosts(netloc: str) -> list[tuple[str, int]]:
@@ -112,7 +109,10 @@ def connect(url: str | None = None, *, asyncio: bool = False, timeout: float = d
     url = resolve_url(url)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
         raise ConfigError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. redis://[::1 (an unclosed IPv6 bracket)
+        raise ConfigError(f"invalid Redis URL {redact(url)!r}: {exc}") from None
     try:
         if parts.scheme in ("redis", "rediss", "unix"):
             if parts.scheme != "unix" and parts.path.strip("/") and not parts.path.strip("/").isdigit():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import uuid
@@ -28,6 +29,7 @@ from flo_coord.codec import (
     encode_history,
     encode_messages,
     encode_params,
+    index_member,
     json_encoder,
     pairs,
     text,
@@ -48,6 +50,7 @@ from flo_coord.models import (
     Takeover,
     count_tokens,
 )
+from flo_coord.redact import redact_secrets
 from flo_coord.scripts import (
     APPEND,
     APPEND_MANY,
@@ -146,7 +149,8 @@ def ok(reply: Any, request_id: str | None = None) -> Any:
     if isinstance(reply, BaseException):
         message = str(reply)
         if request_id is not None and ("FLOCORRUPT" in message or "WRONGTYPE" in message):
-            raise CorruptStateError(request_id, message.split(" script: ")[0].strip()) from None
+            detail = re.sub(r"^(ERR )?user_(script|function):\d+: ", "", message.split(" script: ")[0].strip())
+            raise CorruptStateError(request_id, detail) from None
         raise reply
     return reply
 
@@ -501,7 +505,7 @@ class FailoverCore:
         epoch: int | None = None,
     ) -> Operation[bool]:
         rid, rk = self._rid(request_id)
-        reason = validation.text("reason", reason, self.limits.max_chunk_bytes)
+        reason = redact_secrets(validation.text("reason", reason, self.limits.max_chunk_bytes))
         kind = validation.label("kind", kind, self.limits)
         extra = _ending_fields(finish_reason, usage, self.limits)
         return self._finish(rid, rk, "Failed", reason, kind, "", "", extra=extra, epoch=epoch)
@@ -607,6 +611,8 @@ class FailoverCore:
         # format, so what could not be read back is refused before anything is written.
         try:
             checked = decode_history(encode_history(attempt))
+        except RecursionError:  # a hostile nesting depth (e.g. in usage): no repr of it either
+            raise ValidationError("attempt nests deeper than the history encoder allows") from None
         except (TypeError, ValueError, OverflowError, NotImplementedError):  # the encoder's hook raises the last
             checked = None
         if not isinstance(checked, FailoverAttempt):
@@ -685,7 +691,7 @@ class FailoverCore:
 
     def _orphans(self, limit: int, corrupt: list[str] | None = None) -> Operation[list[str]]:
         (reply,) = yield [Eval(ORPHAN_CANDIDATES, (self.keys.active,), (limit,))]
-        candidates = [text(c) for c in ok(reply)[1]]
+        candidates = [rid for rid in (index_member(c, self.limits) for c in ok(reply)[1]) if rid is not None]
         if not candidates:
             return []
         # The index is a hint: confirm each candidate in its own hash.
@@ -773,8 +779,11 @@ class FailoverCore:
         (reply,) = yield [Cmd(("ZRANGE", self.keys.active, 0, limit - 1, "WITHSCORES"))]
         flat = ok(reply)
         if flat and isinstance(flat[0], list | tuple):  # RESP3 pairs
-            return [(text(r), float(s) / 1000) for r, s in flat]
-        return [(text(flat[i]), float(flat[i + 1]) / 1000) for i in range(0, len(flat), 2)]
+            scored = [(r, s) for r, s in flat]
+        else:
+            scored = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        members = [(index_member(r, self.limits), float(s) / 1000) for r, s in scored]
+        return [(rid, deadline) for rid, deadline in members if rid is not None]
 
     # ------------------------------------------------------------------ delivery
 

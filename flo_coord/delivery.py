@@ -5,6 +5,10 @@ then blocks on the request's notification feed (a stream in the same hash slot) 
 the next commit or the end marker. FOLLOW_READ returns the feed's last id atomically
 with the text, so a commit that lands between the read and the wait is never missed.
 Followers see only committed text: exactly what Redis acknowledged, once, in order.
+
+Cancellation: a Redis call can return normally although the task awaiting it was
+cancelled meanwhile (the CancelledError is absorbed on its way through the client), so
+the loop checks ``cancel_point()`` after every awaited call and stops at once.
 """
 
 from __future__ import annotations
@@ -16,11 +20,18 @@ from typing import TYPE_CHECKING
 
 from flo_coord import defaults, validation
 from flo_coord.core import Cmd, Operation, ok
-from flo_coord.errors import RequestFailedError, UnknownRequestError
+from flo_coord.errors import CorruptStateError, RequestFailedError, UnknownRequestError
 
 if TYPE_CHECKING:
     from flo_coord.manager import AsyncFailoverManager
     from flo_coord.models import RequestOutcome
+
+
+def cancel_point() -> None:
+    """Raise CancelledError if this task was asked to stop (checked after each awaited call)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _wait_feed(feed: str, last_id: str, block_ms: int) -> Operation[None]:
@@ -39,20 +50,27 @@ async def follow(
 ) -> AsyncGenerator[str, None]:
     """Yield the answer from character ``offset`` on, as it is committed, until it ends.
 
-    Raises UnknownRequestError for a request that does not exist (after waiting up to
-    ``wait`` seconds for a submitted one to be taken by a worker), and RequestFailedError
-    (with the worker's reason) when the request ended in failure. ``on_outcome`` gets the
-    RequestOutcome read together with the end of the text (finish_reason, usage).
+    ``offset``: characters to skip; ``wait``: seconds (finite, >= 0) to wait for a submitted
+    request to be taken by a worker; ``poll``: seconds (0.001 or more) each feed read blocks;
+    ``on_outcome`` gets the RequestOutcome read together with the end of the text
+    (finish_reason, usage). Raises ValidationError for bad arguments (before any Redis
+    call), UnknownRequestError for a request that does not exist (after ``wait``),
+    RequestFailedError (with the worker's reason) when the request ended in failure,
+    CorruptStateError when its stored text is not UTF-8. Stops promptly when its task is
+    cancelled.
     """
     core = manager.core
     rid = validation.request_id(request_id, core.limits)
     skip = validation.offset(offset)
+    wait = validation.seconds("wait", wait)
+    poll = validation.positive_seconds("poll", poll)
     feed = core.keys.request(rid).feed
     position = 0  # bytes of committed text already read (always at a chunk boundary)
     block_ms = max(1, int(poll * 1000))
     give_up_at = time.monotonic() + wait
     while True:
         read = await manager.shell.run(core.follow_read(rid, position), "follow", rid)
+        cancel_point()
         if read is None:
             if time.monotonic() < give_up_at:
                 await asyncio.sleep(0.05)
@@ -60,7 +78,10 @@ async def follow(
             raise UnknownRequestError(rid)
         last_id, data, outcome = read
         position += len(data)
-        chunk = data.decode("utf-8")
+        try:
+            chunk = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorruptStateError(rid, f"committed text is not UTF-8 ({exc})") from None
         if skip:
             chunk, skip = chunk[skip:], max(0, skip - len(chunk))
         if chunk:
@@ -72,3 +93,4 @@ async def follow(
                 raise RequestFailedError(rid, f"request {rid!r} failed: {outcome.error}")
             return
         await manager.shell.run(_wait_feed(feed, last_id, block_ms), "follow", rid)
+        cancel_point()

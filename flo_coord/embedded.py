@@ -722,18 +722,18 @@ def _shutdown_fake(server: Any, serving: threading.Event) -> None:
 
 
 def preload_scripts(server: RedisServer | FakeRedisTCPServer) -> None:
-    """Load every flo_coord Lua script into ``server``.
+    """Load flo_coord's Redis Functions library (and every script, for the EVALSHA fallback) into ``server``.
 
-    fakeredis' TCP server drops a connection after any error reply, so a NOSCRIPT reply could never be followed by
-    the SCRIPT LOAD that answers it: the fake gets every script before any client connects.
+    fakeredis' TCP server drops a connection after any error reply, so a "function not found" reply could never be
+    followed by the FUNCTION LOAD that answers it: the fake gets the library before any client connects.
     """
-    from flo_coord import scripts
+    from flo_coord import functions, scripts
 
     client = server.client()
     try:
-        for script in vars(scripts).values():
-            if isinstance(script, scripts.Script):
-                client.script_load(script.source)
+        functions.install(client)
+        for script in scripts.registry():
+            client.script_load(script.source)
     finally:
         client.close()
 

@@ -53,12 +53,17 @@ class LeaseLostError(FloCoordError):
 
 
 class CorruptStateError(FloCoordError):
-    """A key of one request holds data flo_coord did not write (wrong type or undecodable)."""
+    """A key of one request holds data flo_coord did not write (wrong type or undecodable).
+
+    Scoped to that one request (``request_id``) or, when ``request_id`` is empty, to the
+    one namespace key named in ``detail``; nothing was changed by the call that raised it.
+    """
 
     def __init__(self, request_id: str, detail: str) -> None:
         self.request_id = request_id
         self.detail = detail
-        super().__init__(f"request {request_id!r} has corrupt or foreign data in Redis: {detail}")
+        where = f"request {request_id!r}" if request_id else "a namespace key"
+        super().__init__(f"{where} has corrupt or foreign data in Redis: {detail}")
 
 
 class CoordinatorUnavailableError(FloCoordError):

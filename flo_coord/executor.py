@@ -91,6 +91,7 @@ from flo_coord.models import (
     is_deployment_name,
 )
 from flo_coord.ownership import AsyncReaper
+from flo_coord.redact import register_backend_secrets
 
 log = logging.getLogger("flo_coord.executor")
 
@@ -1109,13 +1110,20 @@ def _backend_map(
     """Deployment name -> adapter (names are case-sensitive; a ServingBackend key becomes its value)."""
     if isinstance(backends, Mapping):
         items = list(backends.items())
-    else:
+    elif isinstance(backends, Iterable) and not isinstance(backends, str | bytes):
         specs = list(backends)
+        if not all(isinstance(spec, BackendSpec) for spec in specs):
+            raise ConfigError("a list of backends must hold BackendSpec values only")
         check_unique(specs)
         items = [(spec.name, spec) for spec in specs]
+    else:
+        raise ConfigError(f"backends must be a list of BackendSpec or a mapping, got {type(backends).__name__}")
     out: dict[str, Backend] = {}
     for key, value in items:
+        if not (isinstance(value, BackendSpec) or callable(getattr(value, "stream", None))):
+            raise ConfigError(f"each backend must be a BackendSpec or a Backend, got {type(value).__name__}")
         name = _deployment_key(key)
+        register_backend_secrets(getattr(value, "spec", value))  # its API key never reaches logs or Redis
         out[name] = make_backend(value, max_connections=concurrency) if isinstance(value, BackendSpec) else value
     if not out:
         raise ConfigError("a Coordinator needs at least one backend")

@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
+from flo_coord.redact import redact_secrets
+
 __all__ = ["FORMATS", "JsonFormatter", "KeyValueFormatter", "bound", "configure", "request_logger"]
 
 #: The fields every request line carries, in the order they are printed.
@@ -89,7 +91,8 @@ class KeyValueFormatter(logging.Formatter):
         pairs.append(("msg", record.getMessage()))
         if record.exc_info:
             pairs.append(("exc", self.formatException(record.exc_info)))
-        return " ".join(f"{k}={_kv_value(v)}" for k, v in pairs)
+        # Secrets never reach a log line, whatever field or message carries them.
+        return redact_secrets(" ".join(f"{k}={_kv_value(v)}" for k, v in pairs))
 
 
 def _kv_value(value: Any) -> str:
@@ -108,7 +111,7 @@ class JsonFormatter(logging.Formatter):
         obj["msg"] = record.getMessage()
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
-        return json.dumps(obj, default=str, ensure_ascii=False)
+        return redact_secrets(json.dumps(obj, default=str, ensure_ascii=False))
 
 
 def configure(

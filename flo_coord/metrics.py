@@ -92,8 +92,12 @@ class WorkerMetrics:
             lambda: time.monotonic() - health.last_success if health.last_success is not None else float("nan")
         )
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns the bound port."""
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns the bound port.
+
+        ``addr`` defaults to loopback: metrics name backends and workers, so exposing them
+        (``addr="0.0.0.0"``, ``--metrics-addr``) is an explicit choice.
+        """
         prom = _prometheus()
         started = prom.start_http_server(port, addr=addr, registry=self.registry)
         self._server = started[0] if isinstance(started, tuple) else None

@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
-from flo_coord.errors import ConfigError
+from flo_coord.errors import ConfigError, ValidationError
 
 # --------------------------------------------------------------------------- backends
 
@@ -159,6 +159,16 @@ class _Variant:
         raise ValueError(f"not a {cls.__name__}: {value!r}")
 
 
+def _message(value: Any) -> str:
+    """A variant's message: text that Redis can store (encodable as UTF-8)."""
+    message = str(value)
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("message is not valid Unicode text (lone surrogate)") from None
+    return message
+
+
 class StreamState(_Variant):
     """State of a streaming response: Pending, Streaming, Completed, Failed(msg), Recovered."""
 
@@ -171,7 +181,8 @@ class StreamState(_Variant):
 
     @classmethod
     def Failed(cls, message: str) -> StreamState:
-        return cls("Failed", str(message))
+        """Raises ValidationError for a message that is not valid Unicode text (lone surrogate)."""
+        return cls("Failed", _message(message))
 
 
 class FailoverResult(_Variant):
@@ -185,7 +196,8 @@ class FailoverResult(_Variant):
 
     @classmethod
     def BackendError(cls, message: str) -> FailoverResult:
-        return cls("BackendError", str(message))
+        """Raises ValidationError for a message that is not valid Unicode text (lone surrogate)."""
+        return cls("BackendError", _message(message))
 
     def is_failure(self) -> bool:
         return self.name != "Success"
@@ -309,9 +321,11 @@ class FailoverConfig(msgspec.Struct, kw_only=True):
     @classmethod
     def from_json(cls, data: bytes | str) -> FailoverConfig:
         """Decode a JSON config. Anything invalid (syntax, unknown backend, bad value) raises ConfigError."""
+        if not isinstance(data, bytes | bytearray | memoryview | str):
+            raise ConfigError(f"failover config must be JSON bytes or str, got {type(data).__name__}")
         try:
             return msgspec.json.decode(data, type=cls)
-        except msgspec.DecodeError as exc:  # msgspec.ValidationError included
+        except (msgspec.DecodeError, RecursionError, UnicodeEncodeError) as exc:  # incl. msgspec.ValidationError
             raise ConfigError(f"invalid failover config: {exc}") from None
 
     @classmethod

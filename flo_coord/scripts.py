@@ -1,6 +1,9 @@
 """Lua scripts: every read-then-write flo_coord does on Redis is one of these.
 
-Each is registered once (SCRIPT LOAD) and run by SHA; the shells reload it on NOSCRIPT.
+Every ``Script`` made joins ``registry()``; flo_coord.functions turns the registry into one
+Redis Functions library run with FCALL (EVALSHA where Redis has no Functions). Define
+scripts in this module, so that ``flo-coord install-functions`` (which imports only this
+module) loads them all; names must be unique (they name the functions).
 Per-request scripts take the request's keys in one fixed order, all in one hash slot:
 
     KEYS[1] ctx   KEYS[2] result   KEYS[3] text   KEYS[4] feed
@@ -25,6 +28,15 @@ class Script:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        _REGISTERED[self.name] = self
+
+
+_REGISTERED: dict[str, Script] = {}
+
+
+def registry() -> tuple[Script, ...]:
+    """Every script defined so far, in definition order (flo_coord.functions loads them all)."""
+    return tuple(_REGISTERED.values())
 
 
 _PRELUDE = r"""
@@ -32,11 +44,27 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- Every number flo_coord stores is an integer below 2^53 (ms, epochs, counts): nan, inf,
+-- 1e400, 1.5 or 40 digits are foreign data, refused here rather than compared or returned.
 local function num(v, what)
   if not v then return 0 end
   local n = tonumber(v)
-  if n == nil then error('FLOCORRUPT field ' .. what .. ' is not a number') end
+  if n == nil or n ~= n or math.abs(n) >= 2^53 or n ~= math.floor(n) then
+    error('FLOCORRUPT field ' .. what .. ' is not an integer')
+  end
   return n
+end
+-- A key written later in a script must have the right type before the first write: a
+-- script that fails half-way keeps its earlier writes (Redis does not roll back).
+local function expect_type(key, t)
+  if redis.call('EXISTS', key) == 1 and redis.call('TYPE', key)['ok'] ~= t then
+    error('FLOCORRUPT key ' .. key .. ' is not a ' .. t)
+  end
+end
+-- A breaker state must be one flo_coord writes.
+local function breaker_state(v)
+  if v and v ~= 'closed' and v ~= 'open' and v ~= 'half_open' then error('FLOCORRUPT breaker state') end
+  return v or 'closed'
 end
 -- Why a write was refused: the request is gone, finished by someone, or owned by another.
 local function refusal(ctx, result)
@@ -140,9 +168,11 @@ local function append_one(ctx, result, text, feed, owner, epoch, seq, chunk, inc
   if f[1] ~= owner or num(f[2], 'epoch') ~= tonumber(epoch) then return {'LOST', f[1] or '', f[2], 0} end
   seq = tonumber(seq)
   local last = num(f[3], 'last_seq')
+  expect_type(feed, 'stream')
   if seq <= last then
     return {'DUP', last, redis.call('STRLEN', text), num(redis.call('HGET', ctx, 'token_count'), 'token_count')}
   end
+  num(redis.call('HGET', ctx, 'token_count'), 'token_count')  -- so HINCRBY cannot fail after APPEND
   local len = redis.call('APPEND', text, chunk)
   local count = redis.call('HINCRBY', ctx, 'token_count', increment)
   if f[4] == 'Pending' then
@@ -239,6 +269,9 @@ if not f[2] then
   return refusal(KEYS[1], KEYS[2])
 end
 if f[1] ~= ARGV[1] or num(f[2], 'epoch') ~= tonumber(ARGV[2]) then return {'LOST', f[1] or '', f[2], 0} end
+expect_type(KEYS[2], 'hash')
+expect_type(KEYS[3], 'string')
+expect_type(KEYS[4], 'stream')
 local now = now_ms()
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[2], 'state', ARGV[3], 'owner', ARGV[1], 'epoch', ARGV[2], 'error', ARGV[4],
@@ -313,6 +346,8 @@ if redis.call('EXISTS', KEYS[3]) == 0 and redis.call('EXISTS', KEYS[1]) == 0 the
   if redis.call('EXISTS', KEYS[2]) == 0 then return {'GONE'} end
 end
 local len = redis.call('STRLEN', KEYS[3])
+expect_type(KEYS[4], 'stream')
+expect_type(KEYS[2], 'hash')
 if redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 32, '*', 'n', len)
 end
@@ -363,7 +398,7 @@ BREAKER_ALLOW = Script(
 -- or OPEN (skip it; second value = ms until it may be probed).
 -- KEYS[1] breaker hash. ARGV: worker_id, probe_ttl_ms
 local f = redis.call('HMGET', KEYS[1], 'state', 'open_until', 'probe_until', 'probe_owner')
-local state = f[1] or 'closed'
+local state = breaker_state(f[1])
 if state == 'closed' then return {'CLOSED', 0} end
 local now = now_ms()
 local open_until = num(f[2], 'open_until')
@@ -388,6 +423,7 @@ if ARGV[1] == 'ok' then
   return {'closed', 0}
 end
 local f = redis.call('HMGET', KEYS[1], 'state', 'failures', 'window_start')
+breaker_state(f[1])
 local failures = num(f[2], 'failures')
 if now - num(f[3], 'window_start') > tonumber(ARGV[3]) then
   failures = 0

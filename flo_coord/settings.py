@@ -199,12 +199,19 @@ def load_settings(
     path = path or environ.get(CONFIG_ENV)
     data: dict[str, Any] = {}
     if path:
+        if not isinstance(path, str | Path):
+            raise ConfigError(f"config path must be a str or Path, got {type(path).__name__}")
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            # RecursionError: nesting deeper than the parser's stack (a hostile file)
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte or a surrogate in the path
+            raise ConfigError(
+                f"config file {str(path)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
     data = _merge(data, _environment(environ))
     data = _merge(data, overrides or {})
     try:
@@ -216,7 +223,4 @@ def load_settings(
 
 def decode_failover_config(data: bytes | str) -> FailoverConfig:
     """A FailoverConfig from JSON; every problem is a ConfigError."""
-    try:
-        return msgspec.json.decode(data, type=FailoverConfig)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ConfigError(f"invalid failover config: {exc}") from None
+    return FailoverConfig.from_json(data)

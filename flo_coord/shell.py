@@ -3,9 +3,11 @@
 Both shells share everything but the ``await``: batch bookkeeping, NOSCRIPT reload, the
 transient-fault classification, durability and the retry policy. A batch is one pipeline
 (``transaction=False``), so one round trip on a single Redis; on a Cluster the client
-splits it by node. Scripts are loaded on demand: a NOSCRIPT reply (first use, SCRIPT
-FLUSH, a restart, a failover to a replica) loads the script (on every primary of a
-Cluster) and re-sends the calls that got it.
+splits it by node. Scripts run as Redis Functions (``FCALL``, flo_coord.functions), or
+with ``EVALSHA`` where Redis has no Functions. They are loaded on demand: a "function not
+found" or NOSCRIPT reply (first use, a flush, a restart, a failover to a replica) loads
+the library (on every primary of a Cluster) if the credential may, and re-sends the calls
+that got it; a credential that may not gets ConfigError naming the operator command.
 
 Retries (``flo_coord.retry``): one deadline bounds a whole operation. A fault re-sends only
 the calls of the batch that have no reply yet; a batch with a call that is not idempotent
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -30,6 +33,7 @@ from typing import Any, TypeVar
 import redis.exceptions as rex
 from tenacity import AsyncRetrying, Retrying
 
+from flo_coord import functions
 from flo_coord.connection import MIN_PLAIN_SOCKET_TIMEOUT, rebuilt_for_deadline
 from flo_coord.core import Call, Cmd, Eval, Operation, merge_appends
 from flo_coord.errors import (
@@ -49,8 +53,8 @@ log = logging.getLogger("flo_coord.shell")
 _DURABLE_SCRIPTS = frozenset({s.sha for s in (APPEND, APPEND_MANY, FINISH, START, START_NEW, REJECT)})
 #: Calls that are not idempotent: sending one twice adds a second stream entry.
 _NOT_IDEMPOTENT = frozenset({"XADD"})
-#: NOSCRIPT reloads within one attempt before it counts as a fault.
-_MAX_RELOADS = 3
+#: Loads within one attempt before it counts as a fault (a fallback to EVALSHA takes 2).
+_MAX_RELOADS = 4
 #: An attempt that starts at or after the deadline still gets this long (asyncio), so a
 #: healthy Redis can answer the last batch of a slow operation. With the time blocking
 #: calls may take (XREAD BLOCK, WAIT), it is the documented margin of an asyncio call:
@@ -60,15 +64,9 @@ DEADLINE_MARGIN = _MIN_ATTEMPT
 _PENDING: Any = object()
 
 
-def _args(call: Call) -> tuple[Any, ...]:
-    if isinstance(call, Eval):
-        return ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
-    return call.args
-
-
 def _command(call: Call) -> str:
     if isinstance(call, Eval):
-        return "EVALSHA"
+        return "FCALL"
     name = call.args[0]
     return (name.decode() if isinstance(name, bytes) else str(name)).upper()
 
@@ -133,13 +131,13 @@ class _Run:
         if not self.confirmed:
             self.wait_error = exc
 
-    def absorb(self, indexes: list[int], replies: list[Any]) -> set[Script]:
-        """Take a pipeline's replies; returns the scripts Redis did not have."""
-        missing: set[Script] = set()
+    def absorb(self, indexes: list[int], replies: list[Any]) -> dict[Script, BaseException]:
+        """Take a pipeline's replies; returns the scripts Redis did not have (with the reply)."""
+        missing: dict[Script, BaseException] = {}
         for i, reply in zip(indexes, replies, strict=False):
             call = self.batch[i]
-            if isinstance(reply, rex.NoScriptError) and isinstance(call, Eval):
-                missing.add(call.script)
+            if isinstance(call, Eval) and functions.is_missing(reply):
+                missing[call.script] = reply
                 self.errors[i] = reply
             elif isinstance(reply, BaseException) and is_transient(reply):
                 self.errors[i] = reply
@@ -166,7 +164,7 @@ class _Run:
         return None if self.confirmed else (self.wait_error or rex.TimeoutError("WAIT not confirmed"))
 
     def may_retry(self, exc: BaseException) -> bool:
-        if not (is_transient(exc) or isinstance(exc, rex.NoScriptError)):
+        if not (is_transient(exc) or functions.is_missing(exc)):
             return False
         # A not-idempotent call is sent again only if it surely did not run.
         return all(self.replies[i] is not _PENDING or not_sent(self.errors[i] or exc) for i in self.unsafe)
@@ -210,6 +208,7 @@ class _ShellBase:
         self._merge_appends = not _is_cluster(client)
         self.durability = durability
         self.wait_timeout_ms = wait_timeout_ms
+        self.scripting = functions.Scripting()
         #: whether Redis answered the last operation (``Coordinator.redis_available`` reads it)
         self.health = RedisHealth()
         # One retry layer: switch off the client's own retries (redis-py retries 10x by default).
@@ -231,6 +230,11 @@ class _ShellBase:
         extra = _blocking_seconds(run.batch) + (self.wait_timeout_ms / 1000 if run.wait else 0.0)
         return remaining + extra
 
+    def _args(self, call: Call) -> tuple[Any, ...]:
+        if isinstance(call, Eval):
+            return self.scripting.args(call.script, call.keys, call.args)
+        return call.args
+
     def _error(self, exc: Exception, operation: str, request_id: str | None) -> BaseException:
         error = public_error(exc, operation, request_id)
         if isinstance(error, CoordinatorUnavailableError):
@@ -248,6 +252,24 @@ _CORRUPT_MARKERS = (
 )
 
 
+#: What decoding a reply raises when a key holds data flo_coord did not write (a number that
+#: is not one, bytes that are not UTF-8, a reply of the wrong shape, nesting too deep).
+_DATA_ERRORS = (ValueError, TypeError, IndexError, KeyError, OverflowError, RecursionError)
+
+
+class UndecodableReplyError(Exception):
+    """An operation could not decode a reply: foreign or corrupt data (``public_error`` types it)."""
+
+
+def _send(op: Operation[T], replies: list[Any]) -> list[Call]:
+    try:
+        return op.send(replies)
+    except FloCoordError:
+        raise
+    except _DATA_ERRORS as exc:
+        raise UndecodableReplyError(f"{type(exc).__name__}: {exc}") from exc
+
+
 def public_error(exc: BaseException, operation: str, request_id: str | None) -> BaseException:
     """What a public call raises for ``exc``: a FloCoordError for every Redis fault.
 
@@ -258,12 +280,15 @@ def public_error(exc: BaseException, operation: str, request_id: str | None) -> 
     """
     if isinstance(exc, FloCoordError):
         return exc
+    if isinstance(exc, UndecodableReplyError):
+        return CorruptStateError(request_id or "", f"{operation}: undecodable reply ({exc})")
     if isinstance(exc, rex.DataError):
         return ValidationError(f"{operation}: {exc}")
     if isinstance(exc, rex.ResponseError) and not is_transient(exc):
         message = str(exc)
         if any(marker in message for marker in _CORRUPT_MARKERS):
-            return CorruptStateError(request_id or "", f"{operation}: {message.split(' script: ')[0]}")
+            detail = re.sub(r"^(ERR )?user_(script|function):\d+: ", "", message.split(" script: ")[0])
+            return CorruptStateError(request_id or "", f"{operation}: {detail}")
     if is_transient(exc) or isinstance(exc, rex.RedisError | rex.RedisClusterException):
         return CoordinatorUnavailableError(operation, request_id, exc)
     return exc
@@ -303,12 +328,12 @@ class SyncShell(_ShellBase):
     def _send(self, calls: list[Call]) -> list[Any]:
         if len(calls) == 1:  # the hot path: skip the pipeline object
             try:
-                return [self.client.execute_command(*_args(calls[0]))]
+                return [self.client.execute_command(*self._args(calls[0]))]
             except rex.ResponseError as exc:
                 return [exc]
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
-            pipe.execute_command(*_args(call))
+            pipe.execute_command(*self._args(call))
         return list(pipe.execute(raise_on_error=False))
 
     def _attempt(self, run: _Run) -> list[Any]:
@@ -324,8 +349,7 @@ class SyncShell(_ShellBase):
             missing = run.absorb(indexes, replies)
             if not missing:
                 break
-            for script in missing:
-                self.client.script_load(script.source)
+            self.scripting.load(self.client, missing)
         fault = run.fault()
         if fault is not None:
             raise fault
@@ -368,12 +392,12 @@ class AsyncShell(_ShellBase):
     async def _send(self, calls: list[Call]) -> list[Any]:
         if len(calls) == 1:  # the hot path: skip the pipeline object
             try:
-                return [await self.client.execute_command(*_args(calls[0]))]
+                return [await self.client.execute_command(*self._args(calls[0]))]
             except rex.ResponseError as exc:
                 return [exc]
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
-            pipe.execute_command(*_args(call))
+            pipe.execute_command(*self._args(call))
         return list(await pipe.execute(raise_on_error=False))
 
     async def _attempt(self, run: _Run) -> list[Any]:
@@ -389,8 +413,7 @@ class AsyncShell(_ShellBase):
             missing = run.absorb(indexes, replies)
             if not missing:
                 break
-            for script in missing:
-                await self.client.script_load(script.source)
+            await self.scripting.aload(self.client, missing)
         fault = run.fault()
         if fault is not None:
             raise fault
@@ -463,7 +486,7 @@ def drive(op: Operation[T], execute: Callable[[list[Call]], list[Any]]) -> T:
             except Exception as exc:
                 batch = op.throw(exc)
             else:
-                batch = op.send(replies)
+                batch = _send(op, replies)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
 
@@ -477,6 +500,6 @@ async def adrive(op: Operation[T], execute: Callable[[list[Call]], Any]) -> T:
             except Exception as exc:
                 batch = op.throw(exc)
             else:
-                batch = op.send(replies)
+                batch = _send(op, replies)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]

@@ -140,6 +140,15 @@ def positive_seconds(kind: str, value: Any) -> float:
     return float(value)
 
 
+def seconds(kind: str, value: Any) -> float:
+    """A finite number of seconds >= 0 (0 allowed: "do not wait"); never inf or nan."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(f"{kind} must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value) or not 0 <= value <= _MAX_SECONDS:
+        raise ValidationError(f"{kind} must be between 0 and {_MAX_SECONDS:.0f} seconds, got {value!r}")
+    return float(value)
+
+
 def seq(value: Any) -> int | None:
     if value is None:
         return None

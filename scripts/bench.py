@@ -53,7 +53,15 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 
-from flo_coord import AsyncFailoverManager, FailoverAttempt, FailoverManager, FailoverResult, ServingBackend, defaults
+from flo_coord import (
+    AsyncFailoverManager,
+    FailoverAttempt,
+    FailoverManager,
+    FailoverResult,
+    ServingBackend,
+    defaults,
+    functions,
+)
 from flo_coord.batching import run_together
 from flo_coord.connection import connect
 from flo_coord.core import AppendAck
@@ -381,8 +389,8 @@ async def open_loop(url: str, streams: int, rate: float, duration: float, *, dra
 
 
 def _server_cost(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, float]:
-    calls = stat_delta(before, after, "evalsha", "calls")
-    usec = stat_delta(before, after, "evalsha", "usec")
+    calls = stat_delta(before, after, "fcall", "calls")
+    usec = stat_delta(before, after, "fcall", "usec")
     return {"server_script_calls": calls, "server_us_per_script_call": usec / calls if calls else math.nan}
 
 
@@ -535,7 +543,8 @@ def bench_ceiling(env: Env, contexts: tuple[str, str, int] | None) -> dict[str, 
         contexts = (mgr.namespace, mgr.worker_id, k)
     ns, worker_id, k = contexts
     out: dict[str, Any] = {"contexts": k, "redis_benchmark": binary}
-    client.script_load(APPEND.source)
+    functions.install(client)  # the scripts run as Redis Functions (FCALL)
+    append_fn = functions.function_name(APPEND)
     tag = f"{ns}:{{c__rand_int__}}"
     keys = [f"{tag}:ctx", f"{tag}:result", f"{tag}:text", f"{tag}:feed"]
     requests = max(k, 20_000)
@@ -548,18 +557,18 @@ def bench_ceiling(env: Env, contexts: tuple[str, str, int] | None) -> dict[str, 
                 binary,
                 env.url,
                 requests,
-                ["EVALSHA", APPEND.sha, "4", *keys, worker_id, "1", "__rand_int__", TOKEN, "1"],
+                ["FCALL", append_fn, "4", *keys, worker_id, "1", "__rand_int__", TOKEN, "1"],
                 keyspace=k,
             )
             after = commandstats(client)
-            calls = stat_delta(before, after, "evalsha", "calls")
+            calls = stat_delta(before, after, "fcall", "calls")
             applied = stat_delta(before, after, "append", "calls")
             dup_calls = stat_delta(before, after, "strlen", "calls")
             dup = _redis_benchmark(
                 binary,
                 env.url,
                 requests,
-                ["EVALSHA", APPEND.sha, "4", *keys, worker_id, "1", "0", TOKEN, "1"],
+                ["FCALL", append_fn, "4", *keys, worker_id, "1", "0", TOKEN, "1"],
                 keyspace=k,
             )
             hset = _redis_benchmark(
@@ -576,12 +585,12 @@ def bench_ceiling(env: Env, contexts: tuple[str, str, int] | None) -> dict[str, 
                     "duplicate_only": dup,
                     "hset": hset,
                     "append_rps": 1 / t_applied if t_applied > 0 else mixed["rps"],
-                    "server_us_per_call": stat_delta(before, after, "evalsha", "usec") / calls if calls else math.nan,
+                    "server_us_per_call": stat_delta(before, after, "fcall", "usec") / calls if calls else math.nan,
                 }
             )
         if "append_rps" not in out:  # no binary: the server's own accounting of script time
             out["append_rps"] = math.nan
-        stats = commandstats(client).get("evalsha", {})
+        stats = commandstats(client).get("fcall", {})
         out["server_exec_ceiling_rps"] = 1e6 / float(stats["usec_per_call"]) if stats.get("usec_per_call") else math.nan
         if math.isnan(out["append_rps"]):
             out["append_rps"] = out["server_exec_ceiling_rps"]

@@ -36,6 +36,7 @@ COMMANDS = [
     "history",
     "top",
     "reap",
+    "install-functions",
     "serve-fake-llm",
     "import-litellm",
     "bench",

@@ -3,7 +3,7 @@
 The core and takeover behaviour through a ``redis+cluster://`` URL and through a given
 ``redis.cluster.RedisCluster`` (and the asyncio equivalents); that no script or pipeline
 call spans two hash slots; that pipelines of EVALSHA work on redis-py's ClusterPipeline;
-and that NOSCRIPT reloads scripts on every primary.
+and that a flushed Functions library is reloaded on every primary.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from flo_coord import (
     LeaseLostError,
     ServingBackend,
     Takeover,
+    functions,
 )
 from flo_coord.core import Eval
 from flo_coord.embedded import RedisCluster
 from flo_coord.errors import ConfigError
-from flo_coord.scripts import ALL, HEARTBEAT
+from flo_coord.scripts import ALL
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -161,19 +162,22 @@ def test_takeover_on_a_cluster(make_sync: Any, cluster: RedisCluster) -> None:
     assert rescuer.stats().takeovers == len(rids)
 
 
-def test_noscript_reloads_on_every_primary(make_sync: Any, cluster: RedisCluster) -> None:
+def test_functions_reload_on_every_primary(make_sync: Any, cluster: RedisCluster) -> None:
     namespace = ns()
     manager = make_sync(namespace=namespace, worker_id="w1")
     rids = ids_on_every_node(cluster, namespace, per_node=1)
     for rid in rids:
         manager.start_tracking(rid, "prompt")
     for node in cluster.nodes:
-        node.client().script_flush()
+        node.client().function_flush()
     assert manager.heartbeat() == len(rids)
     for rid in rids:
         manager.append_tokens(rid, "after flush")
+    library, _ = functions.library()
     for node in cluster.nodes:
-        assert node.client().script_exists(HEARTBEAT.sha) == [True]
+        listed = node.client().function_list(library=library)
+        assert [entry[1] for entry in listed] == [library.encode()], listed
+        assert node.client().info("commandstats").get("cmdstat_evalsha") is None  # FCALL only
     for rid in rids:
         assert manager.get_context(rid).generated_prefix == "after flush"  # type: ignore[union-attr]
 

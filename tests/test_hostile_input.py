@@ -563,3 +563,123 @@ async def test_async_corrupt_request_is_contained(server: RedisServer) -> None:
         assert isinstance(results[0], CorruptStateError)
         assert results[1] is not None and not isinstance(results[1], BaseException)
         assert (await m.get_context("good")).generated_prefix == "y"  # type: ignore[union-attr]
+
+
+# ------------------------------------------------- issue 16: each failure found, now typed
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def _deep_toml(tmp: Any) -> str:
+    path = tmp / "deep.toml"
+    path.write_text("a = " + "[" * 5000 + "]" * 5000)
+    return str(path)
+
+
+EDGE_CASES: list[tuple[str, Callable[[Any, Any], Any], type[FloCoordError]]] = [
+    ("nested usage", lambda m, t: m.record_attempt(
+        FailoverAttempt(backend=ServingBackend.Vllm, started_at=1.0, usage=_nested(5000))), ValidationError),
+    ("lone surrogate state", lambda m, t: StreamState.Failed("\ud800"), ValidationError),
+    ("lone surrogate result", lambda m, t: FailoverResult.BackendError("\udfff"), ValidationError),
+    ("BackendSpec headers str", lambda m, t: _spec(headers="x"), ValidationError),
+    ("backends not a list", lambda m, t: _coordinator(42), ValidationError),
+    ("backends a str", lambda m, t: _coordinator("Vllm"), ValidationError),
+    ("url redis://[::1", lambda m, t: FailoverManager(url="redis://[::1", namespace="x"), ValidationError),
+    ("from_json int", lambda m, t: FailoverConfig.from_json(5), ValidationError),  # type: ignore[arg-type]
+    ("from_json surrogate", lambda m, t: FailoverConfig.from_json("\ud800"), ValidationError),
+    ("load_settings int", lambda m, t: _load_settings(5), ValidationError),
+    ("load_settings NUL", lambda m, t: _load_settings("a\x00b"), ValidationError),
+    ("load_settings deep", lambda m, t: _load_settings(_deep_toml(t)), ValidationError),
+]  # fmt: skip
+
+
+def _spec(**kwargs: Any) -> Any:
+    from flo_coord.backends import BackendSpec
+
+    return BackendSpec(name="Vllm", base_url="http://h", model="m", **kwargs)
+
+
+def _coordinator(backends: Any) -> Any:
+    from flo_coord.executor import Coordinator
+
+    return Coordinator(backends, url="redis://127.0.0.1:1/0", namespace="x")
+
+
+def _load_settings(path: Any) -> Any:
+    from flo_coord.settings import load_settings
+
+    return load_settings(path, environ={})
+
+
+@pytest.mark.parametrize(("case", "fn", "error"), EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
+def test_issue_16_edge_failures_are_typed(
+    case: str, fn: Callable[[Any, Any], Any], error: type[FloCoordError], fuzzed: FailoverManager, tmp_path: Any
+) -> None:
+    with pytest.raises(error):
+        fn(fuzzed, tmp_path)
+
+
+@pytest.mark.parametrize("wait", [None, float("inf"), float("nan"), -1, "1"])
+async def test_follow_refuses_a_bad_wait_before_redis(server: RedisServer, wait: Any) -> None:
+    from flo_coord.delivery import follow
+
+    async with AsyncFailoverManager(url=server.url, namespace=NS) as manager:
+        with pytest.raises(ValidationError, match="wait"):
+            async for _ in follow(manager, "any", wait=wait):
+                pass
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epoch", b"1e400"), ("epoch", b"nan"), ("epoch", b"abc"), ("owner", b"\xff\xfe"), ("last_seq", b"inf")],
+)
+def test_corrupt_numbers_and_encodings_are_typed_and_change_nothing(
+    server: RedisServer, field: str, value: bytes
+) -> None:
+    raw = server.client()
+    rid = f"num-{uuid.uuid4().hex[:8]}"
+    with FailoverManager(url=server.url, namespace=NS, worker_id="numbers") as manager:
+        manager.start_tracking(rid, "prompt")
+        manager.append_tokens(rid, "kept")
+        keys = manager.core.keys.request(rid)
+        raw.hset(keys.ctx, field, value)
+        before = (raw.hgetall(keys.ctx), raw.get(keys.text))
+        calls = [lambda: manager.append_tokens(rid, " more"), lambda: manager.get_context(rid)]
+        if field in ("epoch", "owner"):  # what the finish fence reads
+            calls.append(lambda: manager.complete(rid))
+        for call in calls:
+            with pytest.raises(CorruptStateError):
+                call()
+            assert (raw.hgetall(keys.ctx), raw.get(keys.text)) == before
+
+
+def test_a_non_utf8_index_member_is_skipped_not_fatal(server: RedisServer) -> None:
+    namespace = f"idx{uuid.uuid4().hex[:6]}"
+    with FailoverManager(url=server.url, namespace=namespace, worker_id="w", lease_ttl=0.2) as manager:
+        manager.start_tracking("good", "prompt")
+        server.client().zadd(f"{namespace}:active", {b"\xff\xfe": 0, b"x" * 500: 0})
+        time.sleep(0.25)
+        assert manager.orphans() == ["good"]
+        assert [rid for rid, _ in manager.active_requests()] == ["good"]
+        assert [ctx.request_id for ctx in manager.claim_orphans()] == ["good"]
+
+
+def test_listeners_bind_loopback_unless_told_otherwise() -> None:
+    pytest.importorskip("prometheus_client")
+    from flo_coord.cli.parser import build_parser
+    from flo_coord.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    try:
+        metrics.serve(0)
+        assert metrics._server is not None and metrics._server.server_address[0] == "127.0.0.1"
+    finally:
+        metrics.stop()
+    parser = build_parser()
+    assert parser.parse_args(["worker"]).metrics_addr == "127.0.0.1"
+    assert parser.parse_args(["serve-fake-llm"]).host == "127.0.0.1"

@@ -405,6 +405,7 @@ def test_scripts_survive_script_flush_and_restart() -> None:
     ):
         manager.start_tracking("req-1", "prompt")
         manager.append_tokens("req-1", "one ")
+        srv.client().function_flush()  # the library workers FCALL
         srv.client().script_flush()
         manager.append_tokens("req-1", "two ")
         srv.restart()  # graceful: AOF reloaded, script cache empty
@@ -412,6 +413,7 @@ def test_scripts_survive_script_flush_and_restart() -> None:
         assert manager.heartbeat() == 1
         ctx = manager.get_context("req-1")
         assert ctx is not None and ctx.generated_prefix == "one two three "
+        srv.client().function_flush()  # the library workers FCALL
         srv.client().script_flush()
         assert manager.complete("req-1")
 
@@ -422,8 +424,10 @@ async def test_async_scripts_survive_script_flush() -> None:
         async with AsyncFailoverManager(url=srv.url, namespace="flush", worker_id="w1") as manager:
             await manager.start_tracking("req-1", "prompt")
             await manager.append_tokens("req-1", "one ")
+            srv.client().function_flush()  # the library workers FCALL
             srv.client().script_flush()
             await manager.append_tokens("req-1", "two ")
+            srv.client().function_flush()  # the library workers FCALL
             srv.client().script_flush()
             ctx = await manager.get_context("req-1")
             assert ctx is not None and ctx.generated_prefix == "one two "

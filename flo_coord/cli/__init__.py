@@ -20,7 +20,10 @@ __all__ = ["build_parser", "main"]
 
 
 def _fail(command: str, message: str, code: int) -> int:
-    print(f"flo-coord {command}: error: {message}".replace("flo-coord : ", "flo-coord: "), file=sys.stderr)
+    from flo_coord.redact import redact_secrets
+
+    line = f"flo-coord {command}: error: {redact_secrets(message)}"
+    print(line.replace("flo-coord : ", "flo-coord: "), file=sys.stderr)
     return code
 
 

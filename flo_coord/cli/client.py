@@ -19,7 +19,9 @@ RECONNECT_PAUSE = 1.0
 
 
 def _emit_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+    from flo_coord.redact import redact_secrets
+
+    print(redact_secrets(json.dumps(obj, indent=2, ensure_ascii=False, default=str)))
 
 
 def _builtins(struct: Any) -> Any:

@@ -8,7 +8,6 @@ import os
 import re
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from flo_coord.backends import BackendSpec
@@ -39,16 +38,10 @@ class CommandFailedError(Exception):
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to print)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if "@" not in parts.netloc:
-        return url
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``url`` with any password replaced by ``***`` (safe to print; flo_coord.redact)."""
+    from flo_coord.redact import redact_url
+
+    return redact_url(url)
 
 
 def env_value(key: str, cast: Callable[[str], T], what: str) -> T | None:

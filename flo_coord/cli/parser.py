@@ -175,7 +175,7 @@ def build_parser() -> Parser:
     p.add_argument("--grace", type=seconds0, default=10.0, metavar="S", help="on SIGTERM, time to finish (10)")
     _backend_flag(p, "a backend to generate with")
     p.add_argument("--metrics-port", type=port, metavar="PORT", help="serve Prometheus /metrics (env FLO_METRICS_PORT)")
-    p.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR", help="address for /metrics (0.0.0.0)")
+    p.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR", help="address for /metrics (127.0.0.1)")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits")
 
     _serve_command(command, redis, logs)
@@ -270,6 +270,14 @@ def build_parser() -> Parser:
     p.add_argument("--lease-ttl", type=seconds, metavar="S", help="lease of claimed requests (env FLO_LEASE_TTL)")
     p.add_argument("--limit", type=count, default=100, metavar="N", help="orphans at most (default 100)")
     _backend_flag(p, "a backend to resume claimed requests on")
+
+    p = command(
+        "install-functions",
+        "flo_coord.cli.admin:cmd_install_functions",
+        "Load the Redis Functions library workers FCALL (an operator step, admin credential; every Cluster primary)",
+        (redis, output),
+    )
+    p.add_argument("--prune", action="store_true", help="also delete flo_coord libraries of other versions")
 
     p = command(
         "serve-fake-llm",

@@ -6,10 +6,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from flo_coord.redact import redact_secrets
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, right: Sequence[int] = ()) -> str:
     """Columns padded to their widest cell; ``right``: indexes of right-aligned columns."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [["" if c is None else redact_secrets(str(c)) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
@@ -21,7 +23,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, right: Seque
 def pairs(rows: Sequence[tuple[str, Any]]) -> str:
     """``key  value`` lines, keys aligned."""
     width = max((len(k) for k, _ in rows), default=0)
-    return "\n".join(f"{k.ljust(width)}  {'-' if v is None or v == '' else v}" for k, v in rows)
+    return "\n".join(f"{k.ljust(width)}  {'-' if v is None or v == '' else redact_secrets(str(v))}" for k, v in rows)
 
 
 def shorten(text: str, limit: int = 60, *, tail: bool = False) -> str:

@@ -46,6 +46,7 @@ def cmd_worker(args: Any) -> int:
             "no backends configured: add --backend NAME=URL,MODEL[,KIND] (e.g. Vllm=http://localhost:8000,llama) "
             "or [[backends]] in the TOML file (--config or FLO_CONFIG)"
         )
+    _register_secrets(settings)
     for name in unused_backends(settings):
         log.warning("backend %s is configured but not in failover.fallback_order: it is never used", name)
     metrics = None
@@ -60,10 +61,35 @@ def cmd_worker(args: Any) -> int:
         log.info("metrics on http://%s:%d/metrics", args.metrics_addr, bound)
     try:
         check_redis(settings.redis.url, unreachable_ok=True)  # a bad URL or credentials: exit 2; down: wait
+        _check_functions(settings)
         return run(_worker(settings, worker_id, concurrency, args.grace, metrics, args.exit_with_parent))
     finally:
         if metrics is not None:
             metrics.stop()
+
+
+def _check_functions(settings: Any) -> None:
+    """Exit at start (code 2, one line) when the Functions library is missing and cannot be loaded."""
+    import redis.exceptions as rex
+
+    from flo_coord import functions
+    from flo_coord.connection import connect
+
+    client = connect(settings.redis.url)
+    try:
+        functions.ensure_loaded(client, settings.redis.namespace)
+    except (rex.ConnectionError, rex.TimeoutError, OSError):
+        pass  # Redis is down: the worker waits for it, and its shell loads the library on first use
+    finally:
+        client.close()
+
+
+def _register_secrets(settings: Any) -> None:
+    """Every credential the worker holds is redacted from its logs and stored errors (flo_coord.redact)."""
+    from flo_coord.redact import register_backend_secrets
+
+    for spec in settings.backends:
+        register_backend_secrets(spec)
 
 
 async def watch_parent(stop: Any, interval: float = 0.5) -> None:
