@@ -393,6 +393,23 @@ def test_models_health_readiness_and_metrics(pair: list[Replica]) -> None:
     assert httpx.get(f"{pair[0].url}/v1/models").status_code == 401
 
 
+def test_unknown_routes_and_methods_get_openai_error_json(pair: list[Replica]) -> None:
+    with pair[0].http() as http:
+        for method, path, status, code in (
+            ("GET", "/nope", 404, "not_found"),
+            ("POST", "/v1/embeddings", 404, "not_found"),
+            ("PUT", "/v1/models", 405, "method_not_allowed"),
+            ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+        ):
+            reply = http.request(method, path)
+            assert reply.status_code == status, (method, path)
+            assert reply.headers["content-type"] == "application/json"
+            error = reply.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["code"] == code and error["type"] == "invalid_request_error" and path in error["message"]
+        assert "GET" in http.put("/v1/models").headers["allow"]
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [

@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -111,6 +112,26 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+#: OpenAI's codes for the errors Starlette raises itself (unknown route, method not allowed)
+_ROUTING_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own HTTP errors (no such route: 404, wrong method: 405) in OpenAI's error shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    what = f"{request.method} {request.url.path}"
+    message = {404: f"no such route: {what}", 405: f"method not allowed: {what}"}.get(exc.status_code, exc.detail)
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    body = protocol.error_body(message, kind, _ROUTING_CODES.get(exc.status_code))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _server_exception(_: Request, exc: Exception) -> Response:
+    """Anything that escaped the routes (their own errors are mapped by ``failure``): a 500 in OpenAI's shape."""
+    fail = failure(exc)
+    return JSONResponse(fail.body, status_code=fail.status)
 
 
 def _json(status: int, body: Any, request_id: str | None = None) -> JSONResponse:
@@ -208,7 +229,8 @@ class Gateway:
                     expose_headers=[HEADER],
                 )
             )
-        return Starlette(routes=routes, middleware=middleware, lifespan=self.lifespan)
+        handlers = {StarletteHTTPException: _http_exception, Exception: _server_exception}
+        return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=self.lifespan)
 
     def _endpoint(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         """Authenticate, run, and turn every error into OpenAI's error JSON."""
