@@ -314,14 +314,22 @@ def test_cancel_from_the_replica_that_does_not_own_the_request_stops_generation(
         assert reply.json()["cancelled_here"] is False
         events.rest()
         took = time.monotonic() - asked
-    assert events.error is not None and "cancelled" in events.error["message"] and not events.done
+    assert events.error is not None and not events.done
+    assert (events.error["code"], events.error["type"]) == ("cancelled", "invalid_request_error")
     assert took < 2.0, took
     assert len(generations(fake, f"cancel {tag}")) == 1
     wait_for(lambda: generations(fake, f"cancel {tag}")[0]["outcome"] != "started", 5, "the backend call to end")
     assert generations(fake, f"cancel {tag}")[0]["tokens_sent"] < TOKENS
     status = b.http().get(f"/v1/requests/{rid}").json()
     assert status["state"] == "Failed" and "cancelled" in status["error"]
+    assert events.error["message"] == f"request {rid!r} failed: {status['error']}"  # one wording
     assert b.http().delete(f"/v1/requests/{rid}").status_code == 409
+    # resuming it later, on the replica that did not run it (the outcome read from Redis): the same error
+    for replica in (a, b):
+        with replica.http() as http, http.stream("GET", f"/v1/requests/{rid}/stream") as resp:
+            again = Events(resp)
+            again.rest()
+        assert again.error == events.error and "".join(again.texts) == "".join(events.texts)
 
 
 def test_backend_failure_mid_stream_with_a_fallback_gives_the_whole_answer(

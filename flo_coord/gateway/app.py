@@ -92,6 +92,16 @@ def failure(exc: BaseException) -> HTTPError:
     return HTTPError(500, "internal error", "server_error", "internal_error")
 
 
+#: the reason the Coordinator records for a cancelled request (its outcome's error, kind "Cancelled")
+CANCELLED = "cancelled by the caller"
+
+
+def cancelled(rid: str) -> HTTPError:
+    """A cancelled request's answer: 409 ``cancelled``, worded as the stored outcome's error
+    (``GET /v1/requests/{id}`` shows the same reason); a client's own decision, not a server error."""
+    return HTTPError(409, f"request {rid!r} failed: {CANCELLED}", "invalid_request_error", "cancelled")
+
+
 def _failed_call(attempt: Any) -> bool:
     """A backend call that failed (not the closing "no backend available" record)."""
     result = attempt.result
@@ -354,7 +364,7 @@ class Gateway:
                 why = "this replica is shutting down; the request goes on elsewhere: resume with Last-Event-ID"
                 live.finish(HTTPError(503, why, "server_error", "replica_shutting_down"))
             else:
-                live.finish(GenerationError(rid, f"request {rid!r} failed: cancelled"))
+                live.finish(cancelled(rid))
         except Exception as exc:
             live.finish(exc)
         finally:
@@ -374,20 +384,37 @@ class Gateway:
         headers = {HEADER: rid}
         chunks = self._source(rid, 0 if not stream else offset)
         if not stream:
-            async with contextlib.aclosing(chunks) as parts:
-                text = "".join([part async for part in parts])
+            try:
+                async with contextlib.aclosing(chunks) as parts:
+                    text = "".join([part async for part in parts])
+            except GenerationError as exc:
+                raise await self._failure(rid, exc) from None
             reason, usage = await self._ending(rid, text)
             return JSONResponse(shaper.whole(text, reason, usage), headers=headers)
         try:
             first: str | None = await anext(chunks)
         except StopAsyncIteration:
             first = None
+        except GenerationError as exc:
+            await chunks.aclose()
+            raise await self._failure(rid, exc) from None
         except BaseException:
             await chunks.aclose()
             raise
         events = self._events(rid, shape, shaper, offset, first, chunks, resumed)
         headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def _failure(self, rid: str, exc: Exception) -> HTTPError:
+        """``failure(exc)``, except that a request whose outcome says it was cancelled (kind
+        "Cancelled": by DELETE on any replica, or on_disconnect = "cancel") is ``cancelled(rid)``,
+        however its end reached us (this replica's task, or the outcome followed from Redis)."""
+        if isinstance(exc, GenerationError):
+            with contextlib.suppress(Exception):
+                outcome = await self.coordinator.outcome(rid)
+                if outcome is not None and outcome.error_kind == "Cancelled":
+                    return cancelled(rid)
+        return failure(exc)
 
     async def _ending(self, rid: str, text: str) -> tuple[str, dict[str, int]]:
         outcome = await self.coordinator.outcome(rid)
@@ -434,7 +461,7 @@ class Gateway:
                         break
                     except Exception as exc:  # after the stream started: one error event, then close
                         finished = True
-                        yield protocol.sse(failure(exc).body)
+                        yield protocol.sse((await self._failure(rid, exc)).body)
                         return
             reason, usage = await self._ending(rid, "")
             yield protocol.sse(shaper.finish(reason, with_usage), protocol.event_id(rid, position))
