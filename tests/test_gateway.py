@@ -437,6 +437,20 @@ def test_serve_usage_mistakes_are_one_line_errors(argv: list[str], env: dict[str
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
+def test_serve_on_a_port_in_use_is_a_one_line_error_before_waiting_for_redis() -> None:
+    import socket
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLO_")}
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        argv = ["serve", "--backend", "Vllm=http://h:1,m", "--port", str(port), "--redis-url", "redis://127.0.0.1:1"]
+        done = subprocess.run(
+            [sys.executable, "-m", "flo_coord", *argv], capture_output=True, text=True, env=clean, timeout=60
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"flo-coord serve: error: port {port} on 127.0.0.1 is in use"]
+
+
 def test_on_disconnect_cancel_ends_a_request_whose_client_left_and_did_not_come_back(
     redis_server: RedisServer, fake: FakeLLMServerThread
 ) -> None:

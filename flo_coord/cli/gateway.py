@@ -64,6 +64,24 @@ def bearer_keys(gateway: Any, environ: dict[str, str] | None = None) -> set[str]
     return digests
 
 
+def check_port(host: str, port: int) -> None:
+    """UsageError (exit 2, one line) when ``host``:``port`` cannot be listened on (in use, not
+    an address of this machine, privileged), checked before waiting for Redis, as uvicorn binds
+    (SO_REUSEADDR: a port in TIME_WAIT is free). Port 0 (any free port) is not checked."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    try:
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is in use") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}") from None
+
+
 def cmd_serve(args: Any) -> int:
     from flo_coord import validation
     from flo_coord.core import default_worker_id
@@ -79,6 +97,7 @@ def cmd_serve(args: Any) -> int:
             "or [[backends]] in the TOML file (--config or FLO_CONFIG)"
         )
     keys = bearer_keys(gateway)
+    check_port(gateway.host, gateway.port)
     check_redis(settings.redis.url, unreachable_ok=True)  # a bad URL or credentials: exit 2; down: wait
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve(settings, gateway, worker_id, keys, args))
