@@ -269,6 +269,52 @@ def test_client_disconnects_and_resumes_later_on_the_other_replica(
     assert len(generations(fake, f"leave {tag}")) == 1
 
 
+def test_resuming_past_the_end_of_the_answer_is_a_400_naming_its_length(
+    pair: list[Replica], fake: FakeLLMServerThread
+) -> None:
+    a, b = pair
+    tag = uuid.uuid4().hex
+    whole = a.client().chat.completions.create(model="vllm-m", messages=[{"role": "user", "content": f"end {tag}"}])
+    rid, length = whole.id, len(chat_answer(f"end {tag}"))
+    for replica in (a, b):  # the replica that generated it, and one that reads it from Redis
+        with replica.http() as http:
+            for params, headers, origin in (
+                ({"offset": 99999}, {}, "offset"),
+                ({}, {"last-event-id": f"{rid}:{length + 1}"}, "Last-Event-ID"),
+            ):
+                reply = http.get(f"/v1/requests/{rid}/stream", params=params, headers=headers)
+                assert reply.status_code == 400, reply.text
+                error = reply.json()["error"]
+                assert (error["code"], error["param"]) == ("offset_out_of_range", origin)
+                assert f"({length} chars)" in error["message"] and f"from 0 to {length}" in error["message"]
+            # exactly at the end: the clean ending, no text
+            with http.stream("GET", f"/v1/requests/{rid}/stream", params={"offset": length}) as resp:
+                events = Events(resp)
+                assert resp.status_code == 200 and events.rest() == "" and events.done
+    # a request still generating: the offset is waited for (follow_wait, 5 s) while the text grows
+    fake.set_token_delay(0.05)
+    with a.http() as http, http.stream("POST", "/v1/chat/completions", json=_chat_body(f"grow {tag}")) as resp:
+        rid = resp.headers["x-flo-request-id"]
+        own = Events(resp)
+        own.read(1)
+        answer = chat_answer(f"grow {tag}")
+        ahead = len(answer) - 10  # not committed yet: about 35 tokens (~2 s) away
+        for replica in (a, b):
+            with replica.http() as other, other.stream("GET", f"/v1/requests/{rid}/stream?offset={ahead}") as late:
+                assert late.status_code == 200 and Events(late).rest() == answer[ahead:]
+        assert own.rest() == answer
+    # ... and refused after follow_wait when the text never reaches it
+    fake.set_token_delay(0.5)
+    with a.http() as http, http.stream("POST", "/v1/chat/completions", json=_chat_body(f"slow {tag}")) as resp:
+        rid = resp.headers["x-flo-request-id"]
+        Events(resp).read(1)
+        started = time.monotonic()
+        reply = b.http().get(f"/v1/requests/{rid}/stream", params={"offset": 99999})
+        assert reply.status_code == 400 and 4.5 < time.monotonic() - started < 10
+        error = reply.json()["error"]
+        assert error["code"] == "offset_out_of_range" and "after waiting 5s" in error["message"]
+
+
 def test_idempotency_key_attaches_to_the_first_generation_and_refuses_another_body(
     pair: list[Replica], fake: FakeLLMServerThread
 ) -> None:
