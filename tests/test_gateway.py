@@ -468,7 +468,11 @@ def test_unknown_routes_and_methods_get_openai_error_json(pair: list[Replica]) -
     ("argv", "env", "message"),
     [
         (["serve"], {}, "no backends configured"),
-        (["serve", "--backend", "Vllm=http://h:1,m", "--key-env", "FLO_TEST_UNSET_KEY"], {}, "is not set"),
+        (
+            ["serve", "--backend", "Vllm=http://h:1,m", "--key-env", "FLO_TEST_UNSET_KEY"],
+            {},
+            "error: --key-env names $FLO_TEST_UNSET_KEY, which is not set",  # the flag, not [gateway] keys_env
+        ),
         (["serve", "--backend", "Vllm=http://h:1,m", "--redis-url", "nope://x"], {}, "bad Redis URL"),
         (["serve", "--port", "70000"], {}, "TCP port"),
         (["serve", "--backend", "Vllm=http://h:1,m"], {"FLO_GATEWAY_PORT": "http"}, "invalid configuration"),
@@ -481,6 +485,30 @@ def test_serve_usage_mistakes_are_one_line_errors(argv: list[str], env: dict[str
     )
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_help_says_what_it_takes_and_the_worker_id_it_picks(
+    redis_server: RedisServer, fake: FakeLLMServerThread
+) -> None:
+    import re
+    import socket
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLO_")}
+    run = [sys.executable, "-m", "flo_coord", "serve"]
+    shown = subprocess.run([*run, "--help"], capture_output=True, text=True, env=clean, timeout=60).stdout
+    words = " ".join(shown.split())
+    assert "does not take requests from the Redis queue that 'flo-coord submit' writes to" in words
+    assert "default <host>-<pid>-<random>" in words
+    argv = ["--redis-url", redis_server.url, "--port", "0", "--backend", f"Vllm={fake.base_url},vllm-m"]
+    proc = subprocess.Popen([*run, *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        worker_id = line.rsplit(" as ", 1)[1].strip()
+        assert re.fullmatch(rf"{re.escape(socket.gethostname()[:40])}-{proc.pid}-[0-9a-f]{{6}}", worker_id), line
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_serve_on_a_port_in_use_is_a_one_line_error_before_waiting_for_redis() -> None:

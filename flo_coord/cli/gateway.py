@@ -49,9 +49,10 @@ def gateway_settings(args: Any, settings: Any) -> Any:
     return msgspec.structs.replace(settings.gateway, **changes)
 
 
-def bearer_keys(gateway: Any, environ: dict[str, str] | None = None) -> set[str]:
+def bearer_keys(gateway: Any, environ: dict[str, str] | None = None, source: str = "[gateway] keys_env") -> set[str]:
     """SHA-256 digests of the accepted keys: from the variables named by ``keys_env`` and
-    ``key_hashes``. A named variable that is unset or empty is a usage error."""
+    ``key_hashes``. A named variable that is unset or empty is a usage error naming
+    ``source``, where the names came from (the TOML key, or ``--key-env``)."""
     from flo_coord.gateway.store import key_hash
 
     environ = dict(os.environ) if environ is None else environ
@@ -59,7 +60,7 @@ def bearer_keys(gateway: Any, environ: dict[str, str] | None = None) -> set[str]
     for name in gateway.keys_env:
         value = environ.get(name, "")
         if not value:
-            raise UsageError(f"[gateway] keys_env names ${name}, which is not set")
+            raise UsageError(f"{source} names ${name}, which is not set")
         digests.add(key_hash(value))
     return digests
 
@@ -96,7 +97,7 @@ def cmd_serve(args: Any) -> int:
             "no backends configured: add --backend NAME=URL,MODEL[,KIND] (e.g. Vllm=http://localhost:8000,llama) "
             "or [[backends]] in the TOML file (--config or FLO_CONFIG)"
         )
-    keys = bearer_keys(gateway)
+    keys = bearer_keys(gateway, source="--key-env" if args.key_env else "[gateway] keys_env")
     check_port(gateway.host, gateway.port)
     check_redis(settings.redis.url, unreachable_ok=True)  # a bad URL or credentials: exit 2; down: wait
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
