@@ -415,9 +415,14 @@ class Gateway:
         seconds in which the text did not reach it (waiting longer for a chunk is fine as long
         as the offset is within what is committed: a slow backend is no client mistake).
         """
+        if not offset:  # the common case: no task of its own on the way to the first token
+            try:
+                return await anext(chunks)
+            except StopAsyncIteration:
+                return None
         following = asyncio.ensure_future(anext(chunks))
         try:
-            while offset:
+            while True:
                 await asyncio.wait({following}, timeout=self.settings.follow_wait)
                 if following.done():
                     break
@@ -427,15 +432,14 @@ class Gateway:
                     raise self._past_end(rid, offset, length, origin, f" after waiting {wait}s for more")
             return await following
         except StopAsyncIteration:
-            length = await self._committed(rid) if offset else 0
+            length = await self._committed(rid)
             if offset > length:
                 raise self._past_end(rid, offset, length, origin, "") from None
             return None
         finally:
             if not following.done():
                 following.cancel()
-                with contextlib.suppress(BaseException):
-                    await following
+                await asyncio.gather(following, return_exceptions=True)  # our own cancellation still propagates
 
     @staticmethod
     def _past_end(rid: str, offset: int, length: int, origin: str, waited: str) -> HTTPError:
