@@ -487,6 +487,36 @@ def test_serve_usage_mistakes_are_one_line_errors(argv: list[str], env: dict[str
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_port_taken_between_the_check_and_uvicorns_bind_is_still_one_line_and_exit_2(
+    redis_server: RedisServer, fake: FakeLLMServerThread, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    import socket
+
+    from flo_coord.cli import gateway as serve_command
+    from flo_coord.cli import main
+
+    real_check = serve_command.check_port
+    checks: list[int] = []
+
+    def taken_after_the_first_check(host: str, port: int) -> None:
+        checks.append(port)
+        if len(checks) > 1:  # the first check "passed": another process took the port right after it
+            real_check(host, port)
+
+    monkeypatch.setattr(serve_command, "check_port", taken_after_the_first_check)
+    for name in [k for k in os.environ if k.startswith("FLO_")]:
+        monkeypatch.delenv(name)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        argv = ["serve", "--redis-url", redis_server.url, "--namespace", f"gw{uuid.uuid4().hex[:8]}",
+                "--port", str(port), "--backend", f"Vllm={fake.base_url},vllm-m"]  # fmt: skip
+        assert main(argv) == 2
+    assert checks == [port, port]
+    err = capsys.readouterr().err  # uvicorn's own log line of the failed bind, then ours; no traceback
+    assert err.strip().splitlines()[-1] == f"flo-coord serve: error: port {port} on 127.0.0.1 is in use", err
+    assert "Traceback" not in err and "never retrieved" not in err
+
+
 def test_serve_help_says_what_it_takes_and_the_worker_id_it_picks(
     redis_server: RedisServer, fake: FakeLLMServerThread
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -121,6 +122,13 @@ async def _redis_or_signal(manager: Any, url: str) -> bool:
     return ready
 
 
+async def _run_server(server: Any) -> None:
+    """uvicorn's ``serve``, without its ``sys.exit(3)`` when it cannot start (it logged why;
+    e.g. the port was taken after ``check_port``): the caller reports it as a usage error."""
+    with contextlib.suppress(SystemExit):
+        await server.serve()
+
+
 def _loop_factory() -> Any:
     """uvloop's event loop when installed (the gateway extra brings it): less time per event."""
     try:
@@ -166,7 +174,7 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
         lifespan="on",
     )
     server = _server_class()(config, front, args.grace)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(_run_server(server))
     watch = None
     if args.exit_with_parent:
         from flo_coord.cli.serve import watch_parent
@@ -183,4 +191,7 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
     await task
     if watch is not None:
         watch.cancel()
-    return 0 if server.started else 2
+    if not server.started:
+        check_port(gateway.host, gateway.port)  # the usual reason, in the usual words
+        raise UsageError(f"could not start listening on {gateway.host}:{gateway.port} (see the error above)")
+    return 0
