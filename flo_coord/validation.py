@@ -16,6 +16,9 @@ from flo_coord.models import ChatMessage
 # nor whitespace or control characters (they appear in logs and keys).
 _ID_RE = re.compile(r"[A-Za-z0-9_.:@/+=-]+")
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]+")
+#: The chat roles accepted from users (the CLI's ``--message``, the gateway): OpenAI's roles
+#: that carry plain text ("tool" answers a tool call, which no entry point supports).
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 #: Largest value of any limit (Redis strings top out at 512 MiB).
 _MAX_LIMIT = 512 << 20
 #: Largest duration accepted (lease, age, retention): ten years, in seconds.

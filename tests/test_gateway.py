@@ -269,6 +269,52 @@ def test_client_disconnects_and_resumes_later_on_the_other_replica(
     assert len(generations(fake, f"leave {tag}")) == 1
 
 
+def test_resuming_past_the_end_of_the_answer_is_a_400_naming_its_length(
+    pair: list[Replica], fake: FakeLLMServerThread
+) -> None:
+    a, b = pair
+    tag = uuid.uuid4().hex
+    whole = a.client().chat.completions.create(model="vllm-m", messages=[{"role": "user", "content": f"end {tag}"}])
+    rid, length = whole.id, len(chat_answer(f"end {tag}"))
+    for replica in (a, b):  # the replica that generated it, and one that reads it from Redis
+        with replica.http() as http:
+            for params, headers, origin in (
+                ({"offset": 99999}, {}, "offset"),
+                ({}, {"last-event-id": f"{rid}:{length + 1}"}, "Last-Event-ID"),
+            ):
+                reply = http.get(f"/v1/requests/{rid}/stream", params=params, headers=headers)
+                assert reply.status_code == 400, reply.text
+                error = reply.json()["error"]
+                assert (error["code"], error["param"]) == ("offset_out_of_range", origin)
+                assert f"({length} chars)" in error["message"] and f"from 0 to {length}" in error["message"]
+            # exactly at the end: the clean ending, no text
+            with http.stream("GET", f"/v1/requests/{rid}/stream", params={"offset": length}) as resp:
+                events = Events(resp)
+                assert resp.status_code == 200 and events.rest() == "" and events.done
+    # a request still generating: the offset is waited for (follow_wait, 5 s) while the text grows
+    fake.set_token_delay(0.05)
+    with a.http() as http, http.stream("POST", "/v1/chat/completions", json=_chat_body(f"grow {tag}")) as resp:
+        rid = resp.headers["x-flo-request-id"]
+        own = Events(resp)
+        own.read(1)
+        answer = chat_answer(f"grow {tag}")
+        ahead = len(answer) - 10  # not committed yet: about 35 tokens (~2 s) away
+        for replica in (a, b):
+            with replica.http() as other, other.stream("GET", f"/v1/requests/{rid}/stream?offset={ahead}") as late:
+                assert late.status_code == 200 and Events(late).rest() == answer[ahead:]
+        assert own.rest() == answer
+    # ... and refused after follow_wait when the text never reaches it
+    fake.set_token_delay(0.5)
+    with a.http() as http, http.stream("POST", "/v1/chat/completions", json=_chat_body(f"slow {tag}")) as resp:
+        rid = resp.headers["x-flo-request-id"]
+        Events(resp).read(1)
+        started = time.monotonic()
+        reply = b.http().get(f"/v1/requests/{rid}/stream", params={"offset": 99999})
+        assert reply.status_code == 400 and 4.5 < time.monotonic() - started < 10
+        error = reply.json()["error"]
+        assert error["code"] == "offset_out_of_range" and "after waiting 5s" in error["message"]
+
+
 def test_idempotency_key_attaches_to_the_first_generation_and_refuses_another_body(
     pair: list[Replica], fake: FakeLLMServerThread
 ) -> None:
@@ -314,14 +360,22 @@ def test_cancel_from_the_replica_that_does_not_own_the_request_stops_generation(
         assert reply.json()["cancelled_here"] is False
         events.rest()
         took = time.monotonic() - asked
-    assert events.error is not None and "cancelled" in events.error["message"] and not events.done
+    assert events.error is not None and not events.done
+    assert (events.error["code"], events.error["type"]) == ("cancelled", "invalid_request_error")
     assert took < 2.0, took
     assert len(generations(fake, f"cancel {tag}")) == 1
     wait_for(lambda: generations(fake, f"cancel {tag}")[0]["outcome"] != "started", 5, "the backend call to end")
     assert generations(fake, f"cancel {tag}")[0]["tokens_sent"] < TOKENS
     status = b.http().get(f"/v1/requests/{rid}").json()
     assert status["state"] == "Failed" and "cancelled" in status["error"]
+    assert events.error["message"] == f"request {rid!r} failed: {status['error']}"  # one wording
     assert b.http().delete(f"/v1/requests/{rid}").status_code == 409
+    # resuming it later, on the replica that did not run it (the outcome read from Redis): the same error
+    for replica in (a, b):
+        with replica.http() as http, http.stream("GET", f"/v1/requests/{rid}/stream") as resp:
+            again = Events(resp)
+            again.rest()
+        assert again.error == events.error and "".join(again.texts) == "".join(events.texts)
 
 
 def test_backend_failure_mid_stream_with_a_fallback_gives_the_whole_answer(
@@ -393,11 +447,32 @@ def test_models_health_readiness_and_metrics(pair: list[Replica]) -> None:
     assert httpx.get(f"{pair[0].url}/v1/models").status_code == 401
 
 
+def test_unknown_routes_and_methods_get_openai_error_json(pair: list[Replica]) -> None:
+    with pair[0].http() as http:
+        for method, path, status, code in (
+            ("GET", "/nope", 404, "not_found"),
+            ("POST", "/v1/embeddings", 404, "not_found"),
+            ("PUT", "/v1/models", 405, "method_not_allowed"),
+            ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+        ):
+            reply = http.request(method, path)
+            assert reply.status_code == status, (method, path)
+            assert reply.headers["content-type"] == "application/json"
+            error = reply.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["code"] == code and error["type"] == "invalid_request_error" and path in error["message"]
+        assert "GET" in http.put("/v1/models").headers["allow"]
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
         (["serve"], {}, "no backends configured"),
-        (["serve", "--backend", "Vllm=http://h:1,m", "--key-env", "FLO_TEST_UNSET_KEY"], {}, "is not set"),
+        (
+            ["serve", "--backend", "Vllm=http://h:1,m", "--key-env", "FLO_TEST_UNSET_KEY"],
+            {},
+            "error: --key-env names $FLO_TEST_UNSET_KEY, which is not set",  # the flag, not [gateway] keys_env
+        ),
         (["serve", "--backend", "Vllm=http://h:1,m", "--redis-url", "nope://x"], {}, "bad Redis URL"),
         (["serve", "--port", "70000"], {}, "TCP port"),
         (["serve", "--backend", "Vllm=http://h:1,m"], {"FLO_GATEWAY_PORT": "http"}, "invalid configuration"),
@@ -410,6 +485,74 @@ def test_serve_usage_mistakes_are_one_line_errors(argv: list[str], env: dict[str
     )
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_port_taken_between_the_check_and_uvicorns_bind_is_still_one_line_and_exit_2(
+    redis_server: RedisServer, fake: FakeLLMServerThread, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    import socket
+
+    from flo_coord.cli import gateway as serve_command
+    from flo_coord.cli import main
+
+    real_check = serve_command.check_port
+    checks: list[int] = []
+
+    def taken_after_the_first_check(host: str, port: int) -> None:
+        checks.append(port)
+        if len(checks) > 1:  # the first check "passed": another process took the port right after it
+            real_check(host, port)
+
+    monkeypatch.setattr(serve_command, "check_port", taken_after_the_first_check)
+    for name in [k for k in os.environ if k.startswith("FLO_")]:
+        monkeypatch.delenv(name)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        argv = ["serve", "--redis-url", redis_server.url, "--namespace", f"gw{uuid.uuid4().hex[:8]}",
+                "--port", str(port), "--backend", f"Vllm={fake.base_url},vllm-m"]  # fmt: skip
+        assert main(argv) == 2
+    assert checks == [port, port]
+    err = capsys.readouterr().err  # uvicorn's own log line of the failed bind, then ours; no traceback
+    assert err.strip().splitlines()[-1] == f"flo-coord serve: error: port {port} on 127.0.0.1 is in use", err
+    assert "Traceback" not in err and "never retrieved" not in err
+
+
+def test_serve_help_says_what_it_takes_and_the_worker_id_it_picks(
+    redis_server: RedisServer, fake: FakeLLMServerThread
+) -> None:
+    import re
+    import socket
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLO_")}
+    run = [sys.executable, "-m", "flo_coord", "serve"]
+    shown = subprocess.run([*run, "--help"], capture_output=True, text=True, env=clean, timeout=60).stdout
+    words = " ".join(shown.split())
+    assert "does not take requests from the Redis queue that 'flo-coord submit' writes to" in words
+    assert "default <host>-<pid>-<random>" in words
+    argv = ["--redis-url", redis_server.url, "--port", "0", "--backend", f"Vllm={fake.base_url},vllm-m"]
+    proc = subprocess.Popen([*run, *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        worker_id = line.rsplit(" as ", 1)[1].strip()
+        assert re.fullmatch(rf"{re.escape(socket.gethostname()[:40])}-{proc.pid}-[0-9a-f]{{6}}", worker_id), line
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error_before_waiting_for_redis() -> None:
+    import socket
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLO_")}
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        argv = ["serve", "--backend", "Vllm=http://h:1,m", "--port", str(port), "--redis-url", "redis://127.0.0.1:1"]
+        done = subprocess.run(
+            [sys.executable, "-m", "flo_coord", *argv], capture_output=True, text=True, env=clean, timeout=60
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"flo-coord serve: error: port {port} on 127.0.0.1 is in use"]
 
 
 def test_on_disconnect_cancel_ends_a_request_whose_client_left_and_did_not_come_back(

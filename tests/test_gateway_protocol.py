@@ -49,7 +49,14 @@ def test_sampling_parameters_are_kept_and_max_completion_tokens_wins() -> None:
         (chat(functions=[{"name": "f"}]), "functions"),
         (chat(temperature=3), "temperature"),
         (chat(stop=["a", "b", "c", "d", "e"]), "stop"),
-        (chat(response_format={"type": "json_object"}), None),  # unknown fields are refused too
+        (chat(response_format={"type": "json_object"}), "response_format"),  # unknown fields, by name
+        (chat(messages=[{"role": "user", "content": "x", "refusal": None}]), "messages[0].refusal"),
+        (chat(stream=True, stream_options={"include_usage": True, "x": 1}), "stream_options.x"),
+        (chat(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
+        (chat(messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "x"}]), "messages[1].role"),
+        (chat(messages=[{"role": "user", "content": None}]), "messages[0].content"),
+        (chat(stream_options={"include_usage": True}), "stream_options"),  # without stream: true
+        (chat(stream=False, stream_options={"include_usage": False}), "stream_options"),
         (chat(messages=[]), "messages"),
         (chat(messages=[{"role": "user", "content": "x"}] * 4), "messages"),  # max_messages
         (chat(messages=[{"role": "user", "content": "x" * 101}]), "messages"),  # max_prompt_bytes
@@ -67,6 +74,15 @@ def test_refused_bodies_name_the_parameter(body: bytes, param: str | None) -> No
     assert refused.value.param == param
     assert isinstance(refused.value, ValidationError)  # a FloCoordError subclass, status 400
     assert failure(refused.value).status == 400
+
+
+def test_the_roles_the_cli_accepts_are_accepted() -> None:
+    from flo_coord.validation import CHAT_ROLES
+
+    messages = [{"role": role, "content": role} for role in CHAT_ROLES[:3]]
+    parsed = parse(chat(messages=messages), chat=True, limits=LIMITS)
+    assert [m.role for m in parsed.messages or []] == ["system", "developer", "user"]
+    assert parse(chat(messages=[{"role": "assistant", "content": "a"}]), chat=True, limits=LIMITS).messages
 
 
 def test_event_ids_round_trip_and_reject_garbage() -> None:

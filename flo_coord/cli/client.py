@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from flo_coord.cli import render
 from flo_coord.cli.common import CommandFailedError, UsageError, client_manager, load, redis_time, run, setup_logging
+from flo_coord.validation import CHAT_ROLES
 
 if TYPE_CHECKING:
     from flo_coord.manager import AsyncFailoverManager
@@ -141,10 +142,6 @@ def _prompt(args: Any) -> str:
             "or chat messages with --message ROLE=TEXT or --messages-file FILE"
         )
     return str(args.prompt)
-
-
-#: Roles ``--message`` and ``--messages-file`` accept (OpenAI's chat roles that carry plain text).
-CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 def _message(value: str) -> dict[str, str]:

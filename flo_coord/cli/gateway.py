@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -49,9 +50,10 @@ def gateway_settings(args: Any, settings: Any) -> Any:
     return msgspec.structs.replace(settings.gateway, **changes)
 
 
-def bearer_keys(gateway: Any, environ: dict[str, str] | None = None) -> set[str]:
+def bearer_keys(gateway: Any, environ: dict[str, str] | None = None, source: str = "[gateway] keys_env") -> set[str]:
     """SHA-256 digests of the accepted keys: from the variables named by ``keys_env`` and
-    ``key_hashes``. A named variable that is unset or empty is a usage error."""
+    ``key_hashes``. A named variable that is unset or empty is a usage error naming
+    ``source``, where the names came from (the TOML key, or ``--key-env``)."""
     from flo_coord.gateway.store import key_hash
 
     environ = dict(os.environ) if environ is None else environ
@@ -59,9 +61,27 @@ def bearer_keys(gateway: Any, environ: dict[str, str] | None = None) -> set[str]
     for name in gateway.keys_env:
         value = environ.get(name, "")
         if not value:
-            raise UsageError(f"[gateway] keys_env names ${name}, which is not set")
+            raise UsageError(f"{source} names ${name}, which is not set")
         digests.add(key_hash(value))
     return digests
+
+
+def check_port(host: str, port: int) -> None:
+    """UsageError (exit 2, one line) when ``host``:``port`` cannot be listened on (in use, not
+    an address of this machine, privileged), checked before waiting for Redis, as uvicorn binds
+    (SO_REUSEADDR: a port in TIME_WAIT is free). Port 0 (any free port) is not checked."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    try:
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is in use") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}") from None
 
 
 def cmd_serve(args: Any) -> int:
@@ -78,7 +98,8 @@ def cmd_serve(args: Any) -> int:
             "no backends configured: add --backend NAME=URL,MODEL[,KIND] (e.g. Vllm=http://localhost:8000,llama) "
             "or [[backends]] in the TOML file (--config or FLO_CONFIG)"
         )
-    keys = bearer_keys(gateway)
+    keys = bearer_keys(gateway, source="--key-env" if args.key_env else "[gateway] keys_env")
+    check_port(gateway.host, gateway.port)
     check_redis(settings.redis.url, unreachable_ok=True)  # a bad URL or credentials: exit 2; down: wait
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve(settings, gateway, worker_id, keys, args))
@@ -99,6 +120,13 @@ async def _redis_or_signal(manager: Any, url: str) -> bool:
     if not ready:
         log.info("stopped while waiting for Redis")
     return ready
+
+
+async def _run_server(server: Any) -> None:
+    """uvicorn's ``serve``, without its ``sys.exit(3)`` when it cannot start (it logged why;
+    e.g. the port was taken after ``check_port``): the caller reports it as a usage error."""
+    with contextlib.suppress(SystemExit):
+        await server.serve()
 
 
 def _loop_factory() -> Any:
@@ -146,7 +174,7 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
         lifespan="on",
     )
     server = _server_class()(config, front, args.grace)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(_run_server(server))
     watch = None
     if args.exit_with_parent:
         from flo_coord.cli.serve import watch_parent
@@ -163,4 +191,7 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
     await task
     if watch is not None:
         watch.cancel()
-    return 0 if server.started else 2
+    if not server.started:
+        check_port(gateway.host, gateway.port)  # the usual reason, in the usual words
+        raise UsageError(f"could not start listening on {gateway.host}:{gateway.port} (see the error above)")
+    return 0

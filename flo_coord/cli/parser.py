@@ -104,9 +104,16 @@ def _serve_command(command: Any, redis: argparse.ArgumentParser, logs: argparse.
         "Run an OpenAI-compatible HTTP gateway that is also a worker; streams resume on any replica",
         (redis, logs),
     )
+    p.description = (
+        "Run an OpenAI-compatible HTTP gateway that is also a worker for the requests it receives over HTTP "
+        "(and for orphans it takes over); streams resume on any replica. It does not take requests from the "
+        "Redis queue that 'flo-coord submit' writes to: run 'flo-coord worker' for those (docs/GATEWAY.md)"
+    )
     p.add_argument("--host", metavar="ADDR", help="address to listen on (env FLO_GATEWAY_HOST; default 127.0.0.1)")
     p.add_argument("--port", type=port, metavar="PORT", help="port, 0 for any (env FLO_GATEWAY_PORT; default 8080)")
-    p.add_argument("--worker-id", metavar="ID", help="unique id of this replica (env FLO_WORKER_ID; default host-pid)")
+    p.add_argument(
+        "--worker-id", metavar="ID", help="unique id of this replica (env FLO_WORKER_ID; default <host>-<pid>-<random>)"
+    )
     p.add_argument("--lease-ttl", type=seconds, metavar="S", help="lease in seconds (env FLO_LEASE_TTL; default 5)")
     _backend_flag(p, "a backend to generate with")
     p.add_argument("--key-env", action="append", metavar="VAR", help="require a bearer key; VAR holds one (repeatable)")

@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -25,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from flo_coord import validation
+from flo_coord import codec, validation
 from flo_coord.backends import RateLimitedError
 from flo_coord.errors import (
     ContentPolicyError,
@@ -91,6 +92,16 @@ def failure(exc: BaseException) -> HTTPError:
     return HTTPError(500, "internal error", "server_error", "internal_error")
 
 
+#: the reason the Coordinator records for a cancelled request (its outcome's error, kind "Cancelled")
+CANCELLED = "cancelled by the caller"
+
+
+def cancelled(rid: str) -> HTTPError:
+    """A cancelled request's answer: 409 ``cancelled``, worded as the stored outcome's error
+    (``GET /v1/requests/{id}`` shows the same reason); a client's own decision, not a server error."""
+    return HTTPError(409, f"request {rid!r} failed: {CANCELLED}", "invalid_request_error", "cancelled")
+
+
 def _failed_call(attempt: Any) -> bool:
     """A backend call that failed (not the closing "no backend available" record)."""
     result = attempt.result
@@ -111,6 +122,26 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+#: OpenAI's codes for the errors Starlette raises itself (unknown route, method not allowed)
+_ROUTING_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own HTTP errors (no such route: 404, wrong method: 405) in OpenAI's error shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    what = f"{request.method} {request.url.path}"
+    message = {404: f"no such route: {what}", 405: f"method not allowed: {what}"}.get(exc.status_code, exc.detail)
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    body = protocol.error_body(message, kind, _ROUTING_CODES.get(exc.status_code))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _server_exception(_: Request, exc: Exception) -> Response:
+    """Anything that escaped the routes (their own errors are mapped by ``failure``): a 500 in OpenAI's shape."""
+    fail = failure(exc)
+    return JSONResponse(fail.body, status_code=fail.status)
 
 
 def _json(status: int, body: Any, request_id: str | None = None) -> JSONResponse:
@@ -208,7 +239,8 @@ class Gateway:
                     expose_headers=[HEADER],
                 )
             )
-        return Starlette(routes=routes, middleware=middleware, lifespan=self.lifespan)
+        handlers = {StarletteHTTPException: _http_exception, Exception: _server_exception}
+        return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=self.lifespan)
 
     def _endpoint(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         """Authenticate, run, and turn every error into OpenAI's error JSON."""
@@ -290,9 +322,9 @@ class Gateway:
         if earlier is None:
             return None
         request.scope["flo_request_id"] = earlier
-        offset = self._offset(request, earlier)
+        offset, origin = self._offset(request, earlier)
         stored = await self.manager.shell.run(store.load_presentation(self.manager, earlier), "gateway")
-        return await self._respond(earlier, stored or shape, offset, parsed.stream, resumed=offset > 0)
+        return await self._respond(earlier, stored or shape, offset, parsed.stream, resumed=offset > 0, origin=origin)
 
     async def _body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -332,7 +364,7 @@ class Gateway:
                 why = "this replica is shutting down; the request goes on elsewhere: resume with Last-Event-ID"
                 live.finish(HTTPError(503, why, "server_error", "replica_shutting_down"))
             else:
-                live.finish(GenerationError(rid, f"request {rid!r} failed: cancelled"))
+                live.finish(cancelled(rid))
         except Exception as exc:
             live.finish(exc)
         finally:
@@ -347,25 +379,95 @@ class Gateway:
             return live.read(offset)
         return self.coordinator.follow(rid, offset, wait=self.settings.follow_wait)
 
-    async def _respond(self, rid: str, shape: Presentation, offset: int, stream: bool, *, resumed: bool) -> Response:
+    async def _respond(
+        self, rid: str, shape: Presentation, offset: int, stream: bool, *, resumed: bool, origin: str = "offset"
+    ) -> Response:
+        """The answer of ``rid`` from character ``offset`` (streams only; ``origin`` names where
+        the offset came from, for its 400): an SSE stream, or the whole completion object."""
         shaper = Shaper(rid, shape.object, shape.model, shape.created)
         headers = {HEADER: rid}
         chunks = self._source(rid, 0 if not stream else offset)
         if not stream:
-            async with contextlib.aclosing(chunks) as parts:
-                text = "".join([part async for part in parts])
+            try:
+                async with contextlib.aclosing(chunks) as parts:
+                    text = "".join([part async for part in parts])
+            except GenerationError as exc:
+                raise await self._failure(rid, exc) from None
             reason, usage = await self._ending(rid, text)
             return JSONResponse(shaper.whole(text, reason, usage), headers=headers)
         try:
-            first: str | None = await anext(chunks)
-        except StopAsyncIteration:
-            first = None
+            first = await self._first(rid, chunks, offset, origin)
+        except GenerationError as exc:
+            await chunks.aclose()
+            raise await self._failure(rid, exc) from None
         except BaseException:
             await chunks.aclose()
             raise
         events = self._events(rid, shape, shaper, offset, first, chunks, resumed)
         headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def _first(self, rid: str, chunks: Chunks, offset: int, origin: str) -> str | None:
+        """The first chunk at ``offset`` (None: the answer ended exactly there).
+
+        An offset past the committed text is a 400 naming the answer's length: at once when
+        the answer ended before it; for a request still generating, after ``follow_wait``
+        seconds in which the text did not reach it (waiting longer for a chunk is fine as long
+        as the offset is within what is committed: a slow backend is no client mistake).
+        """
+        if not offset:  # the common case: no task of its own on the way to the first token
+            try:
+                return await anext(chunks)
+            except StopAsyncIteration:
+                return None
+        following = asyncio.ensure_future(anext(chunks))
+        try:
+            while True:
+                await asyncio.wait({following}, timeout=self.settings.follow_wait)
+                if following.done():
+                    break
+                length = await self._committed(rid)
+                if offset > length:
+                    wait = f"{self.settings.follow_wait:g}"
+                    raise self._past_end(rid, offset, length, origin, f" after waiting {wait}s for more")
+            return await following
+        except StopAsyncIteration:
+            length = await self._committed(rid)
+            if offset > length:
+                raise self._past_end(rid, offset, length, origin, "") from None
+            return None
+        finally:
+            if not following.done():
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)  # our own cancellation still propagates
+
+    @staticmethod
+    def _past_end(rid: str, offset: int, length: int, origin: str, waited: str) -> HTTPError:
+        """The CLI's ``follow --offset`` wording, in OpenAI's error shape."""
+        message = (
+            f"{origin} {offset} is past the end of the answer of {rid} ({length} chars{waited}); "
+            f"use an offset from 0 to {length}"
+        )
+        return HTTPError(400, message, "invalid_request_error", "offset_out_of_range", origin)
+
+    async def _committed(self, rid: str) -> int:
+        """Characters of ``rid``'s answer committed so far (this replica's memory, else Redis)."""
+        live = self.live.get(rid)
+        if live is not None:
+            return live.length
+        raw = await self.manager.redis.get(self.manager.core.keys.request(rid).text)
+        return len(codec.text(raw)) if raw is not None else 0
+
+    async def _failure(self, rid: str, exc: Exception) -> HTTPError:
+        """``failure(exc)``, except that a request whose outcome says it was cancelled (kind
+        "Cancelled": by DELETE on any replica, or on_disconnect = "cancel") is ``cancelled(rid)``,
+        however its end reached us (this replica's task, or the outcome followed from Redis)."""
+        if isinstance(exc, GenerationError):
+            with contextlib.suppress(Exception):
+                outcome = await self.coordinator.outcome(rid)
+                if outcome is not None and outcome.error_kind == "Cancelled":
+                    return cancelled(rid)
+        return failure(exc)
 
     async def _ending(self, rid: str, text: str) -> tuple[str, dict[str, int]]:
         outcome = await self.coordinator.outcome(rid)
@@ -412,7 +514,7 @@ class Gateway:
                         break
                     except Exception as exc:  # after the stream started: one error event, then close
                         finished = True
-                        yield protocol.sse(failure(exc).body)
+                        yield protocol.sse((await self._failure(rid, exc)).body)
                         return
             reason, usage = await self._ending(rid, "")
             yield protocol.sse(shaper.finish(reason, with_usage), protocol.event_id(rid, position))
@@ -440,31 +542,32 @@ class Gateway:
                 await self.manager.shell.run(store.request_cancel(self.manager, rid), "cancel", rid)
                 self.cancel_local(rid)
 
-    def _offset(self, request: Request, rid: str) -> int:
-        """The resume position: ``?offset=N``, else ``Last-Event-ID`` (of this request), else 0."""
+    def _offset(self, request: Request, rid: str) -> tuple[int, str]:
+        """The resume position and where it came from: ``?offset=N`` ("offset"), else
+        ``Last-Event-ID`` of this request ("Last-Event-ID"), else 0."""
         value = request.query_params.get("offset")
         if value is not None:
             if not value.isdigit():
                 raise InvalidParameterError(f"offset must be a character count >= 0, got {value[:40]!r}", "offset")
-            return int(value)
+            return int(value), "offset"
         last = request.headers.get("last-event-id")
         if not last:
-            return 0
+            return 0, "offset"
         event_rid, offset = protocol.parse_event_id(last)
         if event_rid != rid:
             raise InvalidParameterError(f"Last-Event-ID belongs to request {event_rid[:80]!r}", "Last-Event-ID")
-        return offset
+        return offset, "Last-Event-ID"
 
     # -------------------------------------------------------------- other routes
 
     async def resume(self, request: Request) -> Response:
         rid = validation.request_id(request.path_params["request_id"], self.limits)
         request.scope["flo_request_id"] = rid
-        offset = self._offset(request, rid)
+        offset, origin = self._offset(request, rid)
         shape = await self.manager.shell.run(store.load_presentation(self.manager, rid), "gateway", rid)
         if shape is None:
             raise UnknownRequestError(rid)
-        return await self._respond(rid, shape, offset, True, resumed=offset > 0)
+        return await self._respond(rid, shape, offset, True, resumed=offset > 0, origin=origin)
 
     async def status(self, request: Request) -> Response:
         rid = validation.request_id(request.path_params["request_id"], self.limits)
@@ -488,7 +591,6 @@ class Gateway:
         outcome = await self.coordinator.outcome(rid)
         if outcome is None:
             raise UnknownRequestError(rid)
-        text = await self.manager.redis.get(self.manager.core.keys.request(rid).text)
         body = {
             "id": rid,
             "object": "request",
@@ -500,7 +602,7 @@ class Gateway:
             "finish_reason": getattr(outcome, "finish_reason", None),
             "usage": getattr(outcome, "usage", None),
             "error": outcome.error,
-            "committed_chars": len(text.decode("utf-8") if isinstance(text, bytes) else text or ""),
+            "committed_chars": await self._committed(rid),
         }
         return _json(200, body, rid)
 

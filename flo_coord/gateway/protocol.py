@@ -82,6 +82,7 @@ class CompletionBody(_Body, kw_only=True):
 SAMPLING = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "user")
 
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+_UNKNOWN_RE = re.compile(r"unknown field `([^`]*)`")
 
 
 class Parsed(msgspec.Struct, kw_only=True):
@@ -102,11 +103,13 @@ def parse(raw: bytes, *, chat: bool, limits: validation.Limits) -> Parsed:
     try:
         body = msgspec.json.decode(raw, type=ChatBody if chat else CompletionBody)
     except msgspec.ValidationError as exc:
-        found = _PATH_RE.search(str(exc))
-        raise InvalidParameterError(f"invalid request: {exc}", found.group(1) if found else None) from None
+        raise InvalidParameterError(f"invalid request: {exc}", _param(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise InvalidParameterError(f"the body is not valid JSON: {exc}") from None
     _refuse_unsupported(body)
+    if body.stream_options is not None and not body.stream:
+        # as OpenAI does: stream_options shape a stream, so without one they are a mistake
+        raise InvalidParameterError("'stream_options' is only allowed when 'stream' is true", "stream_options")
     params: dict[str, Any] = {name: getattr(body, name) for name in SAMPLING if getattr(body, name) is not None}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if include_usage:
@@ -146,6 +149,16 @@ def parse(raw: bytes, *, chat: bool, limits: validation.Limits) -> Parsed:
     )
 
 
+def _param(error: str) -> str | None:
+    """The parameter a msgspec error is about: ``messages[0].role``; an unknown field by its own path."""
+    found = _PATH_RE.search(error)
+    where = found.group(1) if found else ""
+    unknown = _UNKNOWN_RE.search(error)
+    if unknown is not None:
+        return f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+    return where or None
+
+
 def _refuse_unsupported(body: _Body) -> None:
     why = "it cannot be honoured across a failover"
     if body.n is not None and body.n != 1:
@@ -162,8 +175,20 @@ def _refuse_unsupported(body: _Body) -> None:
 
 
 def _content(message: Message, index: int) -> str:
-    if message.content is None or isinstance(message.content, str):
-        return message.content or ""
+    """The text of a message whose role is one of ``validation.CHAT_ROLES`` (the roles the CLI's
+    ``--message`` takes; "tool" needs tool calls, which the gateway refuses) and whose content
+    is text: a string or text parts (null content is for tool calls too)."""
+    if message.role not in validation.CHAT_ROLES:
+        roles = ", ".join(repr(r) for r in validation.CHAT_ROLES)
+        raise InvalidParameterError(
+            f"messages[{index}].role {message.role!r} is not one of {roles}", f"messages[{index}].role"
+        )
+    if message.content is None:
+        raise InvalidParameterError(
+            f"messages[{index}].content must be a string or text parts, not null", f"messages[{index}].content"
+        )
+    if isinstance(message.content, str):
+        return message.content
     parts = []
     for part in message.content:
         if part.type != "text" or part.text is None:
