@@ -229,3 +229,32 @@ async def _cancel(redis: RedisServer, namespace: str, rid: str) -> tuple[str, st
         return await coordinator.cancel(rid)
     finally:
         await coordinator.aclose()
+
+
+async def test_a_stream_caller_on_the_owner_gets_request_cancelled_error(
+    redis_server: RedisServer, fake: FakeLLMServerThread
+) -> None:
+    """In one process: the Coordinator generating a request for a ``stream()`` caller is
+    cancelled from another Coordinator (its watcher) and from itself (at once); the caller
+    gets RequestCancelledError, not a CancelledError of its own task, and goes on."""
+    namespace = f"cw{uuid.uuid4().hex[:8]}"
+    spec = BackendSpec(name="Vllm", base_url=fake.base_url, model="vllm-m")
+    async with Coordinator([spec], url=redis_server.url, namespace=namespace, worker_id="owner") as owner:
+        other = client(redis_server, namespace)
+        try:
+            for canceller, here in ((other, False), (owner, True)):
+                rid = f"s-{uuid.uuid4().hex[:8]}"
+                stream = owner.stream(rid, f"stream {rid}", primary="Vllm")
+                chunks = 0
+                with pytest.raises(RequestCancelledError, match="cancelled by the caller"):
+                    async for _ in stream:
+                        chunks += 1
+                        if chunks == 3:
+                            asked = time.monotonic()
+                            assert await canceller.cancel(rid) == ("OK", "owner", here)
+                assert time.monotonic() - asked < 1.5
+                outcome = await owner.outcome(rid)
+                assert outcome is not None and outcome.error_kind == "Cancelled" and outcome.owner == "owner"
+                ended_early(fake, f"stream {rid}")
+        finally:
+            await other.aclose()
