@@ -112,7 +112,7 @@ DEFAULT_BASE_URLS: dict[ServingBackend, str] = {
 # ------------------------------------------------------------------------------ config
 
 
-class BackendSpec(msgspec.Struct, kw_only=True):
+class BackendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One deployment: a configured model endpoint. Holds the NAME of the key's env var, never the key.
 
     ``name`` is free and unique per configuration (DEPLOYMENT_NAME_PATTERN: it keys the

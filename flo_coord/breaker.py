@@ -26,7 +26,7 @@ from flo_coord.keys import Keys
 from flo_coord.scripts import BREAKER_ALLOW, BREAKER_RECORD
 
 
-class BreakerConfig(msgspec.Struct, kw_only=True, frozen=True):
+class BreakerConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Circuit-breaker policy (seconds)."""
 
     threshold: int = 3

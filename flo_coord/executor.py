@@ -98,7 +98,7 @@ from flo_coord.redact import register_backend_secrets
 log = logging.getLogger("flo_coord.executor")
 
 
-class ExecutorConfig(msgspec.Struct, kw_only=True, frozen=True):
+class ExecutorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """How the Coordinator treats a failing backend call (seconds)."""
 
     first_token_timeout: float = 30.0  #: time to first token before failing over

@@ -39,7 +39,7 @@ Fault syntax: ``kind[:args][*times]``; without ``*times`` a fault hits every req
                           ``data: {"type": "ping"}``, ``data: ping``; Ollama: blank lines)
     empty_frames          an empty ``data:`` frame before each token (Ollama: blank lines)
     bom                   a UTF-8 byte-order mark before the first byte of the body
-    reasoning:N[:SECONDS] N reasoning deltas (``reasoning_content``; Ollama ``thinking``), SECONDS apart,
+    reasoning:N[:SECONDS]  N reasoning deltas (``reasoning_content``; Ollama ``thinking``), SECONDS apart,
                           before the answer
     tool_calls            only tool-call deltas, then finish_reason ``tool_calls``
     one_line              the whole rest of the answer in one delta (one line; with --tokens large it

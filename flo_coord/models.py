@@ -292,7 +292,7 @@ def _default_fallback_order() -> list[ServingBackend]:
     return [ServingBackend.Realizar, ServingBackend.Ollama, ServingBackend.Together, ServingBackend.Groq]
 
 
-class FailoverConfig(msgspec.Struct, kw_only=True):
+class FailoverConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Failover policy; the original's fields and defaults (failover_timeout in seconds)."""
 
     max_retries: int = 2

@@ -193,8 +193,13 @@ def load_settings(
     *,
     overrides: dict[tuple[str, str], Any] | None = None,
     environ: dict[str, str] | None = None,
+    backends: list[BackendSpec] | None = None,
 ) -> Settings:
-    """Settings from flags (``overrides``), the environment, the TOML file and defaults."""
+    """Settings from flags (``overrides``), the environment, the TOML file and defaults.
+
+    ``backends``: deployments given as flags; they replace the file's ``[[backends]]``
+    before anything is checked, so the file's ``[[models]]`` may name them. Raises
+    ConfigError for every problem (unknown keys in any section included)."""
     environ = dict(os.environ) if environ is None else environ
     path = path or environ.get(CONFIG_ENV)
     data: dict[str, Any] = {}
@@ -214,6 +219,8 @@ def load_settings(
             ) from None
     data = _merge(data, _environment(environ))
     data = _merge(data, overrides or {})
+    if backends:
+        data["backends"] = msgspec.to_builtins(backends)
     try:
         # strict=False lets environment strings ("2.5") become numbers where the schema says so.
         return msgspec.convert(data, Settings, strict=False)

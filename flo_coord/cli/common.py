@@ -107,7 +107,6 @@ def load(args: Any) -> Settings:
         ("redis", "namespace"): getattr(args, "namespace", None),
         ("ownership", "lease_ttl"): getattr(args, "lease_ttl", None),
     }
-    settings = load_settings(getattr(args, "config", None), overrides=overrides)
     specs = [parse_backend(v) for v in getattr(args, "backend", None) or []]
     if specs:
         from flo_coord.groups import check_unique
@@ -116,9 +115,10 @@ def load(args: Any) -> Settings:
             check_unique(specs)  # a second --backend with the same NAME never silently replaces the first
         except ConfigError as exc:
             raise UsageError(f"--backend: {exc}") from None
-        # Flags win over the file: these backends, tried in the order given (deployments of one
-        # provider share its place, load-balanced), then the file's order.
-        settings.backends = specs
+    # Flags win over the file: these backends (which the file's [[models]] may name), tried in
+    # the order given (deployments of one provider share its place, load-balanced), then the file's order.
+    settings = load_settings(getattr(args, "config", None), overrides=overrides, backends=specs)
+    if specs:
         order = [s.backend for s in specs] + list(settings.failover.fallback_order)
         settings.failover = msgspec.structs.replace(settings.failover, fallback_order=list(dict.fromkeys(order)))
     return settings
