@@ -81,7 +81,7 @@ def pairs(flat: list[Any]) -> dict[str, str]:
 
 
 # Hash field -> StreamingContext attribute, for fields whose names differ.
-_RENAMED = {"lease": "lease_deadline", "created": "created_at"}
+_RENAMED = {"lease": "lease_deadline", "created": "created_at", "cancel": "cancelled"}
 _MS_FIELDS = {"lease", "created"}
 _CONTEXT_FIELDS = set(StreamingContext.__struct_fields__)
 

@@ -54,6 +54,7 @@ from flo_coord.redact import redact_secrets
 from flo_coord.scripts import (
     APPEND,
     APPEND_MANY,
+    CANCEL,
     CLAIM,
     FINISH,
     FOLLOW_READ,
@@ -549,6 +550,27 @@ class FailoverCore:
         stopped because Redis was unreachable and so could not hand the request back or end
         it. ``epoch``: the generation's token; a newer holding of this worker is kept."""
         self._drop(request_id, epoch)
+
+    # -------------------------------------------------------------- cancellation
+
+    def cancel(self, request_id: Any) -> Operation[tuple[str, str | None]]:
+        """Flag a request for cancellation (the CANCEL script; any replica may).
+
+        Returns ("OK", owner) for a live request (its owner ends it within about a second),
+        ("DONE", state) for one that already ended, ("GONE", None) for an unknown one.
+        """
+        rid, rk = self._rid(request_id)
+        (reply,) = yield [Eval(CANCEL, astuple(rk), ())]
+        reply = ok(reply, rid)
+        status = text(reply[0])
+        return status, (text(reply[1]) if len(reply) > 1 else None)
+
+    def cancel_flags(self, request_ids: list[str]) -> Operation[list[str]]:
+        """The ids among ``request_ids`` whose context carries the cancel flag (one pipeline of HGETs)."""
+        if not request_ids:
+            return []
+        replies = yield [Cmd(("HGET", self.keys.request(rid).ctx, "cancel")) for rid in request_ids]
+        return [rid for rid, reply in zip(request_ids, replies, strict=True) if ok(reply, rid) is not None]
 
     # ------------------------------------------------------------------- reading
 

@@ -14,6 +14,9 @@ NAMESPACE = "flo"
 LEASE_TTL = 5.0
 #: Heartbeats run every ``lease_ttl * HEARTBEAT_FRACTION`` seconds (3 renewals per lease).
 HEARTBEAT_FRACTION = 1 / 3
+#: Seconds between two checks of the cancel flags of the requests a Coordinator holds
+#: (``Coordinator.cancel`` from another replica stops the owner's generation within this).
+CANCEL_POLL = 0.25
 #: Seconds between reaper passes (claiming orphans), as a fraction of the lease. A pass
 #: costs one O(log N) index lookup, so reaping often keeps takeover close to the lease.
 REAPER_FRACTION = 1 / 20

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from flo_coord import defaults, validation
 from flo_coord.core import Cmd, Operation, ok
-from flo_coord.errors import CorruptStateError, RequestFailedError, UnknownRequestError
+from flo_coord.errors import CorruptStateError, RequestCancelledError, RequestFailedError, UnknownRequestError
 
 if TYPE_CHECKING:
     from flo_coord.manager import AsyncFailoverManager
@@ -90,7 +90,8 @@ async def follow(
             if on_outcome is not None:
                 on_outcome(outcome)
             if outcome.state == "Failed":
-                raise RequestFailedError(rid, f"request {rid!r} failed: {outcome.error}")
+                failed = RequestCancelledError if outcome.error_kind == "Cancelled" else RequestFailedError
+                raise failed(rid, f"request {rid!r} failed: {outcome.error}")
             return
         await manager.shell.run(_wait_feed(feed, last_id, block_ms), "follow", rid)
         cancel_point()

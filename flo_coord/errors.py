@@ -102,6 +102,12 @@ class RequestFailedError(GenerationError):
     """A followed request ended with an error recorded by the worker that ran it."""
 
 
+class RequestCancelledError(RequestFailedError):
+    """The request was cancelled (``Coordinator.cancel``, ``DELETE /v1/requests/{id}``): it
+    ended Failed with ``error_kind`` "Cancelled". Raised to its followers and to the caller
+    of ``Coordinator.stream`` on the replica that generated it."""
+
+
 class UnknownRequestError(FloCoordError, LookupError):
     """No such request: never tracked, or its retention period is over."""
 

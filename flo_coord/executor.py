@@ -76,6 +76,8 @@ from flo_coord.errors import (
     GenerationError,
     LeaseLostError,
     PrivacyTierError,
+    RequestCancelledError,
+    UnknownRequestError,
     ValidationError,
 )
 from flo_coord.groups import InFlight, ModelGroup, Router, Tier, check_unique
@@ -90,7 +92,7 @@ from flo_coord.models import (
     StreamingContext,
     is_deployment_name,
 )
-from flo_coord.ownership import AsyncReaper
+from flo_coord.ownership import AsyncReaper, CancelWatcher
 from flo_coord.redact import register_backend_secrets
 
 log = logging.getLogger("flo_coord.executor")
@@ -271,6 +273,10 @@ class Coordinator:
         self._generations: dict[str, tuple[int, asyncio.Task[Any]]] = {}  # request -> (epoch, task)
         self._heartbeat: Any = None
         self._reaper: AsyncReaper | None = None
+        #: request -> (epoch, task consuming its generation here), for cancel_local
+        self._running: dict[str, tuple[int, asyncio.Task[Any]]] = {}
+        self._cancelling: set[asyncio.Task[Any]] = set()  # tasks cancel_local cancelled
+        self.cancel_watcher = CancelWatcher(self.manager, self.cancel_local)
         self._closing = False
 
     @property
@@ -292,9 +298,13 @@ class Coordinator:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, *, reap: bool = True, reap_interval: float | None = None) -> Coordinator:
-        """Start heartbeats (and, with ``reap``, the reaper that resumes orphaned requests)."""
+        """Start heartbeats, the cancel watcher (a request cancelled from anywhere stops
+        generating here within ``defaults.CANCEL_POLL`` seconds) and, with ``reap``, the
+        reaper that resumes orphaned requests."""
         if self._heartbeat is None:
             self._heartbeat = self.manager.start_heartbeat()
+        if self.cancel_watcher._task is None:
+            self.cancel_watcher.start()
         if reap and self._reaper is None:
             self._reaper = AsyncReaper(self.manager, self.resume_in_background, reap_interval)
             self._reaper.start()
@@ -316,6 +326,7 @@ class Coordinator:
 
         if self._reaper is not None:
             await _bounded(self._reaper.stop(), left())
+        await _bounded(self.cancel_watcher.stop(), left())
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -420,6 +431,10 @@ class Coordinator:
                 async for chunk in chunks:
                     delivered += len(chunk)
                     yield chunk
+        except asyncio.CancelledError:
+            if self._cancelled_here():
+                raise RequestCancelledError(request_id, f"request {request_id!r} failed: {_CANCELLED}") from None
+            raise
         except LeaseLostError:
             # We stalled past our lease and another replica took over: deliver its commits.
             log.warning("lost %s to another worker; following its commits", request_id)
@@ -486,6 +501,42 @@ class Coordinator:
     async def outcome(self, request_id: str) -> RequestOutcome | None:
         return await self.manager.outcome(request_id)
 
+    async def cancel(self, request_id: str) -> tuple[str, str | None, bool]:
+        """Cancel a request wherever it runs (any replica may call this; one CANCEL script).
+
+        The request's context is flagged; its owner (this Coordinator or any other worker
+        or gateway replica) stops generating within about ``defaults.CANCEL_POLL`` seconds,
+        closing the backend stream, and ends it Failed with ``error_kind`` "Cancelled" and
+        the reason "cancelled by the caller" (a write fenced by the generation's epoch). A
+        flagged request whose owner died is ended the same way by the replica that takes it
+        over. Followers then get RequestCancelledError; ``stream()`` on the owner raises it.
+        Returns ``("OK", owner, cancelled_here)`` for a live request (``cancelled_here``: its
+        generation ran here and was stopped at once), ``("DONE", state, False)`` for a request
+        that already ended (nothing changes). Raises UnknownRequestError for an unknown
+        request, ValidationError for a malformed id, CoordinatorUnavailableError when Redis
+        does not answer. Comes from the gateway's ``DELETE /v1/requests/{id}``.
+        """
+        status, detail = await self.manager.shell.run(self.manager.core.cancel(request_id), "cancel", request_id)
+        if status == "GONE":
+            raise UnknownRequestError(request_id)
+        return status, detail, status == "OK" and self.cancel_local(request_id)
+
+    def cancel_local(self, request_id: str) -> bool:
+        """Stop this Coordinator's generation of ``request_id``, if one runs here (no I/O).
+
+        The task consuming the generation is cancelled: the backend stream is closed and the
+        request ended failed ("Cancelled", fenced by its epoch); a ``stream()`` caller gets
+        RequestCancelledError instead of the CancelledError. Returns False when no generation
+        of it runs here. Called by the cancel watcher when it sees the request's cancel flag.
+        """
+        running = self._running.get(request_id)
+        if running is None or running[1].done():
+            return False
+        self._cancelling.add(running[1])
+        running[1].add_done_callback(self._cancelling.discard)
+        running[1].cancel()
+        return True
+
     # ------------------------------------------------------------------ internals
 
     def resume_in_background(self, ctx: StreamingContext) -> asyncio.Task[None]:
@@ -538,8 +589,12 @@ class Coordinator:
     async def _generate(self, ctx: StreamingContext, ending: _Ending | None = None) -> AsyncGenerator[str, None]:
         run = _Run(ctx=ctx, prefix=ctx.generated_prefix, failed=set(ctx.failed_backends), usage=dict(ctx.usage or {}))
         run.spent_tokens = estimate_tokens(ctx.generated_prefix)  # committed before this worker: conservative
+        running = self._track_running(ctx)
         try:
             try:
+                if ctx.cancelled:  # flagged before this worker claimed it: end it, do not generate
+                    await self._end_cancelled(run)
+                    raise RequestCancelledError(run.request_id, f"request {run.request_id!r} failed: {_CANCELLED}")
                 async with contextlib.aclosing(self._attempts(run)) as chunks:
                     async for chunk in chunks:
                         yield chunk
@@ -557,6 +612,30 @@ class Coordinator:
         except (asyncio.CancelledError, GeneratorExit):
             await self._abandon(run)
             raise
+        finally:
+            if self._running.get(ctx.request_id) == running:
+                del self._running[ctx.request_id]
+
+    def _track_running(self, ctx: StreamingContext) -> tuple[int, asyncio.Task[Any]]:
+        """Note the task consuming this generation, so cancel_local can stop it."""
+        task = asyncio.current_task()
+        assert task is not None  # generations run in a task (an async generator's consumer)
+        running = self._running[ctx.request_id] = (ctx.epoch, task)
+        return running
+
+    def _cancelled_here(self) -> bool:
+        """True (and the task's cancellation is withdrawn) when cancel_local alone cancelled
+        the current task: a ``stream()`` caller then gets RequestCancelledError, not CancelledError."""
+        task = asyncio.current_task()
+        if task is None or task not in self._cancelling:
+            return False
+        self._cancelling.discard(task)
+        return task.uncancel() == 0
+
+    async def _end_cancelled(self, run: _Run) -> None:
+        """End the request failed, kind "Cancelled", fenced by this generation's epoch."""
+        await self.manager.fail(run.request_id, _CANCELLED, kind="Cancelled", epoch=run.ctx.epoch)
+        run.outcome = self._outcome(run, "Failed", error=_CANCELLED, error_kind="Cancelled")
 
     async def _attempts(self, run: _Run) -> AsyncGenerator[str, None]:
         """Backend after backend until one finishes the answer (``run.finish``) or we give up."""
@@ -623,10 +702,11 @@ class Coordinator:
         if held is None or held.epoch != run.ctx.epoch or self._closing:
             return
         try:
-            op = self.manager.fail(run.request_id, "cancelled by the caller", kind="Cancelled", epoch=run.ctx.epoch)
-            await asyncio.shield(op)
+            await asyncio.shield(self._end_cancelled(run))
         except (Exception, asyncio.CancelledError) as exc:
-            log.warning("could not end %s cleanly: %r", run.request_id, exc)
+            # stop renewing: another replica takes it over (and, if flagged, ends it cancelled)
+            log.warning("could not end %s cleanly: %r; no longer renewing its lease", run.request_id, exc)
+            self.manager.core.forget(run.request_id, run.ctx.epoch)
 
     def _order(self, run: _Run) -> list[Tier]:
         """The tiers of deployments to try, in order, each (deployment, weight) pairs.
@@ -1067,6 +1147,8 @@ class Coordinator:
 
 #: characters of a failure reason kept in the outcome (the reason travels through Redis)
 _MAX_REASON = 4000
+#: the stored reason of a cancelled request (error_kind "Cancelled")
+_CANCELLED = "cancelled by the caller"
 
 
 async def _bounded(awaitable: Any, timeout: float) -> None:

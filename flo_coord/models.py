@@ -256,6 +256,9 @@ class StreamingContext(msgspec.Struct, kw_only=True):
     # sampling parameters passed to every backend call (temperature, stop, ...), so a
     # replica that takes the request over continues with the same ones (JSON in the ctx hash)
     params: dict[str, Any] | None = None
+    #: someone asked for the request to be cancelled (field "cancel" of the ctx hash, set by
+    #: the CANCEL script): a replica that claims it ends it cancelled instead of generating
+    cancelled: bool = False
 
     @classmethod
     def new(cls, prompt: str, request_id: str) -> StreamingContext:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -180,3 +181,30 @@ class AsyncReaper(_AsyncPeriodic):
             if asyncio.iscoroutine(result):
                 await result
         return claimed
+
+
+class CancelWatcher(_AsyncPeriodic):
+    """Every ``interval`` seconds (default 0.25), one pipelined check of the cancel flag of
+    every request the manager holds; ``on_cancel(request_id)`` stops the local generation of
+    a flagged one (the Coordinator then ends it failed, kind "Cancelled", fenced by its epoch).
+
+    ``last_ok``: monotonic seconds of the last round that reached Redis or had nothing to
+    check (a readiness probe uses it).
+    """
+
+    def __init__(
+        self, manager: AsyncFailoverManager, on_cancel: Callable[[str], bool], interval: float | None = None
+    ) -> None:
+        self.manager, self.on_cancel = manager, on_cancel
+        self.last_ok = time.monotonic()
+        super().__init__("flo-cancel-watcher", interval if interval is not None else defaults.CANCEL_POLL, self.check)
+
+    async def check(self) -> list[str]:
+        """One round; returns the ids whose local generation it stopped."""
+        held = self.manager.held()
+        flagged = await self.manager.shell.run(self.manager.core.cancel_flags(held), "cancel") if held else []
+        self.last_ok = time.monotonic()
+        stopped = [rid for rid in flagged if self.on_cancel(rid)]
+        for rid in stopped:
+            log.info("request %s cancelled by the caller: stopping its generation", rid)
+        return stopped

@@ -179,7 +179,6 @@ class Gateway:
         self.reap_interval = reap_interval
         self.live: dict[str, Live] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.watcher = store.CancelWatcher(self.manager, self.cancel_local)
         self._background: set[asyncio.Task[Any]] = set()
         self.closing = False
 
@@ -187,12 +186,10 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
-        await self.coordinator.start(reap_interval=self.reap_interval)
-        self.watcher.start()
+        await self.coordinator.start(reap_interval=self.reap_interval)  # also its cancel watcher
         try:
             yield
         finally:
-            await self.watcher.stop()
             await self.hand_back()
             await self.coordinator.aclose()
 
@@ -539,8 +536,7 @@ class Gateway:
         live = self.live.get(rid)
         if live is None or live.readers == 0:
             with contextlib.suppress(Exception):
-                await self.manager.shell.run(store.request_cancel(self.manager, rid), "cancel", rid)
-                self.cancel_local(rid)
+                await self.coordinator.cancel(rid)
 
     def _offset(self, request: Request, rid: str) -> tuple[int, str]:
         """The resume position and where it came from: ``?offset=N`` ("offset"), else
@@ -609,14 +605,11 @@ class Gateway:
     async def cancel(self, request: Request) -> Response:
         rid = validation.request_id(request.path_params["request_id"], self.limits)
         request.scope["flo_request_id"] = rid
-        status, detail = await self.manager.shell.run(store.request_cancel(self.manager, rid), "cancel", rid)
-        if status == "GONE":
-            raise UnknownRequestError(rid)
+        status, detail, local = await self.coordinator.cancel(rid)  # UnknownRequestError: 404
         if status == "DONE":
             raise HTTPError(
                 409, f"request {rid!r} already ended ({detail})", "invalid_request_error", "request_finished"
             )
-        local = self.cancel_local(rid)
         return _json(202, {"id": rid, "object": "request.cancel", "owner": detail, "cancelled_here": local}, rid)
 
     def cancel_local(self, rid: str) -> bool:
@@ -646,7 +639,7 @@ class Gateway:
         stale = max(2.0, 2 * self.manager.lease_ttl)
         if beat is not None and time.monotonic() - beat > stale:
             problems.append(f"leases not renewed for {time.monotonic() - beat:.1f}s")
-        if time.monotonic() - self.watcher.last_ok > stale:
+        if time.monotonic() - self.coordinator.cancel_watcher.last_ok > stale:
             problems.append("cancel checks are not reaching Redis")
         if not self.coordinator.backends:
             problems.append("no backend configured")

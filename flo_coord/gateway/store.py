@@ -1,31 +1,26 @@
-"""What the gateway keeps in Redis besides the request itself: idempotency keys, the
-answer's presentation (object, model, created, include_usage) and cancellation.
+"""What the gateway keeps in Redis besides the request itself: idempotency keys and the
+answer's presentation (object, model, created, include_usage).
 
 - Idempotency: ``<ns>:idem:<sha256(key)>`` = ``"<body sha256> <request id>"``, set if
   absent by the IDEMPOTENCY_CLAIM script. The key itself is never stored, only its hash.
 - Presentation: a hash in the request's slot, written before the request starts, so
   any replica can continue the same event stream (``resume``) after a takeover.
-- Cancel: the CANCEL script flags the request's context (any replica may); each replica's
-  :class:`CancelWatcher` checks the requests it holds a few times a second and cancels
-  the local generation of a flagged one, which ends it failed (fenced, by its owner).
+- Cancel is a Coordinator capability (``Coordinator.cancel``, ownership.CancelWatcher):
+  every worker and replica stops a flagged request it holds within about a second.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
-import time
-from collections.abc import Callable
-from typing import Any
 
 import msgspec
 
 from flo_coord.codec import pairs, text
-from flo_coord.core import Cmd, Eval, Operation, astuple, ok
+from flo_coord.core import Cmd, Eval, Operation, ok
 from flo_coord.errors import FloCoordError
 from flo_coord.manager import AsyncFailoverManager
-from flo_coord.scripts import CANCEL, IDEMPOTENCY_CLAIM
+from flo_coord.scripts import IDEMPOTENCY_CLAIM
 
 log = logging.getLogger("flo_coord.gateway")
 
@@ -97,68 +92,3 @@ def load_presentation(manager: AsyncFailoverManager, request_id: str) -> Operati
         )
     except (KeyError, ValueError):
         return None  # not ours or damaged: the caller answers as if unknown
-
-
-def request_cancel(manager: AsyncFailoverManager, request_id: str) -> Operation[tuple[str, str | None]]:
-    """Flag a request for cancellation: ("OK", owner) live, ("DONE", state) finished, ("GONE", None)."""
-    rk = manager.core.keys.request(request_id)
-    (reply,) = yield [Eval(CANCEL, astuple(rk), ())]
-    reply = ok(reply, request_id)
-    status = text(reply[0])
-    return status, (text(reply[1]) if len(reply) > 1 else None)
-
-
-def _flags(manager: AsyncFailoverManager, request_ids: list[str]) -> Operation[list[str]]:
-    keys = manager.core.keys
-    replies = yield [Cmd(("HGET", keys.request(rid).ctx, "cancel")) for rid in request_ids]
-    return [rid for rid, reply in zip(request_ids, replies, strict=True) if ok(reply) is not None]
-
-
-class CancelWatcher:
-    """Checks every ``interval`` seconds whether a request this replica holds was cancelled.
-
-    ``cancel_local(request_id)`` stops the local generation (the Coordinator then ends the
-    request failed, fenced by its epoch). ``last_ok`` is the monotonic time of the last
-    round that reached Redis (readiness uses it).
-    """
-
-    def __init__(
-        self, manager: AsyncFailoverManager, cancel_local: Callable[[str], bool], interval: float = 0.25
-    ) -> None:
-        self.manager = manager
-        self.cancel_local = cancel_local
-        self.interval = interval
-        self.last_ok = time.monotonic()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> CancelWatcher:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="cancel-watcher")
-        return self
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis away: the next round retries
-                log.warning("cancel check failed: %s", exc)
-
-    async def check(self) -> list[str]:
-        """One round; returns the ids cancelled locally."""
-        held = self.manager.held()
-        flagged: list[Any] = await self.manager.shell.run(_flags(self.manager, held), "cancel") if held else []
-        if not held:
-            await self.manager.redis.ping()
-        self.last_ok = time.monotonic()
-        done = [rid for rid in flagged if self.cancel_local(rid)]
-        for rid in done:
-            log.info("request %s cancelled", rid)
-        return done
