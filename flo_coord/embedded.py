@@ -628,12 +628,19 @@ class SentinelGroup(_StartStop):
         raise EmbeddedRedisError(f"current primary {address} is not a server of this group")
 
     def wait_for_failover(self, timeout: float = 30.0) -> tuple[str, int]:
-        """Wait until the sentinels report a new primary and that server acts as a primary; return its address."""
+        """Wait until every sentinel reports the same new primary and it acts as one; return its address."""
         before = self._initial_primary
 
         def new_primary() -> tuple[str, int] | None:
-            address = self.primary_address()
-            return address if address != before else None
+            # every sentinel, not the first that answers: a client asking a sentinel that still
+            # names the old primary would write to it once it restarts (empty, without persistence)
+            seen = set()
+            for sentinel in self.sentinels:
+                try:
+                    seen.add(sentinel.primary_address())
+                except (redis.RedisError, OSError):
+                    return None
+            return next(iter(seen)) if len(seen) == 1 and before not in seen else None
 
         address = _wait_until(new_primary, timeout, f"sentinels to fail over from {before}", interval=0.1)
 
