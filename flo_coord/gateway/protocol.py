@@ -115,38 +115,31 @@ def parse(raw: bytes, *, chat: bool, limits: validation.Limits) -> Parsed:
     if include_usage:
         params["stream_options"] = {"include_usage": True}
     max_tokens = body.max_completion_tokens or body.max_tokens
-    if isinstance(body, ChatBody):
-        messages = [ChatMessage(m.role, _content(m, i)) for i, m in enumerate(body.messages)]
-        try:
-            checked = validation.messages(messages, limits)
-        except ValidationError as exc:
-            raise InvalidParameterError(str(exc), "messages") from None
+    def parsed(prompt: str | None, messages: list[ChatMessage] | None) -> Parsed:
         return Parsed(
-            chat=True,
+            chat=messages is not None,
             model=body.model,
             stream=body.stream,
             include_usage=include_usage,
-            prompt=None,
-            messages=checked,
+            prompt=prompt,
+            messages=messages,
             max_tokens=max_tokens,
             params=params,
         )
+
+    if isinstance(body, ChatBody):
+        messages = [ChatMessage(m.role, _content(m, i)) for i, m in enumerate(body.messages)]
+        try:
+            return parsed(None, validation.messages(messages, limits))
+        except ValidationError as exc:
+            raise InvalidParameterError(str(exc), "messages") from None
     assert isinstance(body, CompletionBody)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     try:
         validation.prompt(prompt, limits)
     except ValidationError as exc:
         raise InvalidParameterError(str(exc), "prompt") from None
-    return Parsed(
-        chat=False,
-        model=body.model,
-        stream=body.stream,
-        include_usage=include_usage,
-        prompt=prompt,
-        messages=None,
-        max_tokens=max_tokens,
-        params=params,
-    )
+    return parsed(prompt, None)
 
 
 def _param(error: str) -> str | None:
