@@ -202,6 +202,12 @@ class BackendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             return "none"
         return CONTINUATION_DEFAULTS.get(self.backend, "prefill")
 
+    def serves(self, *, chat: bool) -> bool:
+        """Whether this deployment takes chat requests (``chat=True``) or prompt (text
+        completion) requests at all: the spec's ``chat``/``completions``, and no prompt
+        form for the Anthropic Messages API."""
+        return self.chat if chat else self.completions and self.kind != "anthropic"
+
     @property
     def safe_url(self) -> str:
         """``base_url`` with any user:password replaced by ``***`` (for logs and reprs)."""

@@ -685,3 +685,22 @@ def test_a_model_group_fails_over_only_within_its_own_backends(
         assert private.value.status_code == 503 and private.value.body["code"] == "privacy_tier_unavailable"
         assert "Sovereign" in private.value.body["message"] and "Together" in private.value.body["message"]
         assert {r["model"] for r in generations(fake, f"local {tag}")} <= {"vllm-m"}
+
+
+def test_a_request_kind_no_deployment_of_the_model_serves_is_a_400_that_stores_nothing(
+    redis_server: RedisServer, fake: FakeLLMServerThread, tmp_path: Any
+) -> None:
+    """The Messages API has no prompt form: /v1/completions on an Anthropic-only group is the client's mistake."""
+    config = tmp_path / "flo.toml"
+    config.write_text('[[models]]\nname = "claude-only"\ndeployments = ["anth"]\n', encoding="utf-8")
+    extra = ("--backend", f"anth={fake.base_url},claude-m,anthropic,Anthropic", "--config", str(config))
+    with replicas(redis_server, fake, 1, *extra) as (replica,):
+        keys = lambda: set(redis_server.client().keys(f"{replica.namespace}:*"))  # type: ignore[attr-defined]  # noqa: E731
+        before = keys()
+        reply = replica.http().post("/v1/completions", json={"model": "claude-only", "prompt": "hi"})
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["param"] == "model" and "text completions" in error["message"]
+        assert keys() == before
+        chat = replica.http().post("/v1/chat/completions", json={**_chat_body("hi"), "model": "claude-only"})
+        assert chat.status_code == 200, chat.text

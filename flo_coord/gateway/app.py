@@ -283,6 +283,7 @@ class Gateway:
         parsed = protocol.parse(raw, chat=chat, limits=self.limits)
         if parsed.model not in self.router:
             raise UnknownModelError(f"the model {parsed.model!r} does not exist (GET /v1/models lists them)")
+        self._check_served(parsed.model, chat)
         shape = Presentation(
             object="chat.completion" if chat else "text_completion",
             model=parsed.model,
@@ -306,6 +307,16 @@ class Gateway:
             self.cancel_local(rid)
             raise
         return await self._respond(rid, shape, 0, parsed.stream, resumed=False)
+
+    def _check_served(self, model: str, chat: bool) -> None:
+        """A kind of request that no deployment the model routes to takes is the client's to
+        fix: a 400 naming ``model``, before anything is stored (a privacy tier that leaves
+        nothing is the 503 the generation reports)."""
+        tiers, _ = self.router.route(model)
+        names = [name for tier in tiers for name, _ in tier if name in self.coordinator.backends]
+        if names and not any(self.coordinator.backends[n].spec.serves(chat=chat) for n in names):
+            kind = "chat completions" if chat else "text completions (a prompt); use /v1/chat/completions"
+            raise InvalidParameterError(f"no deployment of the model {model!r} serves {kind}", "model")
 
     async def _attach(
         self, request: Request, key: str, raw: bytes, rid: str, parsed: Parsed, shape: Presentation
