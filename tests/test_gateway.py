@@ -704,3 +704,33 @@ def test_a_request_kind_no_deployment_of_the_model_serves_is_a_400_that_stores_n
         assert keys() == before
         chat = replica.http().post("/v1/chat/completions", json={**_chat_body("hi"), "model": "claude-only"})
         assert chat.status_code == 200, chat.text
+
+
+def test_a_request_started_outside_the_gateway_streams_through_it(
+    pair: list[Replica], redis_server: RedisServer
+) -> None:
+    """A worker's request (``flo-coord submit``, the Python API) has no presentation record: still resumable."""
+    from flo_coord import FailoverManager
+
+    a, b = pair
+    rid, text = f"queued-{uuid.uuid4().hex[:8]}", "committed by a worker, "
+    namespace = a.namespace  # type: ignore[attr-defined]
+    with FailoverManager(url=redis_server.url, namespace=namespace, worker_id="outside-w") as manager:
+        manager.start_tracking(rid, None, messages=[{"role": "user", "content": "hi"}])
+        manager.append_tokens(rid, text)
+        with a.http() as http, http.stream("GET", f"/v1/requests/{rid}/stream?offset=10") as resp:
+            assert resp.status_code == 200, resp.read()
+            live = Events(resp)
+            live.read(1)
+            assert "".join(live.texts) == text[10:]
+            manager.append_tokens(rid, "then the rest")
+            manager.complete(rid)
+            rest = live.rest()
+        assert live.done and rest == text[10:] + "then the rest"
+    # after it finished, from the other replica, from the start
+    with b.http() as http, http.stream("GET", f"/v1/requests/{rid}/stream") as resp:
+        assert resp.status_code == 200
+        again = Events(resp)
+        assert again.rest() == text + "then the rest" and again.done
+    missing = b.http().get(f"/v1/requests/never-{uuid.uuid4().hex[:8]}/stream")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"

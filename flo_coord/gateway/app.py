@@ -573,8 +573,22 @@ class Gateway:
         offset, origin = self._offset(request, rid)
         shape = await self.manager.shell.run(store.load_presentation(self.manager, rid), "gateway", rid)
         if shape is None:
-            raise UnknownRequestError(rid)
+            shape = await self._presentation_of_foreign(rid)
         return await self._respond(rid, shape, offset, True, resumed=offset > 0, origin=origin)
+
+    async def _presentation_of_foreign(self, rid: str) -> Presentation:
+        """How to present a request that did not come through a gateway (``flo-coord submit``,
+        the Python API): a chat completion unless its context says it is a prompt, named by
+        its model group (else its backend's model). UnknownRequestError when it does not exist."""
+        ctx = await self.manager.get_context(rid)
+        outcome = await self.coordinator.outcome(rid) if ctx is None else None
+        if ctx is None and outcome is None:
+            raise UnknownRequestError(rid)
+        chat = ctx is None or ctx.messages is not None  # a finished request keeps no prompt: chat, the usual
+        model = (ctx.model_group if ctx is not None else None) or (outcome.model if outcome is not None else None)
+        return Presentation(
+            object="chat.completion" if chat else "text_completion", model=model or "unknown", created=int(time.time())
+        )
 
     async def status(self, request: Request) -> Response:
         rid = validation.request_id(request.path_params["request_id"], self.limits)
