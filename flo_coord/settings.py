@@ -219,9 +219,11 @@ def load_settings(
             ) from None
     data = _merge(data, _environment(environ))
     data = _merge(data, overrides or {})
-    if backends:
-        data["backends"] = msgspec.to_builtins(backends)
     try:
+        if backends:
+            # the file's own entries are still checked (a typo there is an error), then replaced
+            msgspec.convert(data.get("backends", []), list[BackendSpec], strict=False)
+            data["backends"] = msgspec.to_builtins(backends)
         # strict=False lets environment strings ("2.5") become numbers where the schema says so.
         return msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:

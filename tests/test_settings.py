@@ -66,3 +66,13 @@ def test_the_files_model_groups_may_name_deployments_given_as_flags(tmp_path: Pa
     path.write_text('[[models]]\nname = "llama"\ndeployments = ["vllm-c"]\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="vllm-c"):
         load(build_parser().parse_args(["worker", "--config", str(path), "--backend", "vllm-a=http://h:1,m,,Vllm"]))
+
+
+def test_the_files_backends_are_checked_even_when_flags_replace_them(tmp_path: Path) -> None:
+    from flo_coord.cli.common import load
+    from flo_coord.cli.parser import build_parser
+
+    path = tmp_path / "flo.toml"
+    path.write_text(BACKEND + 'modle = "typo"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="modle"):
+        load(build_parser().parse_args(["worker", "--config", str(path), "--backend", "Vllm=http://h:1,m"]))
