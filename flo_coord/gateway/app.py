@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from flo_coord import codec, validation
+from flo_coord import validation
 from flo_coord.backends import RateLimitedError
 from flo_coord.errors import (
     ContentPolicyError,
@@ -463,8 +463,8 @@ class Gateway:
         live = self.live.get(rid)
         if live is not None:
             return live.length
-        raw = await self.manager.redis.get(self.manager.core.keys.request(rid).text)
-        return len(codec.text(raw)) if raw is not None else 0
+        length: int = await self.manager.shell.run(store.committed_length(self.manager, rid), "gateway", rid)
+        return length
 
     async def _failure(self, rid: str, exc: Exception) -> HTTPError:
         """``failure(exc)``, except that a request whose outcome says it was cancelled (kind

@@ -92,3 +92,12 @@ def load_presentation(manager: AsyncFailoverManager, request_id: str) -> Operati
         )
     except (KeyError, ValueError):
         return None  # not ours or damaged: the caller answers as if unknown
+
+
+def committed_length(manager: AsyncFailoverManager, request_id: str) -> Operation[int]:
+    """Characters of ``request_id``'s committed answer (0 when there is none).
+
+    Raises CorruptStateError (via ``codec.text``) when the stored text is not UTF-8."""
+    (reply,) = yield [Cmd(("GET", manager.core.keys.request(request_id).text))]
+    raw = ok(reply, request_id)
+    return len(text(raw)) if raw is not None else 0
