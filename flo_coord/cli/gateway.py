@@ -31,6 +31,8 @@ def _server_class() -> Any:
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
             if self.draining is None:
+                streams = len(self.front.live)
+                log.info("signal %d: draining %d local streams for %.1fs, then handing back", sig, streams, self.grace)
                 self.draining = asyncio.get_running_loop().create_task(self.front.drain(self.grace))
 
     return Server
