@@ -4,8 +4,6 @@ Every in-flight request's state lives in Redis, so any worker replica can take a
 request over and finish it from the exact prefix already generated, exactly once.
 """
 
-from flo_coord.backends import BackendSpec
-from flo_coord.core import AppendAck
 from flo_coord.errors import (
     ConfigError,
     ContentPolicyError,
@@ -20,9 +18,9 @@ from flo_coord.errors import (
     UnknownModelError,
     ValidationError,
 )
-from flo_coord.executor import AnswerStream, Coordinator, ExecutorConfig
-from flo_coord.groups import GroupDeployment, ModelGroup
-from flo_coord.manager import AsyncFailoverManager, FailoverManager
+from flo_coord.execution.backends import BackendSpec
+from flo_coord.execution.coordinator import AnswerStream, Coordinator, ExecutorConfig
+from flo_coord.execution.groups import GroupDeployment, ModelGroup
 from flo_coord.models import (
     ChatMessage,
     FailoverAttempt,
@@ -38,8 +36,10 @@ from flo_coord.models import (
     Takeover,
 )
 from flo_coord.ownership import AsyncReaper, HeartbeatTask, HeartbeatThread, Reaper
-from flo_coord.retry import RetryPolicy
-from flo_coord.validation import Limits
+from flo_coord.store.core import AppendAck
+from flo_coord.store.facade import AsyncFailoverManager, FailoverManager
+from flo_coord.store.retry import RetryPolicy
+from flo_coord.store.validation import Limits
 
 __version__ = "0.1.0"
 

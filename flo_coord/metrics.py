@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from flo_coord.errors import FloCoordError, LeaseLostError
-from flo_coord.manager import AsyncFailoverManager
+from flo_coord.store.facade import AsyncFailoverManager
 
 #: (name as exposed, type, help). Counters are exposed with the ``_total`` suffix.
 METRICS: tuple[tuple[str, str, str], ...] = (

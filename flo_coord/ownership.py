@@ -25,7 +25,7 @@ from flo_coord.errors import CoordinatorUnavailableError
 from flo_coord.models import StreamingContext
 
 if TYPE_CHECKING:
-    from flo_coord.manager import AsyncFailoverManager, FailoverManager
+    from flo_coord.store.facade import AsyncFailoverManager, FailoverManager
 
 log = logging.getLogger("flo_coord.ownership")
 

@@ -11,7 +11,7 @@
 - provider key shapes (``sk-...``, ``sk-ant-...``, ``hf_...``, ``gsk_...``, ``AIza...``).
 
 Used by flo_coord.logs (every formatted line), the history and failure-reason recording
-path (flo_coord.codec / core.fail) and the CLI (URLs and JSON/table output); backends.py
+path (flo_coord.store.codec / core.fail) and the CLI (URLs and JSON/table output); backends.py
 redacts adapter errors with it too. Replacement text is ``***``; the result never grows
 a secret back and stays valid JSON when the input was (only characters inside a value are
 replaced).

@@ -85,11 +85,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from flo_coord import defaults
-from flo_coord.backends import BackendSpec
-from flo_coord.breaker import BreakerConfig
 from flo_coord.errors import ConfigError
-from flo_coord.executor import ExecutorConfig
-from flo_coord.groups import ModelGroup, Router, check_unique
+from flo_coord.execution.backends import BackendSpec
+from flo_coord.execution.breaker import BreakerConfig
+from flo_coord.execution.coordinator import ExecutorConfig
+from flo_coord.execution.groups import ModelGroup, Router, check_unique
 from flo_coord.models import FailoverConfig
 
 #: Environment variables that override the file (and are overridden by flags).

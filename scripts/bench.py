@@ -3,7 +3,7 @@
 
     python scripts/bench.py [--quick] [--out results.json] [--redis-url URL] [--plot PATH]
 
-By default it starts a throwaway ``redis-server`` (``flo_coord.embedded.RedisServer``) and
+By default it starts a throwaway ``redis-server`` (``flo_coord.testing.embedded.RedisServer``) and
 runs everything against it; ``--redis-url`` uses another Redis instead (keys are confined to
 fresh ``bench...`` namespaces and deleted afterwards; nothing is flushed or reconfigured).
 Results go to stdout as a table (every figure against its target) and, with ``--out``, as
@@ -62,12 +62,12 @@ from flo_coord import (
     defaults,
     functions,
 )
-from flo_coord.batching import run_together
-from flo_coord.connection import connect
-from flo_coord.core import AppendAck
-from flo_coord.embedded import RedisServer, redis_server_binary
 from flo_coord.ownership import AsyncReaper
-from flo_coord.scripts import APPEND
+from flo_coord.store.batching import run_together
+from flo_coord.store.connection import connect
+from flo_coord.store.core import AppendAck
+from flo_coord.store.scripts import APPEND
+from flo_coord.testing.embedded import RedisServer, redis_server_binary
 
 SECTIONS = ("single", "fleet", "ceiling", "takeover", "memory", "scaling", "gateway")
 TOKEN = "tok "  # 4 bytes, one token (count_tokens counts whitespace-separated words)
@@ -981,7 +981,7 @@ def bench_gateway(env: Env) -> dict[str, Any]:
     tokens = 64 if env.quick else GATEWAY_TOKENS
     ns = namespace("gateway")
     fake, line = _spawn_logged(
-        [sys.executable, "-m", "flo_coord.fakellm", "--port", "0", "--tokens", str(tokens),
+        [sys.executable, "-m", "flo_coord.testing.fakellm", "--port", "0", "--tokens", str(tokens),
          "--model-delay", "slow-m=0.02"],
         "listening on", 30,
     )  # fmt: skip

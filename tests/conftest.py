@@ -16,7 +16,7 @@ import fakeredis
 import pytest
 
 from flo_coord import AsyncFailoverManager, FailoverManager
-from flo_coord.embedded import RedisServer, redis_server_binary
+from flo_coord.testing.embedded import RedisServer, redis_server_binary
 
 
 def require_redis_server() -> None:

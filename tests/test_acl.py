@@ -41,11 +41,11 @@ from flo_coord import (
     functions,
 )
 from flo_coord.cli.common import UsageError, check_redis
-from flo_coord.delivery import follow
-from flo_coord.embedded import RedisServer, _wait_until
 from flo_coord.errors import ConfigError
-from flo_coord.queue import Submission, ack, ensure_group, reclaim, submit, take
-from flo_coord.scripts import HEARTBEAT as HEARTBEAT_SCRIPT
+from flo_coord.execution.delivery import follow
+from flo_coord.execution.queue import Submission, ack, ensure_group, reclaim, submit, take
+from flo_coord.store.scripts import HEARTBEAT as HEARTBEAT_SCRIPT
+from flo_coord.testing.embedded import RedisServer, _wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -325,7 +325,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Redis
     require_redis_server()
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: cannot make a test certificate")
-    from flo_coord.embedded import free_port
+    from flo_coord.testing.embedded import free_port
 
     tls = _tls_material(str(tmp_path_factory.mktemp("tls")))
     port = free_port()
@@ -447,7 +447,7 @@ def _cli(url: str, namespace: str, *argv: str, timeout: float = 60) -> subproces
 
 def test_every_cli_command_runs_under_the_documented_acls(servers: Any, tmp_path: Any) -> None:
     """A worker process, the reaper and the read commands as the worker user; submit and follow as the client."""
-    from flo_coord.fakellm import FakeLLMServerThread, full_answer_text
+    from flo_coord.testing.fakellm import FakeLLMServerThread, full_answer_text
 
     primary, _ = servers
     admin = primary.client()

@@ -15,7 +15,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from flo_coord.backends import (
+from flo_coord.errors import ConfigError, ValidationError
+from flo_coord.execution.backends import (
     Backend,
     BackendConfigError,
     BackendConnectError,
@@ -43,8 +44,8 @@ from flo_coord.backends import (
     make_backend,
     parse_retry_after,
 )
-from flo_coord.errors import ConfigError, ValidationError
-from flo_coord.fakellm import (
+from flo_coord.models import ChatMessage
+from flo_coord.testing.fakellm import (
     HEAD_TOKEN,
     FakeLLMServer,
     FakeLLMServerThread,
@@ -54,7 +55,6 @@ from flo_coord.fakellm import (
     render_messages,
     split_continuation,
 )
-from flo_coord.models import ChatMessage
 
 Kind = Literal["openai", "ollama"]
 KINDS: list[Kind] = ["openai", "ollama"]
@@ -652,7 +652,7 @@ def test_server_thread_for_sync_callers() -> None:
 
 def test_runs_as_a_process() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flo_coord.fakellm", "--port", "0", "--fault", "m=cut:2"],
+        [sys.executable, "-m", "flo_coord.testing.fakellm", "--port", "0", "--fault", "m=cut:2"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from flo_coord import CorruptStateError
-from flo_coord.core import merge_appends
-from flo_coord.scripts import APPEND, APPEND_MANY
+from flo_coord.store.core import merge_appends
+from flo_coord.store.scripts import APPEND, APPEND_MANY
 
 
 async def test_concurrent_appends_of_many_requests_are_all_committed_in_order(store):
@@ -58,7 +58,7 @@ async def test_a_corrupt_request_does_not_disturb_the_others_in_its_merged_call(
 
 
 def test_merge_appends_maps_replies_back_to_each_call():
-    from flo_coord.core import Cmd, Eval
+    from flo_coord.store.core import Cmd, Eval
 
     batch = [
         Eval(APPEND, ("a1", "a2", "a3", "a4"), ("w", 1, 1, "x", 1)),
@@ -77,7 +77,7 @@ def test_merge_appends_maps_replies_back_to_each_call():
 
 @pytest.mark.parametrize("count", [0, 1])
 def test_a_single_append_is_not_merged(count):
-    from flo_coord.core import Eval
+    from flo_coord.store.core import Eval
 
     batch = [Eval(APPEND, ("a1", "a2", "a3", "a4"), ("w", 1, 1, "x", 1))] * count
     merged, unmerge = merge_appends(batch)

@@ -31,8 +31,8 @@ from procs import wait_for
 from test_gateway import Replica
 
 from flo_coord import BackendSpec, Coordinator, FailoverManager, RequestCancelledError
-from flo_coord.embedded import RedisServer
-from flo_coord.fakellm import FakeLLMServerThread
+from flo_coord.testing.embedded import RedisServer
+from flo_coord.testing.fakellm import FakeLLMServerThread
 
 pytestmark = pytest.mark.timeout(120)
 TOKENS = 60  # at 0.05 s a token, an uncancelled answer takes 3 s

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 from flo_coord import AsyncFailoverManager, FailoverConfig, RetryPolicy, ServingBackend
-from flo_coord.backends import BackendSpec
-from flo_coord.breaker import BreakerConfig, CircuitBreaker
-from flo_coord.delivery import follow
-from flo_coord.executor import Coordinator
-from flo_coord.fakellm import FakeLLMServer, full_answer_text
+from flo_coord.execution.backends import BackendSpec
+from flo_coord.execution.breaker import BreakerConfig, CircuitBreaker
+from flo_coord.execution.coordinator import Coordinator
+from flo_coord.execution.delivery import follow
+from flo_coord.testing.fakellm import FakeLLMServer, full_answer_text
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -22,8 +22,8 @@ from conftest import require_redis_server
 from flo_coord.cli import main
 from flo_coord.cli.common import load
 from flo_coord.cli.parser import build_parser
-from flo_coord.embedded import RedisServer, free_port
-from flo_coord.fakellm import FakeLLMServerThread, full_answer_text
+from flo_coord.testing.embedded import RedisServer, free_port
+from flo_coord.testing.fakellm import FakeLLMServerThread, full_answer_text
 
 COMMANDS = [
     "demo",
@@ -222,9 +222,9 @@ def test_bench_forwards_every_argument(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_follow_resumes_from_its_offset_when_the_connection_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flo_coord import delivery
     from flo_coord.cli import client
     from flo_coord.errors import CoordinatorUnavailableError
+    from flo_coord.execution import delivery
 
     answer = "0123456789abcdefghij"
     offsets: list[int] = []
@@ -362,7 +362,7 @@ def test_outputs_say_what_is_true(deployment: Deployment) -> None:
 
 
 def test_submit_sends_chat_messages(deployment: Deployment, tmp_path: Path) -> None:
-    from flo_coord.fakellm import render_messages
+    from flo_coord.testing.fakellm import render_messages
 
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a lease?"}]
     expected = full_answer_text(render_messages(chat))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flo_coord import fakellm
 from flo_coord.cli import main
 from flo_coord.cli.reference import ENV_MEANING, environment, fault_grammar, rewrite
+from flo_coord.testing import fakellm
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "CLI.md"

@@ -30,10 +30,10 @@ from flo_coord import (
     Takeover,
     functions,
 )
-from flo_coord.core import Eval
-from flo_coord.embedded import RedisCluster
 from flo_coord.errors import ConfigError
-from flo_coord.scripts import ALL
+from flo_coord.store.core import Eval
+from flo_coord.store.scripts import ALL
+from flo_coord.testing.embedded import RedisCluster
 
 pytestmark = pytest.mark.timeout(120)
 

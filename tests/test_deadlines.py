@@ -22,10 +22,10 @@ from conftest import require_redis_server
 from test_redis_faults import SYNC_CALLS, _attempt
 
 from flo_coord import AsyncFailoverManager, CoordinatorUnavailableError, FailoverManager, RetryPolicy, ServingBackend
-from flo_coord.backends import BackendSpec
-from flo_coord.embedded import RedisServer
-from flo_coord.executor import Coordinator
-from flo_coord.shell import DEADLINE_MARGIN
+from flo_coord.execution.backends import BackendSpec
+from flo_coord.execution.coordinator import Coordinator
+from flo_coord.store.shell import DEADLINE_MARGIN
+from flo_coord.testing.embedded import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import require_redis_server
 
-from flo_coord.demo import percentile, summary_table
-from flo_coord.embedded import RedisServer
+from flo_coord.cli.demo import percentile, summary_table
+from flo_coord.testing.embedded import RedisServer
 
 CLI = [sys.executable, "-m", "flo_coord"]
 FAST = ["--token-delay", "0.05", "--tokens", "40", "--lease-ttl", "1", "--plain"]
@@ -82,8 +82,8 @@ def test_a_short_answer_fails_the_verification() -> None:
     """The check can fail: a backend that ends every answer early (finish_reason "length") is caught."""
     import asyncio
 
+    from flo_coord.cli.demo import VLLM_MODEL, Demo
     from flo_coord.cli.parser import build_parser
-    from flo_coord.demo import VLLM_MODEL, Demo
 
     require_redis_server()
     args = build_parser().parse_args(["demo", "--requests", "2", "--no-kill", "--no-backend-fault", "--tokens", "8",

@@ -18,7 +18,8 @@ import pytest
 import pytest_asyncio
 
 from flo_coord import ChatMessage, FailoverAttempt, FailoverConfig
-from flo_coord.backends import (
+from flo_coord.errors import ConfigError, PrivacyTierError, UnknownModelError
+from flo_coord.execution.backends import (
     BackendSpec,
     ContentPolicyRejection,
     GenerationRequest,
@@ -27,13 +28,12 @@ from flo_coord.backends import (
     TextChunk,
     make_backend,
 )
-from flo_coord.breaker import BreakerConfig
-from flo_coord.errors import ConfigError, PrivacyTierError, UnknownModelError
-from flo_coord.executor import Coordinator, ExecutorConfig
-from flo_coord.fakellm import FakeLLMServer, full_answer, full_answer_text, render_messages
-from flo_coord.groups import ModelGroup, Router
+from flo_coord.execution.breaker import BreakerConfig
+from flo_coord.execution.coordinator import Coordinator, ExecutorConfig
+from flo_coord.execution.groups import ModelGroup, Router
 from flo_coord.models import PrivacyTier, ServingBackend
 from flo_coord.settings import load_settings
+from flo_coord.testing.fakellm import FakeLLMServer, full_answer, full_answer_text, render_messages
 
 PROMPT = "Which replica should take this request?"
 ANSWER = full_answer_text(PROMPT)
@@ -169,7 +169,7 @@ async def test_requests_spread_by_in_flight_count_across_the_fleet(make: Make) -
 
 
 async def test_in_flight_counts_of_a_dead_worker_expire(make: Make, fake: FakeLLMServer) -> None:
-    from flo_coord.groups import InFlight
+    from flo_coord.execution.groups import InFlight
 
     co = make([vllm("vllm-a", fake.base_url, "a-m")], [])
     ghost = InFlight(co.manager.core.keys, ttl=1.0)  # a worker that counted a call, then died
@@ -181,7 +181,7 @@ async def test_in_flight_counts_of_a_dead_worker_expire(make: Make, fake: FakeLL
 
 
 async def test_independent_operations_share_round_trips_and_keep_their_results(make: Make) -> None:
-    from flo_coord.core import together
+    from flo_coord.store.core import together
 
     co = make([vllm("vllm-a", "http://a", "a-m"), vllm("vllm-b", "http://b", "b-m")], [])
     shell, member = co.manager.shell, "w/r1"
@@ -312,8 +312,8 @@ def test_without_models_each_deployment_model_is_a_group_then_the_fallback_order
 async def test_a_default_group_fails_over_through_the_fallback_order_for_streams_and_submissions(
     make: Make, fake: FakeLLMServer
 ) -> None:
-    from flo_coord import queue
-    from flo_coord.worker import Worker
+    from flo_coord.execution import queue
+    from flo_coord.execution.worker import Worker
 
     specs = [
         vllm("d-down", dead_url(), "down-m"),
@@ -517,7 +517,7 @@ async def test_anthropic_in_band_overloaded_error_fails_over(
 
 
 async def test_anthropic_refuses_a_text_completion_locally(fake: FakeLLMServer, anthropic_key: str) -> None:
-    from flo_coord.backends import UnsupportedRequestError
+    from flo_coord.execution.backends import UnsupportedRequestError
 
     backend = make_backend(claude("claude-1", fake.base_url, "claude-m"))
     try:
@@ -552,8 +552,8 @@ async def test_a_worker_with_the_least_privilege_acl_runs_model_groups(
 
 
 async def test_a_submitted_request_runs_through_its_model_group(redis_server: Any, fake: FakeLLMServer) -> None:
-    from flo_coord import queue
-    from flo_coord.worker import Worker
+    from flo_coord.execution import queue
+    from flo_coord.execution.worker import Worker
 
     specs = [vllm("d-one", fake.base_url, "one-m")]
     co = Coordinator(

@@ -1,4 +1,4 @@
-"""Tests for flo_coord.embedded against real redis-server processes (and the fakeredis fallback).
+"""Tests for flo_coord.testing.embedded against real redis-server processes (and the fakeredis fallback).
 
 Every test owns what it starts through a context manager, so processes and temp dirs are gone even on failure.
 """
@@ -15,7 +15,7 @@ import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from flo_coord.embedded import (
+from flo_coord.testing.embedded import (
     MAX_PORT,
     FakeRedisTCPServer,
     RedisCluster,

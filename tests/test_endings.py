@@ -28,7 +28,7 @@ from flo_coord import (  # Coordinator, BackendSpec, ExecutorConfig: importable 
     RequestFailedError,
     ServingBackend,
 )
-from flo_coord.fakellm import FakeLLMServer, full_answer, full_answer_text, parse_fault, render_messages
+from flo_coord.testing.fakellm import FakeLLMServer, full_answer, full_answer_text, parse_fault, render_messages
 
 PROMPT = "How does a stream end truthfully?"
 MESSAGES = [ChatMessage("user", "tell me about endings")]

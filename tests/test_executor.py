@@ -31,13 +31,13 @@ from flo_coord import (
     Takeover,
     queue,
 )
-from flo_coord.backends import BackendSpec
-from flo_coord.breaker import BreakerConfig
-from flo_coord.core import FailoverCore
 from flo_coord.errors import UnknownRequestError
-from flo_coord.executor import Coordinator, ExecutorConfig, estimate_tokens
-from flo_coord.fakellm import FakeLLMServer, full_answer, full_answer_text, render_messages
-from flo_coord.worker import Worker
+from flo_coord.execution.backends import BackendSpec
+from flo_coord.execution.breaker import BreakerConfig
+from flo_coord.execution.coordinator import Coordinator, ExecutorConfig, estimate_tokens
+from flo_coord.execution.worker import Worker
+from flo_coord.store.core import FailoverCore
+from flo_coord.testing.fakellm import FakeLLMServer, full_answer, full_answer_text, render_messages
 
 PROMPT = "Why do leases need fencing tokens?"
 ANSWER = full_answer_text(PROMPT)

@@ -23,9 +23,9 @@ import pytest
 import pytest_asyncio
 
 from flo_coord import AsyncFailoverManager, Takeover
-from flo_coord.delivery import follow
-from flo_coord.fakellm import FakeLLMServerThread, full_answer_text
-from flo_coord.queue import Submission, submit
+from flo_coord.execution.delivery import follow
+from flo_coord.execution.queue import Submission, submit
+from flo_coord.testing.fakellm import FakeLLMServerThread, full_answer_text
 
 WORKER_MAIN = str(Path(__file__).with_name("worker_main.py"))
 PROMPT = "Describe a takeover of a streaming request."

@@ -18,7 +18,7 @@ from flo_coord import (
     StreamingContext,
     StreamState,
 )
-from flo_coord.codec import decode_context_json, json_encoder
+from flo_coord.store.codec import decode_context_json, json_encoder
 
 pytestmark = pytest.mark.usefixtures("store")
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import require_redis_server
 
 from flo_coord import FailoverManager, functions, scripts
-from flo_coord.core import Eval
-from flo_coord.embedded import RedisServer
+from flo_coord.store.core import Eval
+from flo_coord.testing.embedded import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
 

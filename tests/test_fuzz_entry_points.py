@@ -47,14 +47,14 @@ from flo_coord import (
     ServingBackend,
     StreamState,
 )
-from flo_coord.backends import BackendSpec
-from flo_coord.breaker import BreakerConfig, CircuitBreaker
-from flo_coord.connection import connect
-from flo_coord.delivery import follow
-from flo_coord.embedded import RedisServer
-from flo_coord.executor import Coordinator
+from flo_coord.execution.backends import BackendSpec
+from flo_coord.execution.breaker import BreakerConfig, CircuitBreaker
+from flo_coord.execution.coordinator import Coordinator
+from flo_coord.execution.delivery import follow
 from flo_coord.redact import redact_secrets
 from flo_coord.settings import load_settings
+from flo_coord.store.connection import connect
+from flo_coord.testing.embedded import RedisServer
 
 pytestmark = pytest.mark.timeout(300)
 

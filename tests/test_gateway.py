@@ -20,8 +20,8 @@ import httpx
 import pytest
 from procs import dump_namespace, wait_for
 
-from flo_coord.embedded import RedisServer
-from flo_coord.fakellm import FakeLLMServerThread, full_answer_text, render_messages
+from flo_coord.testing.embedded import RedisServer
+from flo_coord.testing.fakellm import FakeLLMServerThread, full_answer_text, render_messages
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-" + uuid.uuid4().hex

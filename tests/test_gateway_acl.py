@@ -21,8 +21,8 @@ from conftest import require_redis_server
 from test_acl import WORKER_RULES, setuser, user_url
 from test_gateway import TOKENS, Events, Replica, _chat_body, chat_answer
 
-from flo_coord.embedded import RedisServer
-from flo_coord.fakellm import FakeLLMServerThread
+from flo_coord.testing.embedded import RedisServer
+from flo_coord.testing.fakellm import FakeLLMServerThread
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,7 @@ import pytest
 from flo_coord.errors import UnknownRequestError, ValidationError
 from flo_coord.gateway import HTTPError, failure
 from flo_coord.gateway.protocol import InvalidParameterError, Shaper, body_hash, parse, parse_event_id, sse
-from flo_coord.validation import Limits
+from flo_coord.store.validation import Limits
 
 LIMITS = Limits(max_messages=3, max_prompt_bytes=100)
 
@@ -77,7 +77,7 @@ def test_refused_bodies_name_the_parameter(body: bytes, param: str | None) -> No
 
 
 def test_the_roles_the_cli_accepts_are_accepted() -> None:
-    from flo_coord.validation import CHAT_ROLES
+    from flo_coord.store.validation import CHAT_ROLES
 
     messages = [{"role": role, "content": role} for role in CHAT_ROLES[:3]]
     parsed = parse(chat(messages=messages), chat=True, limits=LIMITS)

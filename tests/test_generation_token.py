@@ -20,11 +20,11 @@ import pytest
 import pytest_asyncio
 
 from flo_coord import FailoverConfig, LeaseLostError, ServingBackend
-from flo_coord.backends import BackendSpec
-from flo_coord.executor import Coordinator, ExecutorConfig
-from flo_coord.fakellm import FakeLLMServer, full_answer_text
-from flo_coord.queue import Submission, ensure_group, submit
-from flo_coord.worker import Worker
+from flo_coord.execution.backends import BackendSpec
+from flo_coord.execution.coordinator import Coordinator, ExecutorConfig
+from flo_coord.execution.queue import Submission, ensure_group, submit
+from flo_coord.execution.worker import Worker
+from flo_coord.testing.fakellm import FakeLLMServer, full_answer_text
 
 PROMPT = "Explain why a generation needs its own fencing token."
 ANSWER = full_answer_text(PROMPT)

@@ -39,7 +39,7 @@ from flo_coord import (
     StreamState,
     ValidationError,
 )
-from flo_coord.embedded import RedisServer
+from flo_coord.testing.embedded import RedisServer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -599,13 +599,13 @@ EDGE_CASES: list[tuple[str, Callable[[Any, Any], Any], type[FloCoordError]]] = [
 
 
 def _spec(**kwargs: Any) -> Any:
-    from flo_coord.backends import BackendSpec
+    from flo_coord.execution.backends import BackendSpec
 
     return BackendSpec(name="Vllm", base_url="http://h", model="m", **kwargs)
 
 
 def _coordinator(backends: Any) -> Any:
-    from flo_coord.executor import Coordinator
+    from flo_coord.execution.coordinator import Coordinator
 
     return Coordinator(backends, url="redis://127.0.0.1:1/0", namespace="x")
 
@@ -626,7 +626,7 @@ def test_issue_16_edge_failures_are_typed(
 
 @pytest.mark.parametrize("wait", [None, float("inf"), float("nan"), -1, "1"])
 async def test_follow_refuses_a_bad_wait_before_redis(server: RedisServer, wait: Any) -> None:
-    from flo_coord.delivery import follow
+    from flo_coord.execution.delivery import follow
 
     async with AsyncFailoverManager(url=server.url, namespace=NS) as manager:
         with pytest.raises(ValidationError, match="wait"):

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from flo_coord.executor import Coordinator, ExecutorConfig
-from flo_coord.fakellm import FakeLLMServer, full_answer_text, render_messages
-from flo_coord.litellm_import import translate
+from flo_coord.cli.litellm_import import translate
+from flo_coord.execution.coordinator import Coordinator, ExecutorConfig
 from flo_coord.models import ChatMessage
 from flo_coord.settings import load_settings
+from flo_coord.testing.fakellm import FakeLLMServer, full_answer_text, render_messages
 
 PROMPT = [ChatMessage("user", "Where does this LiteLLM model group send me?")]
 ANSWER = full_answer_text(render_messages(PROMPT))

@@ -27,7 +27,7 @@ from flo_coord import (
     RetryPolicy,
     ServingBackend,
 )
-from flo_coord.fakellm import FakeLLMServer, full_answer_text
+from flo_coord.testing.fakellm import FakeLLMServer, full_answer_text
 
 PROMPT = "Does every request end?"
 FAST = ExecutorConfig(first_token_timeout=2.0, stall_timeout=2.0, backoff_initial=0.05, backoff_max=0.1)
@@ -184,7 +184,7 @@ class _BuggyBackend:
         self.spec = BackendSpec(name="Vllm", base_url="http://127.0.0.1:9", model="buggy")
 
     async def stream(self, request: Any) -> AsyncIterator[Any]:
-        from flo_coord.backends import TextChunk
+        from flo_coord.execution.backends import TextChunk
 
         yield TextChunk("<|answer|>")
         raise ZeroDivisionError("a bug in an adapter")

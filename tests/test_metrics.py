@@ -19,9 +19,9 @@ import pytest
 from conftest import require_redis_server
 
 from flo_coord import FailoverAttempt, FailoverResult, LeaseLostError, ServingBackend, logs
-from flo_coord.embedded import RedisServer, free_port
-from flo_coord.fakellm import FakeLLMServerThread, full_answer_text
 from flo_coord.metrics import METRICS, MetricsUnavailableError, ObservedManager, WorkerMetrics
+from flo_coord.testing.embedded import RedisServer, free_port
+from flo_coord.testing.fakellm import FakeLLMServerThread, full_answer_text
 
 CLI = [sys.executable, "-m", "flo_coord"]
 

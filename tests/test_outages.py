@@ -26,10 +26,10 @@ from conftest import require_redis_server
 from test_executor_processes import Workers
 
 from flo_coord import AsyncFailoverManager, FloCoordError, RetryPolicy, defaults
-from flo_coord.delivery import follow
-from flo_coord.embedded import RedisServer
-from flo_coord.fakellm import FakeLLMServerThread, full_answer_text
-from flo_coord.queue import Submission, submit
+from flo_coord.execution.delivery import follow
+from flo_coord.execution.queue import Submission, submit
+from flo_coord.testing.embedded import RedisServer
+from flo_coord.testing.fakellm import FakeLLMServerThread, full_answer_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 

@@ -22,8 +22,8 @@ import pytest
 from conftest import require_redis_server
 
 from flo_coord import FailoverAttempt, FailoverManager, FailoverResult, ServingBackend, logs
-from flo_coord.embedded import RedisServer
 from flo_coord.redact import redact_secrets, register_secret
+from flo_coord.testing.embedded import RedisServer
 
 KEY = "sk-test-" + "Z9" * 12
 ECHO = (
@@ -148,8 +148,8 @@ async def test_a_key_echoed_by_the_backend_in_a_200_stream_is_never_stored_or_lo
     server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flo_coord import FailoverConfig, FloCoordError
-    from flo_coord.backends import BackendSpec
-    from flo_coord.executor import Coordinator
+    from flo_coord.execution.backends import BackendSpec
+    from flo_coord.execution.coordinator import Coordinator
 
     secret = f"prov-{uuid.uuid4().hex}"  # no well-known key shape: only registration can catch it
     monkeypatch.setenv("FLO_TEST_ECHO_KEY", secret)

@@ -1,6 +1,6 @@
 """Redis itself misbehaving: clients killed, the server frozen, restarted, or gone for good.
 
-Every test starts its own redis-server processes (flo_coord.embedded) and stops them.
+Every test starts its own redis-server processes (flo_coord.testing.embedded) and stops them.
 The property checked throughout: the final text holds every acknowledged chunk exactly
 once, in order; and when Redis does not come back, every call fails with
 CoordinatorUnavailableError within its deadline.
@@ -32,10 +32,10 @@ from flo_coord import (
     ServingBackend,
     StreamState,
 )
-from flo_coord.connection import MIN_SOCKET_TIMEOUT, connect
-from flo_coord.embedded import RedisServer
 from flo_coord.errors import ConfigError
-from flo_coord.retry import is_refusal, is_transient, not_sent
+from flo_coord.store.connection import MIN_SOCKET_TIMEOUT, connect
+from flo_coord.store.retry import is_refusal, is_transient, not_sent
+from flo_coord.testing.embedded import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
 

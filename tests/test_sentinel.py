@@ -24,7 +24,7 @@ from flo_coord import (
     FailoverManager,
     RetryPolicy,
 )
-from flo_coord.embedded import RedisServer, SentinelGroup, _wait_until
+from flo_coord.testing.embedded import RedisServer, SentinelGroup, _wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

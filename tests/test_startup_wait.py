@@ -15,8 +15,8 @@ import httpx
 import pytest
 from conftest import require_redis_server
 
-from flo_coord.embedded import RedisServer, free_port
-from flo_coord.fakellm import FakeLLMServerThread, full_answer_text, render_messages
+from flo_coord.testing.embedded import RedisServer, free_port
+from flo_coord.testing.fakellm import FakeLLMServerThread, full_answer_text, render_messages
 
 TOKENS = 12
 

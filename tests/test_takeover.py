@@ -28,7 +28,7 @@ from flo_coord import (
     StreamingContext,
     Takeover,
 )
-from flo_coord.embedded import RedisServer
+from flo_coord.testing.embedded import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
 

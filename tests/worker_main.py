@@ -15,9 +15,9 @@ import logging
 import sys
 
 from flo_coord import FailoverConfig, ServingBackend
-from flo_coord.backends import BackendSpec
-from flo_coord.executor import Coordinator, ExecutorConfig
-from flo_coord.worker import Worker
+from flo_coord.execution.backends import BackendSpec
+from flo_coord.execution.coordinator import Coordinator, ExecutorConfig
+from flo_coord.execution.worker import Worker
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -15,8 +15,8 @@ def cmd_install_functions(args: Any) -> int:
     library loaded, with --prune the libraries of other versions deleted, and the
     ``+fcall|<function>`` rules of the client ACL for this version.
     """
-    from flo_coord import functions
-    from flo_coord.connection import connect
+    from flo_coord.store import functions
+    from flo_coord.store.connection import connect
 
     settings = load(args)
     check_redis(settings.redis.url)

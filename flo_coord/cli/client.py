@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from flo_coord.cli import render
 from flo_coord.cli.common import CommandFailedError, UsageError, client_manager, load, redis_time, run, setup_logging
-from flo_coord.validation import CHAT_ROLES
+from flo_coord.store.validation import CHAT_ROLES
 
 if TYPE_CHECKING:
-    from flo_coord.manager import AsyncFailoverManager
+    from flo_coord.store.facade import AsyncFailoverManager
 
 RECONNECT_PAUSE = 1.0
 
@@ -28,7 +28,7 @@ def _emit_json(obj: Any) -> None:
 def _builtins(struct: Any) -> Any:
     import msgspec
 
-    from flo_coord.codec import json_encoder
+    from flo_coord.store.codec import json_encoder
 
     return msgspec.json.decode(json_encoder.encode(struct))
 
@@ -51,8 +51,8 @@ async def stream_answer(
     """
     import redis.exceptions as rex
 
-    from flo_coord.delivery import follow
     from flo_coord.errors import CoordinatorUnavailableError
+    from flo_coord.execution.delivery import follow
 
     written = 0
     deadline = time.monotonic() + timeout
@@ -83,7 +83,7 @@ async def stream_answer(
 
 async def _answer_chars(manager: AsyncFailoverManager, request_id: str) -> int:
     """Characters of ``request_id``'s committed answer (0 when nothing is stored)."""
-    from flo_coord.codec import text
+    from flo_coord.store.codec import text
 
     raw = await manager.redis.get(manager.core.keys.request(request_id).text)
     return len(text(raw)) if raw is not None else 0
@@ -209,8 +209,7 @@ def cmd_submit(args: Any) -> int:
 
 
 async def _submit(manager: AsyncFailoverManager, request_id: str, prompt: str | None, messages: Any, args: Any) -> int:
-    from flo_coord import queue
-
+    from flo_coord.execution import queue
     try:
         if await _known(manager, request_id):
             raise UsageError(f"request id {request_id!r} is already in use; choose another --request-id")
@@ -259,8 +258,8 @@ def cmd_inspect(args: Any) -> int:
 
 
 async def _inspect(manager: AsyncFailoverManager, args: Any) -> int:
-    from flo_coord.codec import text
     from flo_coord.errors import UnknownRequestError
+    from flo_coord.store.codec import text
 
     rid = args.request_id
     try:

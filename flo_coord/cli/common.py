@@ -10,9 +10,9 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from flo_coord.backends import BackendSpec
-    from flo_coord.manager import AsyncFailoverManager
+    from flo_coord.execution.backends import BackendSpec
     from flo_coord.settings import Settings
+    from flo_coord.store.facade import AsyncFailoverManager
 
 log = logging.getLogger("flo_coord.cli")
 
@@ -76,8 +76,8 @@ def parse_backend(value: str) -> BackendSpec:
     KIND: openai (default), ollama or anthropic; PROVIDER: a ServingBackend, needed when
     NAME is not one (``vllm-a=http://h:8000,llama,,Vllm``).
     """
-    from flo_coord.backends import BackendSpec
     from flo_coord.errors import ConfigError
+    from flo_coord.execution.backends import BackendSpec
 
     match = _BACKEND_RE.match(value.strip())
     if match is None:
@@ -109,7 +109,7 @@ def load(args: Any) -> Settings:
     }
     specs = [parse_backend(v) for v in getattr(args, "backend", None) or []]
     if specs:
-        from flo_coord.groups import check_unique
+        from flo_coord.execution.groups import check_unique
 
         try:
             check_unique(specs)  # a second --backend with the same NAME never silently replaces the first
@@ -141,8 +141,8 @@ def check_redis(url: str, timeout: float = 3.0, *, unreachable_ok: bool = False)
     """
     import redis.exceptions as rex
 
-    from flo_coord.connection import connect
     from flo_coord.errors import ConfigError
+    from flo_coord.store.connection import connect
 
     shown = redact(url)
     try:
@@ -173,7 +173,7 @@ async def wait_for_redis(manager: AsyncFailoverManager, url: str, stop: asyncio.
     import redis.exceptions as rex
 
     from flo_coord.errors import CoordinatorUnavailableError
-    from flo_coord.retry import outage_retrying
+    from flo_coord.store.retry import outage_retrying
 
     waited = False
 
@@ -207,7 +207,7 @@ async def wait_for_redis(manager: AsyncFailoverManager, url: str, stop: asyncio.
 
 def client_manager(settings: Settings, worker_id: str | None = None) -> AsyncFailoverManager:
     """An AsyncFailoverManager for a client command (checked Redis first)."""
-    from flo_coord.manager import AsyncFailoverManager
+    from flo_coord.store.facade import AsyncFailoverManager
 
     check_redis(settings.redis.url)
     return AsyncFailoverManager(
@@ -234,7 +234,6 @@ async def redis_time(manager: AsyncFailoverManager) -> float:
 
 def setup_logging(args: Any, default_level: str = "WARNING", **fields: Any) -> None:
     from flo_coord import logs
-
     fmt = pick(getattr(args, "log_format", None), "log_format", str, "a log format", "kv")
     level = pick(getattr(args, "log_level", None), "log_level", str, "a log level", default_level)
     if fmt not in logs.FORMATS:

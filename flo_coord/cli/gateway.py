@@ -87,8 +87,8 @@ def check_port(host: str, port: int) -> None:
 
 
 def cmd_serve(args: Any) -> int:
-    from flo_coord import validation
-    from flo_coord.core import default_worker_id
+    from flo_coord.store import validation
+    from flo_coord.store.core import default_worker_id
 
     settings = load(args)
     gateway = gateway_settings(args, settings)
@@ -143,7 +143,7 @@ def _loop_factory() -> Any:
 async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], args: Any) -> int:
     import uvicorn
 
-    from flo_coord.executor import Coordinator
+    from flo_coord.execution.coordinator import Coordinator
     from flo_coord.gateway import Gateway
     from flo_coord.gateway.metrics import GatewayMetrics, ReadyManager
 

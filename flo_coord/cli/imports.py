@@ -22,7 +22,7 @@ def cmd_import_litellm(args: Any) -> int:
         raise UsageError("import-litellm needs PyYAML: pip install 'flo-coord[litellm]' (or pyyaml)") from None
     import msgspec
 
-    from flo_coord.litellm_import import translate
+    from flo_coord.cli.litellm_import import translate
     from flo_coord.settings import Settings
 
     path = Path(args.config_yaml)

@@ -14,7 +14,7 @@ from flo_coord.cli import render
 from flo_coord.cli.common import check_redis, client_manager, load, redis_time, run, setup_logging
 
 if TYPE_CHECKING:
-    from flo_coord.manager import AsyncFailoverManager
+    from flo_coord.store.facade import AsyncFailoverManager
 
 TOP_HEADERS = ["REQUEST", "OWNER", "EPOCH", "LEASE", "BACKEND", "TOKENS", "CHARS", "TAKEOVERS", "STATE", "AGE"]
 
@@ -150,7 +150,7 @@ async def _reap_report(manager: AsyncFailoverManager, args: Any) -> int:
 
 
 async def _reap_and_resume(settings: Any, worker_id: str, args: Any) -> int:
-    from flo_coord.executor import Coordinator
+    from flo_coord.execution.coordinator import Coordinator
 
     coordinator = Coordinator(**settings.coordinator_options(), worker_id=worker_id)
     try:

@@ -143,7 +143,7 @@ def build_parser() -> Parser:
 
     p = command(
         "demo",
-        "flo_coord.demo:cmd_demo",
+        "flo_coord.cli.demo:cmd_demo",
         "Run 3 gateway replicas on a fake LLM, SIGKILL the busiest mid-answer, resume its HTTP streams "
         "elsewhere, verify every answer byte for byte",
         (logs,),

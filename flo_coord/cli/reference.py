@@ -4,7 +4,7 @@
 * every ``FLO_*`` environment variable comes from the registries that read them (``settings.ENVIRONMENT``,
   ``settings.CONFIG_ENV``, ``cli.common.CLI_ENVIRONMENT``, ``embedded.REDIS_SERVER_ENV``/``REDIS_CLI_ENV``), with
   the flags that set the same thing found in the parser's help texts;
-* the fake LLM's fault grammar comes from ``flo_coord.fakellm``'s module docstring, the one place it is written.
+* the fake LLM's fault grammar comes from ``flo_coord.testing.fakellm``'s module docstring, the one place it is written.
 
 ``scripts/gen_cli_docs.py`` rewrites the marked sections of docs/CLI.md with :func:`rewrite`;
 tests/test_cli_docs.py fails when the file differs from what this module produces.
@@ -41,8 +41,9 @@ ENV_MEANING = {
 
 def environment() -> dict[str, str]:
     """Every ``FLO_*`` variable the code reads -> where it lands (a TOML key, or what reads it)."""
-    from flo_coord import embedded, settings
+    from flo_coord import settings
     from flo_coord.cli.common import CLI_ENVIRONMENT
+    from flo_coord.testing import embedded
 
     out = {settings.CONFIG_ENV: "-"}
     out.update({name: f"`[{section}] {key}`" for name, (section, key) in settings.ENVIRONMENT.items()})
@@ -129,8 +130,7 @@ def environment_section(parser: argparse.ArgumentParser) -> str:
 
 def fault_grammar() -> list[tuple[str, str]]:
     """``(SPEC, meaning)`` for every fault the fake LLM documents in its module docstring (the one source)."""
-    from flo_coord import fakellm
-
+    from flo_coord.testing import fakellm
     doc = fakellm.__doc__ or ""
     block = doc.split("Fault syntax", 1)[1] if "Fault syntax" in doc else ""
     out: list[tuple[str, str]] = []
@@ -148,15 +148,14 @@ def fault_grammar() -> list[tuple[str, str]]:
 
 def fault_intro() -> str:
     """The sentence(s) of the docstring that introduce the grammar (``kind[:args][*times]`` ...)."""
-    from flo_coord import fakellm
-
+    from flo_coord.testing import fakellm
     doc = fakellm.__doc__ or ""
     block = doc.split("Fault syntax", 1)[1] if "Fault syntax" in doc else ""
     return _cell("Fault syntax" + block.split("\n\n", 1)[0]).replace("``", "`") if block else ""
 
 
 def fault_section() -> str:
-    """The fault grammar as a table (from ``flo_coord.fakellm``'s docstring)."""
+    """The fault grammar as a table (from ``flo_coord.testing.fakellm``'s docstring)."""
     lines = [
         "`serve-fake-llm --fault MODEL=SPEC` (repeatable; `MODEL` may be `*`); the same SPECs work at runtime with "
         "`POST /_faults` and per request with the `X-Fake-Fault` header. " + fault_intro(),

@@ -28,8 +28,8 @@ log = logging.getLogger("flo_coord.cli")
 
 
 def cmd_worker(args: Any) -> int:
-    from flo_coord import validation
-    from flo_coord.core import default_worker_id
+    from flo_coord.store import validation
+    from flo_coord.store.core import default_worker_id
 
     settings = load(args)
     worker_id = pick(args.worker_id, "worker_id", str, "a worker id", "") or default_worker_id()
@@ -72,8 +72,8 @@ def _check_functions(settings: Any) -> None:
     """Exit at start (code 2, one line) when the Functions library is missing and cannot be loaded."""
     import redis.exceptions as rex
 
-    from flo_coord import functions
-    from flo_coord.connection import connect
+    from flo_coord.store import functions
+    from flo_coord.store.connection import connect
 
     client = connect(settings.redis.url)
     try:
@@ -104,9 +104,9 @@ async def watch_parent(stop: Any, interval: float = 0.5) -> None:
 async def _worker(
     settings: Any, worker_id: str, concurrency: int, grace: float, metrics: Any, exit_with_parent: bool
 ) -> int:
-    from flo_coord import queue
-    from flo_coord.executor import Coordinator
-    from flo_coord.worker import Worker
+    from flo_coord.execution import queue
+    from flo_coord.execution.coordinator import Coordinator
+    from flo_coord.execution.worker import Worker
 
     manager = None
     if metrics is not None:
@@ -141,8 +141,8 @@ async def _worker(
 
 
 def cmd_fake_llm(args: Any) -> int:
-    from flo_coord import fakellm
     from flo_coord.cli.reference import fault_grammar
+    from flo_coord.testing import fakellm
 
     argv = [
         "--host",

@@ -26,8 +26,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from flo_coord import validation
-from flo_coord.backends import RateLimitedError
 from flo_coord.errors import (
     ContentPolicyError,
     CoordinatorUnavailableError,
@@ -37,13 +35,15 @@ from flo_coord.errors import (
     UnknownRequestError,
     ValidationError,
 )
-from flo_coord.executor import AnswerStream, Coordinator
+from flo_coord.execution.backends import RateLimitedError
+from flo_coord.execution.coordinator import AnswerStream, Coordinator
 from flo_coord.gateway import protocol, store
 from flo_coord.gateway.live import Live
 from flo_coord.gateway.protocol import InvalidParameterError, Parsed, Shaper
 from flo_coord.gateway.store import IdempotencyConflictError, Presentation
 from flo_coord.models import FailoverResult, count_tokens
 from flo_coord.settings import GatewaySettings
+from flo_coord.store import validation
 
 log = logging.getLogger("flo_coord.gateway")
 #: committed text from an offset: from this replica's memory, or followed from Redis

@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from flo_coord import validation
 from flo_coord.errors import ValidationError
 from flo_coord.models import ChatMessage
+from flo_coord.store import validation
 
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 Label = Annotated[str, Meta(min_length=1, max_length=256)]

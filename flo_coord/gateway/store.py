@@ -16,11 +16,11 @@ import logging
 
 import msgspec
 
-from flo_coord.codec import pairs, text
-from flo_coord.core import Cmd, Eval, Operation, ok
 from flo_coord.errors import FloCoordError
-from flo_coord.manager import AsyncFailoverManager
-from flo_coord.scripts import IDEMPOTENCY_CLAIM
+from flo_coord.store.codec import pairs, text
+from flo_coord.store.core import Cmd, Eval, Operation, ok
+from flo_coord.store.facade import AsyncFailoverManager
+from flo_coord.store.scripts import IDEMPOTENCY_CLAIM
 
 log = logging.getLogger("flo_coord.gateway")
 

@@ -3,13 +3,13 @@
 Both shells share everything but the ``await``: batch bookkeeping, NOSCRIPT reload, the
 transient-fault classification, durability and the retry policy. A batch is one pipeline
 (``transaction=False``), so one round trip on a single Redis; on a Cluster the client
-splits it by node. Scripts run as Redis Functions (``FCALL``, flo_coord.functions), or
+splits it by node. Scripts run as Redis Functions (``FCALL``, flo_coord.store.functions), or
 with ``EVALSHA`` where Redis has no Functions. They are loaded on demand: a "function not
 found" or NOSCRIPT reply (first use, a flush, a restart, a failover to a replica) loads
 the library (on every primary of a Cluster) if the credential may, and re-sends the calls
 that got it; a credential that may not gets ConfigError naming the operator command.
 
-Retries (``flo_coord.retry``): one deadline bounds a whole operation. A fault re-sends only
+Retries (``flo_coord.store.retry``): one deadline bounds a whole operation. A fault re-sends only
 the calls of the batch that have no reply yet; a batch with a call that is not idempotent
 (XADD) is re-sent only when the fault proves that call did not run. The asyncio shell cuts
 every attempt at the deadline; a sync attempt is bounded by its client's socket timeout.
@@ -33,9 +33,6 @@ from typing import Any, TypeVar
 import redis.exceptions as rex
 from tenacity import AsyncRetrying, Retrying
 
-from flo_coord import functions
-from flo_coord.connection import MIN_PLAIN_SOCKET_TIMEOUT, rebuilt_for_deadline
-from flo_coord.core import Call, Cmd, Eval, Operation, merge_appends
 from flo_coord.errors import (
     ConfigError,
     CoordinatorUnavailableError,
@@ -43,8 +40,18 @@ from flo_coord.errors import (
     FloCoordError,
     ValidationError,
 )
-from flo_coord.retry import RedisHealth, RetryPolicy, disable_client_retries, is_async_client, is_transient, not_sent
-from flo_coord.scripts import APPEND, APPEND_MANY, FINISH, REJECT, START, START_NEW, Script
+from flo_coord.store import functions
+from flo_coord.store.connection import MIN_PLAIN_SOCKET_TIMEOUT, rebuilt_for_deadline
+from flo_coord.store.core import Call, Cmd, Eval, Operation, merge_appends
+from flo_coord.store.retry import (
+    RedisHealth,
+    RetryPolicy,
+    disable_client_retries,
+    is_async_client,
+    is_transient,
+    not_sent,
+)
+from flo_coord.store.scripts import APPEND, APPEND_MANY, FINISH, REJECT, START, START_NEW, Script
 
 T = TypeVar("T")
 log = logging.getLogger("flo_coord.shell")
@@ -309,7 +316,7 @@ def _warn_without_timeout(client: Any) -> None:
     if isinstance(kwargs, dict) and kwargs.get("socket_timeout") is None:
         log.warning(
             "the Redis client has no socket_timeout: a frozen server can hang a call past the retry "
-            "deadline; build it with socket_timeout=... (flo_coord.connection.connect does)"
+            "deadline; build it with socket_timeout=... (flo_coord.store.connection.connect does)"
         )
 
 

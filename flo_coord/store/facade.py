@@ -11,9 +11,6 @@ import asyncio
 from typing import Any
 
 from flo_coord import defaults
-from flo_coord.batching import AppendBatcher
-from flo_coord.connection import connect
-from flo_coord.core import AppendAck, FailoverCore, Operation
 from flo_coord.errors import CoordinatorUnavailableError, ValidationError
 from flo_coord.models import (
     FailoverAttempt,
@@ -26,9 +23,12 @@ from flo_coord.models import (
     StreamingContext,
     StreamState,
 )
-from flo_coord.retry import RetryPolicy
-from flo_coord.shell import AsyncShell, SyncShell
-from flo_coord.validation import Limits
+from flo_coord.store.batching import AppendBatcher
+from flo_coord.store.connection import connect
+from flo_coord.store.core import AppendAck, FailoverCore, Operation
+from flo_coord.store.retry import RetryPolicy
+from flo_coord.store.shell import AsyncShell, SyncShell
+from flo_coord.store.validation import Limits
 
 
 class _Facade:

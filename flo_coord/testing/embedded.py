@@ -734,8 +734,7 @@ def preload_scripts(server: RedisServer | FakeRedisTCPServer) -> None:
     fakeredis' TCP server drops a connection after any error reply, so a "function not found" reply could never be
     followed by the FUNCTION LOAD that answers it: the fake gets the library before any client connects.
     """
-    from flo_coord import functions, scripts
-
+    from flo_coord.store import functions, scripts
     client = server.client()
     try:
         functions.install(client)

@@ -45,8 +45,21 @@ from typing import Any
 
 import msgspec
 
-from flo_coord import capabilities, defaults, logs
-from flo_coord.backends import (
+from flo_coord import defaults, logs
+from flo_coord.errors import (
+    ConfigError,
+    ContentPolicyError,
+    CoordinatorUnavailableError,
+    FloCoordError,
+    GenerationError,
+    LeaseLostError,
+    PrivacyTierError,
+    RequestCancelledError,
+    UnknownRequestError,
+    ValidationError,
+)
+from flo_coord.execution import capabilities
+from flo_coord.execution.backends import (
     Backend,
     BackendError,
     BackendSpec,
@@ -64,24 +77,10 @@ from flo_coord.backends import (
     ToolCallsOnlyError,
     make_backend,
 )
-from flo_coord.breaker import BreakerConfig, CircuitBreaker
-from flo_coord.capabilities import CapabilityMemory
-from flo_coord.core import together
-from flo_coord.delivery import follow
-from flo_coord.errors import (
-    ConfigError,
-    ContentPolicyError,
-    CoordinatorUnavailableError,
-    FloCoordError,
-    GenerationError,
-    LeaseLostError,
-    PrivacyTierError,
-    RequestCancelledError,
-    UnknownRequestError,
-    ValidationError,
-)
-from flo_coord.groups import InFlight, ModelGroup, Router, Tier, check_unique
-from flo_coord.manager import AsyncFailoverManager
+from flo_coord.execution.breaker import BreakerConfig, CircuitBreaker
+from flo_coord.execution.capabilities import CapabilityMemory
+from flo_coord.execution.delivery import follow
+from flo_coord.execution.groups import InFlight, ModelGroup, Router, Tier, check_unique
 from flo_coord.models import (
     ChatMessage,
     FailoverAttempt,
@@ -94,6 +93,8 @@ from flo_coord.models import (
 )
 from flo_coord.ownership import AsyncReaper, CancelWatcher
 from flo_coord.redact import register_backend_secrets
+from flo_coord.store.core import together
+from flo_coord.store.facade import AsyncFailoverManager
 
 log = logging.getLogger("flo_coord.executor")
 

@@ -27,11 +27,11 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from flo_coord import queue
 from flo_coord.errors import CoordinatorUnavailableError, CorruptStateError, FloCoordError, PoisonRequestError
-from flo_coord.executor import Coordinator
-from flo_coord.queue import Entry, Poison, Submission
-from flo_coord.retry import outage_retrying
+from flo_coord.execution import queue
+from flo_coord.execution.coordinator import Coordinator
+from flo_coord.execution.queue import Entry, Poison, Submission
+from flo_coord.store.retry import outage_retrying
 
 T = TypeVar("T")
 log = logging.getLogger("flo_coord.worker")

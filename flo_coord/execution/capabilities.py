@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flo_coord.core import Cmd, Operation, ok
-from flo_coord.keys import Keys
+from flo_coord.store.core import Cmd, Operation, ok
+from flo_coord.store.keys import Keys
 
 #: Seconds a runtime prefill rejection is remembered for all workers.
 DEFAULT_TTL = 300.0

@@ -29,13 +29,13 @@ from typing import Any
 
 import msgspec
 
-from flo_coord.backends import BackendSpec
-from flo_coord.codec import text
-from flo_coord.core import Cmd, Eval, Operation, ok
 from flo_coord.errors import ConfigError, UnknownModelError
-from flo_coord.keys import Keys
+from flo_coord.execution.backends import BackendSpec
 from flo_coord.models import PrivacyTier, ServingBackend
-from flo_coord.scripts import INFLIGHT_PICK, INFLIGHT_RENEW
+from flo_coord.store.codec import text
+from flo_coord.store.core import Cmd, Eval, Operation, ok
+from flo_coord.store.keys import Keys
+from flo_coord.store.scripts import INFLIGHT_PICK, INFLIGHT_RENEW
 
 #: Longest model group name (it is stored with each request that asks for it).
 MAX_GROUP_NAME = 256

@@ -6,7 +6,7 @@ library once (``flo-coord install-functions``, or a worker whose credential may 
 ``FUNCTION LOAD``) and workers only ``FCALL`` it, so their ACL refuses ``EVAL``,
 ``EVALSHA`` and ``SCRIPT``.
 
-The conversion is generic: each ``Script`` in ``flo_coord.scripts.registry()`` becomes
+The conversion is generic: each ``Script`` in ``flo_coord.store.scripts.registry()`` becomes
 the function ``flo_<version>_<name>`` of the library ``flo_coord_<version>``, its body
 wrapped as ``function(KEYS, ARGV) <source> end`` so the script text is unchanged and its
 keys are declared exactly as with ``EVALSHA`` (``FCALL name numkeys keys... args...``, so
@@ -32,7 +32,7 @@ from typing import Any
 import redis.exceptions as rex
 
 from flo_coord.errors import ConfigError
-from flo_coord.scripts import Script, registry
+from flo_coord.store.scripts import Script, registry
 
 log = logging.getLogger("flo_coord.functions")
 
@@ -78,7 +78,7 @@ def function_name(script: Script) -> str:
     try:
         return names[script.sha]
     except KeyError:
-        raise ConfigError(f"script {script.name!r} is not in flo_coord.scripts' registry") from None
+        raise ConfigError(f"script {script.name!r} is not in flo_coord.store.scripts' registry") from None
 
 
 def client_rules() -> list[str]:
@@ -87,7 +87,7 @@ def client_rules() -> list[str]:
     Redis ACLs can allow FCALL by function name (``+fcall|<name>``); the names carry the
     library version, so these rules change with it (``install-functions`` prints them).
     """
-    from flo_coord.scripts import FOLLOW_READ, READ
+    from flo_coord.store.scripts import FOLLOW_READ, READ
 
     return [f"+fcall|{function_name(READ)}", f"+fcall|{function_name(FOLLOW_READ)}"]
 
@@ -177,7 +177,7 @@ def ensure_loaded(client: Any, namespace: str) -> None:
     ``install-functions``); a server without Functions switches to the EVALSHA fallback;
     an ACL refusing FCALL itself is a ConfigError too. A worker runs it at start.
     """
-    from flo_coord.scripts import READ
+    from flo_coord.store.scripts import READ
 
     scripting = Scripting()
     keys = tuple(f"{namespace}:{{flo-probe}}:{kind}" for kind in ("ctx", "result", "text", "feed"))

@@ -28,7 +28,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from flo_coord import defaults
 from flo_coord.errors import ConfigError, CoordinatorUnavailableError
-from flo_coord.retry import no_client_retries
+from flo_coord.store.retry import no_client_retries
 
 #: The smallest socket timeout the shells give a client they built when it sends blocking
 #: calls (a WAIT of ``durability="replica"`` must fit in it).

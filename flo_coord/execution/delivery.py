@@ -18,13 +18,14 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING
 
-from flo_coord import defaults, validation
-from flo_coord.core import Cmd, Operation, ok
+from flo_coord import defaults
 from flo_coord.errors import CorruptStateError, RequestCancelledError, RequestFailedError, UnknownRequestError
+from flo_coord.store import validation
+from flo_coord.store.core import Cmd, Operation, ok
 
 if TYPE_CHECKING:
-    from flo_coord.manager import AsyncFailoverManager
     from flo_coord.models import RequestOutcome
+    from flo_coord.store.facade import AsyncFailoverManager
 
 
 def cancel_point() -> None:

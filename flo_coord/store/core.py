@@ -2,7 +2,7 @@
 
 Every operation is a generator: it validates its input eagerly (so bad input raises
 before any I/O), then yields batches of Redis calls and receives their replies. The
-sync and async shells (``flo_coord.shell``) only execute batches, so the logic exists
+sync and async shells (``flo_coord.store.shell``) only execute batches, so the logic exists
 once. A batch is sent as one pipeline: one round trip on a single Redis.
 """
 
@@ -20,22 +20,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from flo_coord import defaults, validation
-from flo_coord.codec import (
-    attempt_result_counts,
-    decode_context,
-    decode_history,
-    decode_outcome,
-    encode_history,
-    encode_messages,
-    encode_params,
-    index_member,
-    json_encoder,
-    pairs,
-    text,
-)
+from flo_coord import defaults
 from flo_coord.errors import CorruptStateError, LeaseLostError, ValidationError
-from flo_coord.keys import Keys, RequestKeys
 from flo_coord.models import (
     ChatMessage,
     FailoverAttempt,
@@ -51,7 +37,22 @@ from flo_coord.models import (
     count_tokens,
 )
 from flo_coord.redact import redact_secrets
-from flo_coord.scripts import (
+from flo_coord.store import validation
+from flo_coord.store.codec import (
+    attempt_result_counts,
+    decode_context,
+    decode_history,
+    decode_outcome,
+    encode_history,
+    encode_messages,
+    encode_params,
+    index_member,
+    json_encoder,
+    pairs,
+    text,
+)
+from flo_coord.store.keys import Keys, RequestKeys
+from flo_coord.store.scripts import (
     APPEND,
     APPEND_MANY,
     CANCEL,

@@ -27,9 +27,9 @@ import asyncio
 import itertools
 from typing import Any
 
-from flo_coord.core import AppendAck, FailoverCore, Operation
 from flo_coord.errors import CoordinatorUnavailableError
-from flo_coord.shell import AsyncShell, request_error
+from flo_coord.store.core import AppendAck, FailoverCore, Operation
+from flo_coord.store.shell import AsyncShell, request_error
 
 _Waiter = asyncio.Future  # resolves to AppendAck | None, or raises
 

@@ -59,10 +59,10 @@ def index_member(value: Any, limits: Any) -> str | None:
 
     A member that is not UTF-8 or not a valid request id cannot name a request: it is
     skipped (and logged once) so one bad member never breaks orphans, the reaper or
-    ``top`` for the whole namespace. ``limits``: the flo_coord.validation.Limits in force.
+    ``top`` for the whole namespace. ``limits``: the flo_coord.store.validation.Limits in force.
     """
-    from flo_coord import validation
     from flo_coord.errors import ValidationError
+    from flo_coord.store import validation
 
     try:
         return validation.request_id(text(value), limits)

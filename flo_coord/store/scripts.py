@@ -1,6 +1,6 @@
 """Lua scripts: every read-then-write flo_coord does on Redis is one of these.
 
-Every ``Script`` made joins ``registry()``; flo_coord.functions turns the registry into one
+Every ``Script`` made joins ``registry()``; flo_coord.store.functions turns the registry into one
 Redis Functions library run with FCALL (EVALSHA where Redis has no Functions). Define
 scripts in this module, so that ``flo-coord install-functions`` (which imports only this
 module) loads them all; names must be unique (they name the functions).
@@ -35,7 +35,7 @@ _REGISTERED: dict[str, Script] = {}
 
 
 def registry() -> tuple[Script, ...]:
-    """Every script defined so far, in definition order (flo_coord.functions loads them all)."""
+    """Every script defined so far, in definition order (flo_coord.store.functions loads them all)."""
     return tuple(_REGISTERED.values())
 
 

@@ -159,8 +159,8 @@ class Demo:
     # ------------------------------------------------------------ processes
 
     def start(self) -> None:
-        from flo_coord.embedded import RedisServer, start_embedded_redis
-        from flo_coord.fakellm import FakeLLMServerThread
+        from flo_coord.testing.embedded import RedisServer, start_embedded_redis
+        from flo_coord.testing.fakellm import FakeLLMServerThread
 
         if self.redis_url:
             check_redis(self.redis_url)
@@ -252,7 +252,7 @@ class Demo:
 
     def _require_unused_namespace(self) -> None:
         """Against a user's Redis, the demo runs only in a namespace nobody uses (its request ids would collide)."""
-        from flo_coord.connection import connect
+        from flo_coord.store.connection import connect
 
         client = connect(self.redis_url, timeout=3.0)
         try:
@@ -270,7 +270,7 @@ class Demo:
         if self.args.namespace:
             return
         with contextlib.suppress(Exception):
-            from flo_coord.connection import connect
+            from flo_coord.store.connection import connect
 
             client = connect(self.redis_url, timeout=3.0)
             try:
@@ -283,7 +283,7 @@ class Demo:
     # ------------------------------------------------------------------- run
 
     def _make_tracks(self) -> None:
-        from flo_coord.fakellm import full_answer, render_messages
+        from flo_coord.testing.fakellm import full_answer, render_messages
 
         for i in range(1, self.args.requests + 1):
             question = f"Question {i}: how does a fenced lease keep stream {i} exactly-once across a crash?"
@@ -310,7 +310,7 @@ class Demo:
     async def run(self) -> bool:
         import httpx
 
-        from flo_coord.manager import AsyncFailoverManager
+        from flo_coord.store.facade import AsyncFailoverManager
 
         self._make_tracks()
         # The clients use only HTTP; this read-only connection feeds the view (owners, takeovers, failovers).
@@ -477,8 +477,8 @@ class Demo:
                 t.view.backend = ctx.current_backend or t.view.backend
 
     async def _poll_history(self, manager: Any) -> None:
-        from flo_coord.codec import decode_history, pairs, text
         from flo_coord.models import Takeover
+        from flo_coord.store.codec import decode_history, pairs, text
 
         entries = await manager.redis.xrange(manager.core.keys.history, min=self.history_id, max="+", count=500)
         by_id = {t.server_id: t for t in self.tracks if t.server_id}

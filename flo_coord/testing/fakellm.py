@@ -48,7 +48,7 @@ Fault syntax: ``kind[:args][*times]``; without ``*times`` a fault hits every req
     needs_continue        a chat prefill without ``continue_final_message: true`` starts a new turn
                           (the answer restarts, as vLLM/TGI/SGLang do), with it the prefix is continued
 
-Run: ``python -m flo_coord.fakellm --port 8001 --fault model=cut:5 --token-delay 0.05``.
+Run: ``python -m flo_coord.testing.fakellm --port 8001 --fault model=cut:5 --token-delay 0.05``.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flo_coord.core import render_messages as core_render_messages
 from flo_coord.models import ChatMessage
+from flo_coord.store.core import render_messages as core_render_messages
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -1178,7 +1178,7 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flo_coord.fakellm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flo_coord.testing.fakellm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--fault", action="append", default=[], metavar="MODEL=SPEC", help='MODEL may be "*"')

@@ -19,11 +19,11 @@ from typing import Any, Literal
 import msgspec
 import redis.exceptions as rex
 
-from flo_coord.codec import text
-from flo_coord.core import Cmd, Eval, Operation, ok
 from flo_coord.errors import ConfigError
-from flo_coord.keys import Keys
-from flo_coord.scripts import BREAKER_ALLOW, BREAKER_RECORD
+from flo_coord.store.codec import text
+from flo_coord.store.core import Cmd, Eval, Operation, ok
+from flo_coord.store.keys import Keys
+from flo_coord.store.scripts import BREAKER_ALLOW, BREAKER_RECORD
 
 
 class BreakerConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -18,11 +18,11 @@ from typing import Any
 
 import msgspec
 
-from flo_coord import validation
-from flo_coord.codec import text
-from flo_coord.core import Cmd, FailoverCore, Operation, ok
 from flo_coord.errors import ValidationError
 from flo_coord.models import ChatMessage
+from flo_coord.store import validation
+from flo_coord.store.codec import text
+from flo_coord.store.core import Cmd, FailoverCore, Operation, ok
 
 GROUP = "workers"
 
