@@ -60,9 +60,9 @@ from flo_coord import (
     FailoverResult,
     ServingBackend,
     defaults,
-    functions,
 )
 from flo_coord.ownership import AsyncReaper
+from flo_coord.store import functions
 from flo_coord.store.batching import run_together
 from flo_coord.store.connection import connect
 from flo_coord.store.core import AppendAck

@@ -28,9 +28,9 @@ from flo_coord import (
     LeaseLostError,
     ServingBackend,
     Takeover,
-    functions,
 )
 from flo_coord.errors import ConfigError
+from flo_coord.store import functions
 from flo_coord.store.core import Eval
 from flo_coord.store.scripts import ALL
 from flo_coord.testing.embedded import RedisCluster

@@ -29,9 +29,9 @@ from flo_coord import (
     RequestFailedError,
     ServingBackend,
     Takeover,
-    queue,
 )
 from flo_coord.errors import UnknownRequestError
+from flo_coord.execution import queue
 from flo_coord.execution.backends import BackendSpec
 from flo_coord.execution.breaker import BreakerConfig
 from flo_coord.execution.coordinator import Coordinator, ExecutorConfig, estimate_tokens

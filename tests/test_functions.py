@@ -15,7 +15,8 @@ import uuid
 import pytest
 from conftest import require_redis_server
 
-from flo_coord import FailoverManager, functions, scripts
+from flo_coord import FailoverManager
+from flo_coord.store import functions, scripts
 from flo_coord.store.core import Eval
 from flo_coord.testing.embedded import RedisServer
 
