@@ -71,6 +71,7 @@ class Reaper(Periodic):
         super().__init__("flo-reaper", reaper_interval(manager.lease_ttl, interval), self.reap_once)
 
     def reap_once(self) -> list[StreamingContext]:
+        """One round: claim up to ``limit`` orphans, hand each to ``on_claim``; returns the claimed contexts."""
         claimed = self.manager.claim_orphans(self.limit)
         for ctx in claimed:
             _hand_over(self.on_claim, ctx)
@@ -91,6 +92,8 @@ class AsyncReaper(AsyncPeriodic):
         super().__init__("flo-reaper", reaper_interval(manager.lease_ttl, interval), self.reap_once)
 
     async def reap_once(self) -> list[StreamingContext]:
+        """One round: claim up to ``limit`` orphans, hand each to ``on_claim`` (awaited when it
+        returns a coroutine); returns the claimed contexts."""
         claimed = await self.manager.claim_orphans(self.limit)
         for ctx in claimed:
             result = _hand_over(self.on_claim, ctx)

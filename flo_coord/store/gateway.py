@@ -75,6 +75,7 @@ def claim_idempotency(
 
 
 def save_presentation(core: FailoverCore, request_id: str, shape: Presentation, ttl: float) -> Operation[None]:
+    """Write ``shape`` to ``request_id``'s presentation hash (its slot), expiring in ``ttl`` seconds."""
     name = core.keys.gateway(request_id)
     fields = ("object", shape.object, "model", shape.model, "created", shape.created)
     replies = yield [
@@ -86,6 +87,7 @@ def save_presentation(core: FailoverCore, request_id: str, shape: Presentation, 
 
 
 def load_presentation(core: FailoverCore, request_id: str) -> Operation[Presentation | None]:
+    """The presentation saved for ``request_id``; None when none is stored or it is not ours."""
     (reply,) = yield [Cmd(("HGETALL", core.keys.gateway(request_id)))]
     data = pairs(ok(reply, request_id))
     if not data:
