@@ -85,7 +85,7 @@ class WorkerMetrics:
     def track_active(self, manager: AsyncFailoverManager) -> None:
         """Report ``manager``'s held requests as the active gauge, read at each scrape."""
         self.active.set_function(lambda: len(manager.held()))
-        health = manager.shell.health
+        health = manager.health
         self.redis_available.set_function(lambda: 1.0 if health.available else 0.0)
         self.redis_outages.set_function(lambda: float(health.outages))
         self.redis_last_success_age.set_function(

@@ -720,7 +720,7 @@ class _HTTPBackend:
         """The completions prompt (a chat rendered as one for continuation "completions") plus the prefix."""
         if request.messages is None:
             return (request.prompt or "") + request.prefix
-        from flo_coord.store.core import render_messages  # core imports no adapter; import here keeps layers apart
+        from flo_coord.store import render_messages  # the store imports no adapter; import here keeps layers apart
 
         return render_messages(request.messages) + request.prefix
 

@@ -9,8 +9,8 @@ the group has any. ``privacy`` (PrivacyTier, batuta's) excludes every deployment
 provider the tier does not allow: at config load for the group's own deployments (a
 ConfigError), and at every failover for every candidate, fallback groups' included.
 
-In-flight counts live in Redis (``InFlight``): one sorted set per deployment, member
-``<worker>/<request>`` scored by a deadline on the Redis server clock. A call adds its
+In-flight counts live in Redis (the store's ``InFlightStore``, ``manager.inflight``): one
+sorted set per deployment, member ``<worker>/<request>`` scored by a deadline on the Redis server clock. A call adds its
 member when its deployment is picked (the pick itself, one script) and removes it when
 the call ends; the worker renews its members' deadlines every few seconds, so the members
 of a worker that died drop out after ``ttl`` seconds. All those sets share one hash slot,
@@ -23,7 +23,6 @@ field, ``submit --model``) asks for a model by the name its deployments serve.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,10 +31,6 @@ import msgspec
 from flo_coord.errors import ConfigError, UnknownModelError
 from flo_coord.execution.backends import BackendSpec
 from flo_coord.models import PrivacyTier, ServingBackend
-from flo_coord.store.codec import text
-from flo_coord.store.core import Cmd, Eval, Operation, ok
-from flo_coord.store.keys import Keys
-from flo_coord.store.scripts import INFLIGHT_PICK, INFLIGHT_RENEW
 
 #: Longest model group name (it is stored with each request that asks for it).
 MAX_GROUP_NAME = 256
@@ -254,55 +249,3 @@ def check_unique(specs: Sequence[BackendSpec]) -> None:
                 f"({spec.backend.value} at {spec.safe_url}, model {spec.model!r}); give each deployment its own name"
             )
         first[spec.name] = index
-
-
-class InFlight:
-    """Operations on the fleet-wide in-flight counts of one namespace (run them with a shell).
-
-    ``ttl``: seconds a call stays counted without a renewal (a dead worker's calls drop out
-    after it). Keys: ``<namespace>:{<namespace>:inflight}:<deployment>``, one slot for all.
-    """
-
-    def __init__(self, keys: Keys, ttl: float) -> None:
-        self.keys = keys
-        self.ttl_ms = max(1000, int(ttl * 1000))
-
-    def key(self, deployment: str) -> str:
-        return f"{self.keys.namespace}:{{{self.keys.namespace}:inflight}}:{deployment}"
-
-    def pick(self, candidates: Sequence[tuple[str, float]], member: str) -> Operation[tuple[str, list[int]]]:
-        """Choose among ``candidates`` ((deployment, weight) pairs) and count ``member`` on it.
-
-        Returns (the chosen deployment, every candidate's in-flight count before the pick).
-        """
-        weights = [repr(float(w)) for _, w in candidates]
-        args = (member, self.ttl_ms, repr(random.random()), *weights)
-        (reply,) = yield [Eval(INFLIGHT_PICK, tuple(self.key(n) for n, _ in candidates), args)]
-        index, counts = ok(reply)
-        return candidates[int(index) - 1][0], [int(c) for c in counts]
-
-    def release(self, deployment: str, member: str) -> Operation[None]:
-        """The call of ``member`` on ``deployment`` ended (a single ZREM: no script needed)."""
-        (reply,) = yield [Cmd(("ZREM", self.key(deployment), member))]
-        ok(reply)
-
-    def renew(self, members: Mapping[str, str]) -> Operation[None]:
-        """Push the deadlines of ``members`` (member -> deployment), one script per deployment."""
-        by_deployment: dict[str, list[str]] = {}
-        for member, deployment in members.items():
-            by_deployment.setdefault(deployment, []).append(member)
-        if not by_deployment:
-            return
-        replies = yield [Eval(INFLIGHT_RENEW, (self.key(d),), (self.ttl_ms, *ms)) for d, ms in by_deployment.items()]
-        for reply in replies:
-            ok(reply)
-
-    def counts(self, deployments: Sequence[str]) -> Operation[dict[str, int]]:
-        """Calls in flight per deployment now (expired members not counted); for tools and tests."""
-        if not deployments:
-            return {}
-        (reply,) = yield [Cmd(("TIME",))]
-        seconds, micros = (int(text(v)) for v in ok(reply))
-        now = seconds * 1000 + micros // 1000
-        replies = yield [Cmd(("ZRANGEBYSCORE", self.key(d), f"({now}", "+inf")) for d in deployments]
-        return {d: len(ok(r)) for d, r in zip(deployments, replies, strict=True)}

@@ -26,8 +26,10 @@ from flo_coord.models import (
 from flo_coord.store.batching import AppendBatcher
 from flo_coord.store.connection import connect
 from flo_coord.store.core import AppendAck, FailoverCore, Operation
+from flo_coord.store.heartbeat import HeartbeatTask, HeartbeatThread
 from flo_coord.store.retry import RetryPolicy
 from flo_coord.store.shell import AsyncShell, SyncShell
+from flo_coord.store.surface import AsyncStoreOperations
 from flo_coord.store.validation import Limits
 
 
@@ -208,8 +210,6 @@ class FailoverManager(_Facade):
 
     def start_heartbeat(self, interval: float | None = None) -> Any:
         """Renew leases in a background thread every ``interval`` s (default lease_ttl / 3)."""
-        from flo_coord.ownership import HeartbeatThread
-
         return HeartbeatThread(self, interval).start()
 
     def close(self) -> None:
@@ -222,7 +222,7 @@ class FailoverManager(_Facade):
         self.close()
 
 
-class AsyncFailoverManager(_Facade):
+class AsyncFailoverManager(AsyncStoreOperations, _Facade):
     """The same API as coroutines on ``redis.asyncio``; appends share round trips."""
 
     _shell_class = AsyncShell
@@ -230,6 +230,7 @@ class AsyncFailoverManager(_Facade):
 
     def _setup(self) -> None:
         self._batcher = AppendBatcher(self.core, self.shell)
+        self.attach_stores()
 
     async def _run(self, op: Operation[Any], name: str, request_id: Any = None) -> Any:
         return await self.shell.run(op, name, request_id if isinstance(request_id, str) else None)
@@ -346,8 +347,6 @@ class AsyncFailoverManager(_Facade):
 
     def start_heartbeat(self, interval: float | None = None) -> Any:
         """Renew leases in a background task every ``interval`` s (default lease_ttl / 3)."""
-        from flo_coord.ownership import HeartbeatTask
-
         return HeartbeatTask(self, interval).start()
 
     async def aclose(self) -> None:
