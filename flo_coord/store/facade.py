@@ -492,7 +492,9 @@ class AsyncFailoverManager:
         await self.redis.aclose()
 
     async def __aenter__(self) -> Self:
+        """``async with manager:`` returns the manager itself."""
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        """Leaving the block closes the client (``aclose``); exceptions propagate."""
         await self.aclose()

@@ -443,7 +443,9 @@ class FailoverManager:
         self.redis.close()
 
     def __enter__(self) -> Self:
+        """``with manager:`` returns the manager itself."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Leaving the block closes the client (``close``); exceptions propagate."""
         self.close()
