@@ -452,6 +452,8 @@ SYNC_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any], str | None]] = [
     ("next_backend_for", ("req-1",), {}, "req-1"),
     ("mark_backend_failed", ("req-1", ServingBackend.Vllm), {}, "req-1"),
     ("set_state", ("req-1", StreamState.Streaming), {}, "req-1"),
+    ("set_current_backend", ("req-1", ServingBackend.Groq), {}, "req-1"),
+    ("set_usage", ("req-1", {"completion_tokens": 3}), {}, "req-1"),
     ("prepare_failover", ("req-1",), {}, "req-1"),
     ("history", (), {}, None),
     ("stats", (), {}, None),
@@ -547,8 +549,6 @@ async def test_every_async_call_fails_within_its_deadline_when_redis_is_gone() -
         ("record_attempt", (_attempt(),), {}, "req-1"),
         ("append_direct", ("req-1", "y"), {}, "req-1"),
         ("offer_tokens", ("req-1", "z"), {}, "req-1"),
-        ("set_current_backend", ("req-1", ServingBackend.Groq), {}, "req-1"),
-        ("set_usage", ("req-1", {"completion_tokens": 3}), {}, "req-1"),
         # the async store's operations for the layers above (store/surface.py)
         ("start_new", ("req-2", "prompt"), {}, "req-2"),
         ("reject", ("req-1", "poison"), {"kind": "PoisonRequestError"}, "req-1"),

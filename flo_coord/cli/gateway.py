@@ -144,10 +144,12 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
 
     from flo_coord.execution.coordinator import Coordinator
     from flo_coord.gateway import Gateway
-    from flo_coord.gateway.metrics import GatewayMetrics, ReadyManager
+    from flo_coord.gateway.metrics import GatewayMetrics
+    from flo_coord.store.facade import AsyncFailoverManager
 
     metrics = GatewayMetrics()
-    manager = ReadyManager(metrics, settings.failover, worker_id=worker_id, **settings.manager_options())
+    options = settings.manager_options()
+    manager = AsyncFailoverManager(settings.failover, worker_id=worker_id, observer=metrics, **options)
     metrics.track_active(manager)
     if not await _redis_or_signal(manager, settings.redis.url):
         await manager.aclose()

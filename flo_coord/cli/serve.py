@@ -107,9 +107,11 @@ async def _worker(
 
     manager = None
     if metrics is not None:
-        from flo_coord.metrics import ObservedManager
+        from flo_coord.store.facade import AsyncFailoverManager
 
-        manager = ObservedManager(metrics, settings.failover, worker_id=worker_id, **settings.manager_options())
+        options = settings.manager_options()
+        manager = AsyncFailoverManager(settings.failover, worker_id=worker_id, observer=metrics, **options)
+        metrics.track_active(manager)
     options = settings.coordinator_options()
     coordinator = Coordinator(**options, manager=manager, worker_id=worker_id, concurrency=concurrency)
     worker = Worker(coordinator, concurrency=concurrency, grace=grace)

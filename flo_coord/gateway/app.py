@@ -655,7 +655,7 @@ class Gateway:
             await asyncio.wait_for(self.manager.ping(), 2.0)
         except Exception as exc:
             problems.append(f"redis unreachable: {type(exc).__name__}")
-        beat = getattr(self.manager, "last_heartbeat", None)
+        beat = getattr(self.metrics, "last_heartbeat", None)
         stale = max(2.0, 2 * self.manager.lease_ttl)
         if beat is not None and time.monotonic() - beat > stale:
             problems.append(f"leases not renewed for {time.monotonic() - beat:.1f}s")

@@ -4,9 +4,10 @@ Key schema (``keys``), Lua scripts and the Redis Functions library (``scripts``,
 ``functions``), codecs (``codec``), input bounds (``validation``), the sans-I/O protocol
 core (``core``), the I/O shell with its retry and connection rules (``shell``, ``retry``,
 ``connection``), the append batcher (``batching``), lease renewal (``heartbeat``), the
-operations of the layers above (``breakers``, ``inflight``, ``capabilities``, ``queue``,
-``gateway``, ``feed``, ``inspect``, mixed in by ``surface``) and the public facades
-(``facade``: ``FailoverManager``, ``AsyncFailoverManager``).
+optional observer hooks (``observer``), the operations of the layers above (``breakers``,
+``inflight``, ``capabilities``, ``queue``, ``gateway``, ``feed``, ``inspect``, mixed in by
+``surface``) and the public facades (``facade``: ``AsyncFailoverManager``, written once,
+and ``FailoverManager``, generated from it into ``facade_sync`` by ``scripts/unasync.py``).
 
 ``__all__`` below is the store's public surface: code above the store (execution/,
 gateway/, cli/, ownership, metrics, testing/) imports only these names (from here or, for
@@ -27,6 +28,7 @@ from flo_coord.store.gateway import GatewayStore, IdempotencyConflictError, Pres
 from flo_coord.store.heartbeat import AsyncPeriodic, HeartbeatTask, HeartbeatThread, Periodic, start_heartbeat
 from flo_coord.store.inflight import InFlightStore
 from flo_coord.store.inspect import as_builtins
+from flo_coord.store.observer import StoreObserver
 from flo_coord.store.queue import Entry, Poison, QueueStore, Submission
 from flo_coord.store.retry import RedisHealth, RetryPolicy, outage_retrying
 from flo_coord.store.scripts import registry as script_registry
@@ -55,6 +57,7 @@ __all__ = [
     "QueueStore",
     "RedisHealth",
     "RetryPolicy",
+    "StoreObserver",
     "Submission",
     "as_builtins",
     "client_fcall_rules",

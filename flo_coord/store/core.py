@@ -135,11 +135,21 @@ class AppendAck(msgspec.Struct, frozen=True):
 
 @dataclass(slots=True)
 class Holding:
-    """What this worker holds of one request: its fencing epoch and next append seq."""
+    """What this worker holds of one request: its fencing epoch, next append seq, and the
+    automatic-seq append whose outcome is unknown, if any.
+
+    ``unknown`` is (epoch, seq, text, token count) of an append that Redis may or may not have applied
+    (the shell gave up on it past its deadline, or its caller abandoned it). The next
+    automatic-seq append of the request re-sends that text under that seq first
+    (``FailoverCore._append``): applied once either way (``DUP`` if it had been), so later
+    text can never reuse its seq and be taken for its duplicate. ``lock`` serialises a
+    sync caller's automatic-seq appends (the asyncio batcher keeps one in flight itself).
+    """
 
     epoch: int
     next_seq: int = 1
     lock: threading.Lock = field(default_factory=threading.Lock)
+    unknown: tuple[int, int, str, int] | None = None  #: (epoch, seq, text, token count)
 
 
 def default_worker_id() -> str:
@@ -431,10 +441,19 @@ class FailoverCore:
         if epoch is not None:
             self._check_generation(rid, epoch)
         held = self._held.get(rid)
+        numbered = held if seq is None else None  # automatic seqs: this worker numbers the appends
+        if numbered is not None and numbered.unknown is not None:
+            yield from self._settle_unknown(rid, rk, numbered, numbered.unknown)
         number = seq if seq is not None else (held.next_seq if held else 1)
         tokens = sum(count_tokens(c) for c in chunks)
-        call, epoch = self._fenced(APPEND, rk, rid, number, "".join(chunks), tokens, epoch=epoch)
-        (reply,) = yield [call]
+        joined = "".join(chunks)
+        call, epoch = self._fenced(APPEND, rk, rid, number, joined, tokens, epoch=epoch)
+        try:
+            (reply,) = yield [call]
+        except BaseException:  # a fault past the deadline thrown in, or abandoned (GeneratorExit)
+            if numbered is not None:
+                numbered.unknown = (epoch, number, joined, tokens)
+            raise
         status, reply = _status(reply, rid)
         if status in ("OK", "DUP"):
             if held is not None:
@@ -443,6 +462,26 @@ class FailoverCore:
         if status == "GONE" and held is None:
             return None  # the original: appending to an unknown request is a no-op
         raise self._lost(rid, epoch, reply)
+
+    def _settle_unknown(
+        self, rid: str, rk: RequestKeys, held: Holding, unknown: tuple[int, int, str, int]
+    ) -> Operation[None]:
+        """Re-send the append whose outcome is unknown, alone, under its own seq (see ``Holding``).
+
+        Raises what the re-send raises (its outcome is still unknown then, and the caller's
+        text is not sent). A record that no longer matches (a new epoch, the seq moved on)
+        is moot and dropped.
+        """
+        epoch, number, joined, tokens = unknown
+        if (epoch, number) != (held.epoch, held.next_seq):
+            held.unknown = None
+            return
+        call, _ = self._fenced(APPEND, rk, rid, number, joined, tokens, epoch=epoch)
+        (reply,) = yield [call]
+        held.unknown = None  # answered: applied now or before, or refused for good (the next call says so)
+        status, reply = _status(reply, rid)
+        if status in ("OK", "DUP"):
+            held.next_seq = max(held.next_seq, number + 1, int(reply[1]) + 1)
 
     def update_state(self, request_id: Any, state: StreamState, *, epoch: int | None = None) -> Operation[None]:
         rid, rk = self._rid(request_id)
