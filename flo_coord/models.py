@@ -11,19 +11,24 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
+from flo_coord import defaults
+from flo_coord.constraints import (
+    DEPLOYMENT_NAME_PATTERN,
+    Checked,
+    DeploymentName,
+    NonNegativeInt,
+    PositiveSeconds,
+    convert,
+)
 from flo_coord.errors import ConfigError, ValidationError
 
 # --------------------------------------------------------------------------- backends
 
-#: What a deployment name may be: it keys breakers, capability memory, in-flight counts and
-#: the comma-separated failed set in Redis, so no commas, spaces or control characters.
-DEPLOYMENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$"
 _DEPLOYMENT_NAME = re.compile(DEPLOYMENT_NAME_PATTERN)
-DeploymentName = Annotated[str, msgspec.Meta(pattern=DEPLOYMENT_NAME_PATTERN)]
 
 
 def is_deployment_name(name: object) -> bool:
-    """True when ``name`` is a string usable as a deployment name (DEPLOYMENT_NAME_PATTERN)."""
+    """True when ``name`` is a str matching DEPLOYMENT_NAME_PATTERN (a usable deployment name)."""
     return isinstance(name, str) and _DEPLOYMENT_NAME.fullmatch(name) is not None
 
 
@@ -289,55 +294,47 @@ class StreamingContext(msgspec.Struct, kw_only=True):
 
 
 def _default_fallback_order() -> list[ServingBackend]:
-    return [ServingBackend.Realizar, ServingBackend.Ollama, ServingBackend.Together, ServingBackend.Groq]
+    return [ServingBackend(name) for name in defaults.FALLBACK_ORDER]
 
 
-class FailoverConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Failover policy; the original's fields and defaults (failover_timeout in seconds)."""
+class FailoverConfig(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+    """Failover policy: batuta's ``FailoverConfig`` fields and defaults (failover.rs).
 
-    max_retries: int = 2
-    failover_timeout: float = 30.0
-    min_tokens_for_recovery: int = 5
+    - ``max_retries``: failovers allowed per request, an integer >= 0 (default 2);
+    - ``failover_timeout``: seconds one request may spend failing over, 0.001 to ten years (30);
+    - ``min_tokens_for_recovery``: committed tokens before a takeover is worth it, >= 0 (5);
+    - ``include_prefix``: continue from the committed prefix (True);
+    - ``fallback_order``: ServingBackends tried in order, at least one (Realizar, Ollama,
+      Together, Groq).
+
+    Constructing one with a value outside these, or decoding one (``from_json``,
+    ``from_dict``, a TOML ``[failover]`` table), raises ConfigError naming the field.
+    """
+
+    max_retries: NonNegativeInt = defaults.MAX_RETRIES
+    failover_timeout: PositiveSeconds = defaults.FAILOVER_TIMEOUT
+    min_tokens_for_recovery: NonNegativeInt = defaults.MIN_TOKENS_FOR_RECOVERY
     include_prefix: bool = True
-    fallback_order: list[ServingBackend] = msgspec.field(default_factory=_default_fallback_order)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ConfigError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
-        if isinstance(self.failover_timeout, bool) or not isinstance(self.failover_timeout, int | float):
-            raise ConfigError(f"failover_timeout must be a number of seconds, got {self.failover_timeout!r}")
-        if not self.failover_timeout > 0 or self.failover_timeout == float("inf"):
-            raise ConfigError(f"failover_timeout must be a finite number > 0, got {self.failover_timeout!r}")
-        if isinstance(self.min_tokens_for_recovery, bool) or not isinstance(self.min_tokens_for_recovery, int):
-            raise ConfigError(f"min_tokens_for_recovery must be an integer, got {self.min_tokens_for_recovery!r}")
-        if self.min_tokens_for_recovery < 0:
-            raise ConfigError(f"min_tokens_for_recovery must be >= 0, got {self.min_tokens_for_recovery}")
-        if not isinstance(self.include_prefix, bool):
-            raise ConfigError(f"include_prefix must be a bool, got {self.include_prefix!r}")
-        if not isinstance(self.fallback_order, list) or not self.fallback_order:
-            raise ConfigError("fallback_order must list at least one backend")
-        self.fallback_order = [
-            b if isinstance(b, ServingBackend) else ServingBackend.parse(b) for b in self.fallback_order
-        ]
-        self.failover_timeout = float(self.failover_timeout)
+    fallback_order: Annotated[
+        list[ServingBackend], msgspec.Meta(min_length=1, description="a list of at least one ServingBackend name")
+    ] = msgspec.field(default_factory=_default_fallback_order)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> FailoverConfig:
-        """Decode a JSON config. Anything invalid (syntax, unknown backend, bad value) raises ConfigError."""
-        if not isinstance(data, bytes | bytearray | memoryview | str):
-            raise ConfigError(f"failover config must be JSON bytes or str, got {type(data).__name__}")
+        """Decode a JSON object (bytes or str). Anything invalid (syntax, unknown backend, bad
+        value, a non-text argument) raises ConfigError."""
         try:
-            return msgspec.json.decode(data, type=cls)
-        except (msgspec.DecodeError, RecursionError, UnicodeEncodeError) as exc:  # incl. msgspec.ValidationError
+            parsed = msgspec.json.decode(data)
+        except (msgspec.DecodeError, TypeError, RecursionError, UnicodeEncodeError) as exc:
+            # TypeError: not bytes or str; UnicodeEncodeError: a str with a lone surrogate
             raise ConfigError(f"invalid failover config: {exc}") from None
+        return cls.from_dict(parsed)
 
     @classmethod
     def from_dict(cls, data: Any) -> FailoverConfig:
-        """Build a config from plain data (e.g. a parsed TOML table); ConfigError when invalid."""
-        try:
-            return msgspec.convert(data, type=cls)
-        except msgspec.ValidationError as exc:
-            raise ConfigError(f"invalid failover config: {exc}") from None
+        """A config from plain data (a dict, e.g. a parsed TOML table); ConfigError when invalid."""
+        config: FailoverConfig = convert(data, cls)
+        return config
 
 
 # ---------------------------------------------------------------------------- history

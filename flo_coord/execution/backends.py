@@ -31,14 +31,16 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import httpx
 import msgspec
 
+from flo_coord import defaults
+from flo_coord.constraints import Checked, DeploymentName, NonBlank, PositiveInt, PositiveSeconds
 from flo_coord.errors import ConfigError, FloCoordError, ValidationError
-from flo_coord.models import ChatMessage, ServingBackend, is_deployment_name
+from flo_coord.models import ChatMessage, ServingBackend
 
 __all__ = [
     "ANTHROPIC_VERSION",
@@ -79,7 +81,7 @@ __all__ = [
 MAX_ERROR_BODY = 64 * 1024  # bytes of an error body kept for classification and messages
 _MESSAGE_LIMIT = 300  # chars of a provider message quoted in an exception's str
 _SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key"})
-DEFAULT_MAX_CONNECTIONS = 1000  # connections per backend pool when neither spec nor Coordinator says
+DEFAULT_MAX_CONNECTIONS = defaults.BACKEND_MAX_CONNECTIONS  # per backend pool when neither spec nor Coordinator says
 
 #: How a backend continues a chat answer from a committed prefix:
 #: "prefill": the prefix as a final assistant message (llama.cpp, Ollama, Groq, Together, ...);
@@ -97,8 +99,6 @@ CONTINUATION_DEFAULTS: dict[ServingBackend, Continuation] = {
     ServingBackend.OpenAI: "none",
     ServingBackend.AzureOpenAI: "none",
 }
-_CONTINUATIONS = ("prefill", "continue_final_message", "completions", "none")
-_KINDS = ("openai", "ollama", "anthropic")
 #: The base_url of a deployment that sets none, for hosted providers with a public API
 #: (their ``api_host()``, with the path of their OpenAI-compatible or native API).
 DEFAULT_BASE_URLS: dict[ServingBackend, str] = {
@@ -112,7 +112,7 @@ DEFAULT_BASE_URLS: dict[ServingBackend, str] = {
 # ------------------------------------------------------------------------------ config
 
 
-class BackendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class BackendSpec(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
     """One deployment: a configured model endpoint. Holds the NAME of the key's env var, never the key.
 
     ``name`` is free and unique per configuration (DEPLOYMENT_NAME_PATTERN: it keys the
@@ -120,35 +120,31 @@ class BackendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ServingBackend it runs on (parsed case-insensitively), which fixes ``is_local()``, the
     privacy tier, the default continuation and the default ``base_url`` of hosted APIs;
     when left out, ``name`` must itself be a ServingBackend name (older configs).
+    ``connect_timeout`` is in seconds; ``max_connections`` an integer >= 1.
     Raises ConfigError for anything invalid.
     """
 
-    name: str
+    name: DeploymentName
     provider: str | None = None
     #: the wire protocol; None: "anthropic" for the Anthropic provider, else "openai"
     kind: Literal["openai", "ollama", "anthropic"] | None = None
     #: "" (left out): the provider's public API (DEFAULT_BASE_URLS), for the hosted providers listed there
     base_url: str = ""
-    model: str
-    api_key_env: str | None = None
+    model: NonBlank
+    api_key_env: NonBlank | None = None
     prefill: bool = True
     chat: bool = True
     completions: bool = True
-    connect_timeout: float = 5.0
+    connect_timeout: PositiveSeconds = defaults.CONNECT_TIMEOUT
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     # ask OpenAI-style servers for a final usage chunk; off for servers that reject stream_options
     stream_usage: bool = True
     #: how this backend continues a chat answer (see Continuation); None: the backend's default
     continuation: Continuation | None = None
     #: size of this backend's HTTP connection pool; None: the Coordinator's concurrency
-    max_connections: int | None = None
+    max_connections: PositiveInt | None = None
 
-    def __post_init__(self) -> None:
-        if not is_deployment_name(self.name):
-            raise ConfigError(
-                f"backend name {self.name!r} is not a valid deployment name "
-                "(letters, digits and . _ : / @ + -, at most 64 characters, no commas or spaces)"
-            )
+    def _finish(self) -> None:
         if self.provider is None:
             try:
                 self.provider = ServingBackend.parse(self.name)
@@ -165,30 +161,11 @@ class BackendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             self.base_url = DEFAULT_BASE_URLS.get(self.backend, "")
             if not self.base_url:
                 raise ConfigError(f"backend {self.name}: base_url is required for provider {self.provider}")
-        if self.kind not in _KINDS:
-            raise ConfigError(f"backend {self.name}: kind must be one of {_KINDS}, got {self.kind!r}")
         if self.kind == "anthropic" and self.continuation in ("continue_final_message", "completions"):
             raise ConfigError(f"backend {self.name}: the anthropic kind continues by prefill or not at all")
-        parts = urlsplit(self.base_url) if isinstance(self.base_url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(f"backend {self.name}: base_url must be an http(s) URL, got {self.base_url!r}")
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError(f"backend {self.name}: model must be a non-empty string")
-        if self.api_key_env is not None and (not isinstance(self.api_key_env, str) or not self.api_key_env.strip()):
-            raise ConfigError(f"backend {self.name}: api_key_env must be an environment variable name")
-        timeout = self.connect_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
-            raise ConfigError(f"backend {self.name}: connect_timeout must be a finite number > 0, got {timeout!r}")
-        if not isinstance(self.headers, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.headers.items()
-        ):
-            raise ConfigError(f"backend {self.name}: headers must map strings to strings")
-        if self.continuation is not None and self.continuation not in _CONTINUATIONS:
-            raise ConfigError(f"backend {self.name}: continuation must be one of {_CONTINUATIONS}")
-        pool = self.max_connections
-        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
-            raise ConfigError(f"backend {self.name}: max_connections must be an integer >= 1, got {pool!r}")
-        self.connect_timeout = float(timeout)
 
     @property
     def continues_chat(self) -> Continuation:
@@ -216,7 +193,7 @@ class BackendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def backend(self) -> ServingBackend:
         """The provider (a ServingBackend): is_local(), privacy tier and defaults come from it."""
-        return ServingBackend(str(self.provider))  # normalised by __post_init__
+        return ServingBackend(str(self.provider))  # normalised by _finish
 
     def __repr__(self) -> str:
         # headers may carry credentials a user put there by hand: never print their values
@@ -239,25 +216,24 @@ def _safe_url(url: str) -> str:
     return parts._replace(netloc=f"***@{host}").geturl()
 
 
-class GenerationRequest(msgspec.Struct):
-    """What to generate. ``prefix`` is text already generated that the backend must continue."""
+class GenerationRequest(msgspec.Struct, Checked):
+    """What to generate: exactly one of ``prompt`` (text completion) or ``messages`` (chat, at
+    least one); ``prefix`` is text already generated that the backend must continue;
+    ``max_tokens`` an integer >= 1 or None; ``params`` sampling parameters (temperature, top_p,
+    stop, seed, ...) the adapters add to the payload. ValidationError otherwise."""
+
+    _error: ClassVar[type[ValidationError]] = ValidationError
 
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, description="a non-empty list")] | None = None
     prefix: str = ""
-    max_tokens: int | None = None
+    max_tokens: PositiveInt | None = None
     request_id: str = ""
-    #: sampling parameters (temperature, top_p, stop, seed, ...) the adapters add to the payload
     params: dict[str, Any] | None = None
 
-    def __post_init__(self) -> None:
+    def _finish(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValidationError("GenerationRequest needs exactly one of prompt or messages")
-        if self.messages is not None and not self.messages:
-            raise ValidationError("GenerationRequest.messages must not be empty")
-        tokens = self.max_tokens
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-            raise ValidationError(f"max_tokens must be an integer >= 1, got {tokens!r}")
 
     @property
     def is_chat(self) -> bool:
