@@ -213,7 +213,7 @@ def convert(
     except msgspec.ValidationError as exc:
         raise error(explain(exc, tp, data, label)) from None
     except UnicodeEncodeError:
-        raise error(f"{label or getattr(tp, '__name__', 'value')}: text is not valid Unicode (lone surrogate)") from None
+        raise error(f"{label or getattr(tp, '__name__', 'value')}: a text is not valid Unicode") from None
     except RecursionError:
         raise error(f"{label or getattr(tp, '__name__', 'value')}: nested too deeply") from None
 

@@ -16,6 +16,7 @@ import msgspec
 
 from flo_coord import defaults
 from flo_coord.constraints import (
+    ID_CHARACTERS,
     NAMESPACE_CHARACTERS,
     Checked,
     LimitValue,
@@ -69,20 +70,33 @@ def limits(value: Any) -> Limits:
     return check_value("limits", value, Limits, ConfigError)  # type: ignore[no-any-return]
 
 
+@functools.lru_cache(maxsize=1 << 14, typed=True)
+def _known_id(kind: str, value: str, max_length: int, characters: str) -> str:
+    # the ids of live requests recur on every append: each distinct one is converted once
+    return check_value(kind, value, identifier(max_length, characters))  # type: ignore[no-any-return]
+
+
+def _identifier(kind: str, value: Any, max_length: int, characters: str = ID_CHARACTERS) -> str:
+    try:
+        return _known_id(kind, value, max_length, characters)
+    except TypeError:  # unhashable, so certainly not a str: let the declared type say why
+        return check_value(kind, value, identifier(max_length, characters))  # type: ignore[no-any-return]
+
+
 def request_id(value: Any, limits: Limits) -> str:
     """A request id (str, 1..``limits.max_request_id_length`` of ID_CHARACTERS); ValidationError otherwise."""
-    return check_value("request id", value, identifier(limits.max_request_id_length))  # type: ignore[no-any-return]
+    return _identifier("request id", value, limits.max_request_id_length)
 
 
 def worker_id(value: Any, limits: Limits) -> str:
     """A worker id (str, 1..``limits.max_worker_id_length`` of ID_CHARACTERS); ValidationError otherwise."""
-    return check_value("worker id", value, identifier(limits.max_worker_id_length))  # type: ignore[no-any-return]
+    return _identifier("worker id", value, limits.max_worker_id_length)
 
 
 def namespace(value: Any, limits: Limits | None = None) -> str:
     """A namespace (str, 1..``max_namespace_length`` of NAMESPACE_CHARACTERS); ValidationError otherwise."""
     max_length = limits.max_namespace_length if limits is not None else defaults.MAX_NAMESPACE_LENGTH
-    return check_value("namespace", value, identifier(max_length, NAMESPACE_CHARACTERS))  # type: ignore[no-any-return]
+    return _identifier("namespace", value, max_length, NAMESPACE_CHARACTERS)
 
 
 def text(kind: str, value: Any, max_bytes: int) -> str:
