@@ -107,8 +107,7 @@ def identifier(max_length: int, characters: str = ID_CHARACTERS) -> Any:
     ]
 
 
-RequestId = identifier(defaults.MAX_REQUEST_ID_LENGTH)
-WorkerId = identifier(defaults.MAX_WORKER_ID_LENGTH)
+#: A namespace of the default length limit (``[redis] namespace``).
 Namespace = identifier(defaults.MAX_NAMESPACE_LENGTH, NAMESPACE_CHARACTERS)
 
 # ------------------------------------------------------------------ the checking path
@@ -279,11 +278,9 @@ __all__ = [
     "Port",
     "PositiveInt",
     "PositiveSeconds",
-    "RequestId",
     "Seconds",
     "Seq",
     "Weight",
-    "WorkerId",
     "check",
     "check_value",
     "convert",

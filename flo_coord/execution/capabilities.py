@@ -30,7 +30,7 @@ class CapabilityMemory:
         self.ttl = ttl
 
     def key(self, backend: str, capability: str) -> str:
-        return f"{self.keys.namespace}:capability:{backend}:{capability}"
+        return self.keys.capability(backend, capability)
 
     def remember_missing(self, backend: str, capability: str = PREFILL) -> Operation[None]:
         """Record that ``backend`` cannot do ``capability``, for ``ttl`` seconds from now."""

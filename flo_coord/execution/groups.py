@@ -253,7 +253,7 @@ class InFlight:
         self.ttl_ms = max(1000, int(ttl * 1000))
 
     def key(self, deployment: str) -> str:
-        return f"{self.keys.namespace}:{{{self.keys.namespace}:inflight}}:{deployment}"
+        return self.keys.inflight(deployment)
 
     def pick(self, candidates: Sequence[tuple[str, float]], member: str) -> Operation[tuple[str, list[int]]]:
         """Choose among ``candidates`` ((deployment, weight) pairs) and count ``member`` on it.
