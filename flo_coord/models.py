@@ -1,6 +1,9 @@
 """The schema: pure data types of the failover protocol. No I/O here.
 
-Names mirror batuta's ``serve::failover`` (and ``serve::backends::ServingBackend``).
+Names, fields and defaults mirror batuta's ``serve::failover`` (failover.rs; see
+/work/shared/reference) and ``serve::backends::ServingBackend``/``PrivacyTier``; the fields
+flo_coord adds (ownership, usage, cancellation, ...) default so the original JSON still
+decodes. Constraints on fields are declared types from ``flo_coord.constraints``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def is_deployment_name(name: object) -> bool:
 
 
 class ServingBackend(enum.StrEnum):
-    """Where a model is served. Serialised as the exact Rust variant name."""
+    """Where a model is served: batuta's 22 ``ServingBackend`` variants (8 local, 12 remote,
+    2 serverless), serialised as the exact Rust variant name."""
 
     # local
     Realizar = "Realizar"
@@ -62,15 +66,19 @@ class ServingBackend(enum.StrEnum):
     CloudflareWorkers = "CloudflareWorkers"
 
     def is_local(self) -> bool:
+        """True for the 8 local servers (Realizar, Ollama, LlamaCpp, Llamafile, Candle, Vllm, Tgi, LocalAI)."""
         return self in _LOCAL
 
     def is_remote(self) -> bool:
+        """True for every variant that is not local (serverless ones included), as in batuta."""
         return not self.is_local()
 
     def is_serverless(self) -> bool:
+        """True for AwsLambda, CloudflareWorkers and Modal."""
         return self in _SERVERLESS
 
     def api_host(self) -> str | None:
+        """The provider's API host name (e.g. "api.groq.com"); None for local servers."""
         return _API_HOSTS.get(self)
 
     @classmethod
@@ -116,6 +124,8 @@ class PrivacyTier(enum.StrEnum):
     Standard = "Standard"
 
     def allows(self, backend: ServingBackend) -> bool:
+        """Whether a prompt of this tier may go to ``backend``: Sovereign only local servers,
+        Private local plus AzureOpenAI, AwsBedrock, GoogleVertex and AwsLambda, Standard any."""
         if self is PrivacyTier.Standard:
             return True
         if self is PrivacyTier.Sovereign:
@@ -155,6 +165,8 @@ class _Variant:
 
     @classmethod
     def from_wire(cls, value: Any) -> Any:
+        """The value of ``to_wire`` output (a unit name, or a one-item ``{name: message}``);
+        ValueError for anything else."""
         if isinstance(value, str) and value in cls._UNIT_NAMES:  # type: ignore[attr-defined]
             return getattr(cls, value)
         if isinstance(value, dict) and len(value) == 1:
@@ -205,6 +217,7 @@ class FailoverResult(_Variant):
         return cls("BackendError", _message(message))
 
     def is_failure(self) -> bool:
+        """True for every result but Success."""
         return self.name != "Success"
 
 
@@ -216,11 +229,15 @@ for _cls in (StreamState, FailoverResult):
 
 
 def count_tokens(text: str) -> int:
-    """The original's rough estimate: whitespace-separated words, at least 1 per append."""
+    """The original's rough estimate (``StreamingContext::append``): whitespace-separated
+    words of ``text``, at least 1 per append (so "" counts 1)."""
     return max(1, len(text.split()))
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
+    """One chat message: ``role`` ("system", "developer", "user", "assistant") and its text
+    ``content`` (OpenAI's message shape). Checked by ``validation.messages`` at the public edge."""
+
     role: str
     content: str
 
@@ -267,13 +284,16 @@ class StreamingContext(msgspec.Struct, kw_only=True):
 
     @classmethod
     def new(cls, prompt: str, request_id: str) -> StreamingContext:
+        """A fresh context (no prefix, 0 tokens), as ``StreamingContext::new``."""
         return cls(prompt=prompt, request_id=request_id)
 
     def append(self, tokens: str) -> None:
+        """Add ``tokens`` to the prefix and ``count_tokens(tokens)`` to ``token_count`` (in memory only)."""
         self.generated_prefix += tokens
         self.token_count += count_tokens(tokens)
 
     def continuation_prompt(self) -> str:
+        """The prompt followed by the committed prefix, no separator (the original's)."""
         return self.prompt + self.generated_prefix if self.generated_prefix else self.prompt
 
     def worth_recovering(self, min_tokens: int = 5) -> bool:
@@ -282,11 +302,14 @@ class StreamingContext(msgspec.Struct, kw_only=True):
 
     @property
     def stream_state(self) -> StreamState:
+        """``state`` (and ``state_reason``) as a StreamState value; Pending for an unknown name."""
         if self.state == "Failed":
             return StreamState.Failed(self.state_reason or "")
         return getattr(StreamState, self.state, StreamState.Pending)
 
     def lease_remaining(self, now: float) -> float | None:
+        """Seconds of lease left at ``now`` (epoch seconds, the Redis clock), negative once
+        expired; None when nobody owns the request."""
         return None if self.lease_deadline is None else self.lease_deadline - now
 
 
@@ -358,7 +381,9 @@ class FailoverAttempt(msgspec.Struct, kw_only=True, tag="attempt", tag_field="ki
 
 
 class Takeover(msgspec.Struct, kw_only=True, tag="takeover", tag_field="kind"):
-    """A change of owner of one request, recorded in the same history stream."""
+    """A change of owner of one request, recorded in the same history stream (flo_coord's own):
+    ``old_owner`` (None: nobody held it) -> ``new_owner`` at fencing ``epoch``, ``at`` the
+    Redis server time (epoch seconds), ``prefix_chars`` committed characters taken over."""
 
     request_id: str
     old_owner: str | None
@@ -372,7 +397,9 @@ HistoryEntry = FailoverAttempt | Takeover
 
 
 class FailoverRequest(msgspec.Struct, kw_only=True):
-    """A failover request prepared for retry."""
+    """A failover request prepared for retry (``prepare_failover``, as the original's):
+    the committed ``generated_prefix`` and ``token_count``, the chat ``messages`` if any,
+    and ``next_backend`` from ``fallback_order`` (None when none is left)."""
 
     request_id: str
     prompt: str
@@ -392,11 +419,15 @@ class FailoverStats(msgspec.Struct, kw_only=True):
     takeovers: int = 0
 
     def success_rate(self) -> float:
+        """Successful attempts as a percentage 0..100 of ``total_attempts``; 0.0 with none."""
         return 0.0 if self.total_attempts == 0 else self.successful / self.total_attempts * 100.0
 
 
 class RequestOutcome(msgspec.Struct, kw_only=True):
-    """What is left of a finished request for its retention period."""
+    """What is left of a finished request for its retention period (the ``result`` hash):
+    ``state`` Completed or Failed (``error`` and ``error_kind`` then say why), the last
+    ``owner``/``epoch``, the ``backend``/``model`` that answered, ``token_count``,
+    ``finished_at`` (Redis server time, epoch seconds)."""
 
     request_id: str
     state: Literal["Completed", "Failed"]

@@ -100,6 +100,9 @@ def namespace(value: Any, limits: Limits | None = None) -> str:
 
 
 def text(kind: str, value: Any, max_bytes: int) -> str:
+    """``value`` if it is a str of at most ``max_bytes`` UTF-8 bytes without lone surrogates
+    (what Redis can store); ValidationError naming ``kind`` otherwise. The one rule Meta cannot
+    declare (its ``max_length`` counts characters), so it stays code."""
     if not isinstance(value, str):
         raise ValidationError(f"{kind} must be a str, got {type(value).__name__}")
     if len(value) > max_bytes:  # every character is at least one byte: no need to encode
