@@ -94,4 +94,3 @@ class Keys:
         """String: the key ``durability = "replica"`` writes (``SET <key>:wait``) before ``WAIT``,
         so the WAIT follows a write in the slot of ``key`` (the batch's first durable key)."""
         return f"{key}:wait"
-
