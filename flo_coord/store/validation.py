@@ -70,10 +70,16 @@ def limits(value: Any) -> Limits:
     return check_value("limits", value, Limits, ConfigError)  # type: ignore[no-any-return]
 
 
+# Ids of live requests and their epochs recur on every append: each distinct value is
+# converted once (the caches are keyed on plain values; hashing a type per call would cost more).
 @functools.lru_cache(maxsize=1 << 14, typed=True)
 def _known_id(kind: str, value: str, max_length: int, characters: str) -> str:
-    # the ids of live requests recur on every append: each distinct one is converted once
     return check_value(kind, value, identifier(max_length, characters))  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=1 << 10, typed=True)
+def _known_epoch(value: int) -> int:
+    return check_value("epoch", value, PositiveInt)  # type: ignore[no-any-return]
 
 
 def _identifier(kind: str, value: Any, max_length: int, characters: str = ID_CHARACTERS) -> str:
@@ -182,4 +188,7 @@ def offset(value: Any) -> int:
 
 def epoch(value: Any) -> int:
     """A generation token's epoch: an integer >= 1 (fencing epochs start at 1)."""
-    return check_value("epoch", value, PositiveInt)  # type: ignore[no-any-return]
+    try:
+        return _known_epoch(value)
+    except TypeError:  # unhashable, so certainly not an int: let the declared type say why
+        return check_value("epoch", value, PositiveInt)  # type: ignore[no-any-return]
