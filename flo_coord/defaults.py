@@ -105,6 +105,9 @@ CONNECT_TIMEOUT = 5.0
 #: Connections per backend pool when neither the spec nor the Coordinator says.
 BACKEND_MAX_CONNECTIONS = 1000
 
+#: Seconds a runtime prefill rejection is remembered for every worker (capability memory).
+CAPABILITY_TTL = 300.0
+
 # -------------------------------------------------------------------------- gateway
 
 GATEWAY_HOST = "127.0.0.1"

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from flo_coord import defaults
 from flo_coord.store.core import Cmd, Operation, ok
 from flo_coord.store.keys import Keys
 
 #: Seconds a runtime prefill rejection is remembered for all workers.
-DEFAULT_TTL = 300.0
+DEFAULT_TTL = defaults.CAPABILITY_TTL
 #: The capability a chat continuation needs.
 PREFILL = "prefill"
 
