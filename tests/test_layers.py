@@ -30,7 +30,14 @@ CLIENTS = frozenset({"redis", "client"})
 CALL_TYPES = frozenset({"Cmd", "Eval"})
 #: The modules below the store, the only flo_coord modules the store may import.
 BELOW_STORE = frozenset(
-    {"flo_coord.errors", "flo_coord.models", "flo_coord.defaults", "flo_coord.redact", "flo_coord.logs"}
+    {
+        "flo_coord.errors",
+        "flo_coord.models",
+        "flo_coord.constraints",
+        "flo_coord.defaults",
+        "flo_coord.redact",
+        "flo_coord.logs",
+    }
 )
 
 

@@ -18,14 +18,6 @@ log = logging.getLogger("flo_coord.cli")
 
 T = TypeVar("T")
 
-#: Environment variables of settings that exist only on the command line (not in the TOML file).
-CLI_ENVIRONMENT = {
-    "worker_id": "FLO_WORKER_ID",
-    "concurrency": "FLO_CONCURRENCY",
-    "metrics_port": "FLO_METRICS_PORT",
-    "log_format": "FLO_LOG_FORMAT",
-    "log_level": "FLO_LOG_LEVEL",
-}
 REDIS_HINT = "point --redis-url (or FLO_REDIS_URL) at a running Redis, or try 'flo-coord demo', which starts its own"
 
 
@@ -45,7 +37,9 @@ def redact(url: str) -> str:
 
 
 def env_value(key: str, cast: Callable[[str], T], what: str) -> T | None:
-    """A CLI-only setting from its environment variable (``CLI_ENVIRONMENT``), or None."""
+    """A CLI-only setting from its environment variable (``settings.CLI_ENVIRONMENT``), or None."""
+    from flo_coord.settings import CLI_ENVIRONMENT
+
     name = CLI_ENVIRONMENT[key]
     raw = os.environ.get(name)
     if raw is None or raw == "":

@@ -14,25 +14,21 @@ from collections.abc import Sequence
 
 import msgspec
 
-from flo_coord.errors import ConfigError
+from flo_coord import defaults
+from flo_coord.constraints import Checked, PositiveInt, PositiveSeconds
 from flo_coord.store import BreakerStore, Decision
 
 
-class BreakerConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """Circuit-breaker policy (seconds)."""
+class BreakerConfig(msgspec.Struct, Checked, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Circuit-breaker policy (``[breaker]``): ``threshold`` failures (an integer >= 1) within
+    ``window`` seconds open a backend's breaker for ``cooldown`` seconds; a half-open probe holds
+    its claim ``probe_ttl`` seconds. Seconds are 0.001 to ten years; another value raises
+    ConfigError naming the field."""
 
-    threshold: int = 3
-    window: float = 30.0
-    cooldown: float = 10.0
-    probe_ttl: float = 30.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 1:
-            raise ConfigError(f"breaker threshold must be an integer >= 1, got {self.threshold!r}")
-        for name in ("window", "cooldown", "probe_ttl"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(f"breaker {name} must be a number of seconds > 0, got {value!r}")
+    threshold: PositiveInt = defaults.BREAKER_THRESHOLD
+    window: PositiveSeconds = defaults.BREAKER_WINDOW
+    cooldown: PositiveSeconds = defaults.BREAKER_COOLDOWN
+    probe_ttl: PositiveSeconds = defaults.BREAKER_PROBE_TTL
 
 
 class CircuitBreaker:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from flo_coord import defaults
 from flo_coord.store import CapabilityStore
 
 #: Seconds a runtime prefill rejection is remembered for all workers.
-DEFAULT_TTL = 300.0
+DEFAULT_TTL = defaults.CAPABILITY_TTL
 #: The capability a chat continuation needs.
 PREFILL = "prefill"
 

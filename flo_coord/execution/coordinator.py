@@ -46,6 +46,7 @@ from typing import Any
 import msgspec
 
 from flo_coord import defaults, logs
+from flo_coord.constraints import Checked, NonNegativeInt, PositiveSeconds
 from flo_coord.errors import (
     ConfigError,
     ContentPolicyError,
@@ -98,26 +99,20 @@ from flo_coord.store import AsyncFailoverManager, RedisHealth
 log = logging.getLogger("flo_coord.executor")
 
 
-class ExecutorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """How the Coordinator treats a failing backend call (seconds)."""
+class ExecutorConfig(msgspec.Struct, Checked, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How the Coordinator treats a failing backend call (``[executor]``; README "Failover policy").
 
-    first_token_timeout: float = 30.0  #: time to first token before failing over
-    stall_timeout: float = 15.0  #: longest silence between two chunks
-    same_backend_retries: int = 1  #: retries of the same backend after a 5xx
-    rate_limit_retries: int = 2  #: waits on the same backend after a 429
-    rate_limit_max_wait: float = 30.0  #: a longer Retry-After fails over at once
-    backoff_initial: float = 0.5  #: first backoff after a 429 without Retry-After
-    backoff_max: float = 8.0
+    Seconds are 0.001 to ten years, retry counts integers >= 0 (defaults in flo_coord.defaults);
+    another value raises ConfigError naming the field.
+    """
 
-    def __post_init__(self) -> None:
-        for name in ("first_token_timeout", "stall_timeout", "rate_limit_max_wait", "backoff_initial", "backoff_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(f"executor {name} must be a number of seconds > 0, got {value!r}")
-        for name in ("same_backend_retries", "rate_limit_retries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"executor {name} must be an integer >= 0, got {value!r}")
+    first_token_timeout: PositiveSeconds = defaults.FIRST_TOKEN_TIMEOUT  #: time to first token before failing over
+    stall_timeout: PositiveSeconds = defaults.STALL_TIMEOUT  #: longest silence between two chunks
+    same_backend_retries: NonNegativeInt = defaults.SAME_BACKEND_RETRIES  #: retries of the same backend after a 5xx
+    rate_limit_retries: NonNegativeInt = defaults.RATE_LIMIT_RETRIES  #: waits on the same backend after a 429
+    rate_limit_max_wait: PositiveSeconds = defaults.RATE_LIMIT_MAX_WAIT  #: a longer Retry-After fails over at once
+    backoff_initial: PositiveSeconds = defaults.BACKOFF_INITIAL  #: first backoff after a 429 without Retry-After
+    backoff_max: PositiveSeconds = defaults.BACKOFF_MAX
 
 
 class StallTimeoutError(BackendError):

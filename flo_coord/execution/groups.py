@@ -24,76 +24,61 @@ field, ``submit --model``) asks for a model by the name its deployments serve.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Annotated
 
 import msgspec
 
+from flo_coord.constraints import Checked, GroupName, PositiveInt, Weight
 from flo_coord.errors import ConfigError, UnknownModelError
 from flo_coord.execution.backends import BackendSpec
 from flo_coord.models import PrivacyTier, ServingBackend
-
-#: Longest model group name (it is stored with each request that asks for it).
-MAX_GROUP_NAME = 256
 
 #: One tier: (deployment name, weight) pairs the Coordinator picks among.
 Tier = list[tuple[str, float]]
 
 
-class GroupDeployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One deployment of a model group: its ``name``, relative ``weight`` (> 0) and ``tier``
-    (1 is tried first; a higher tier only once every deployment of the lower ones failed)."""
+class GroupDeployment(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+    """One deployment of a model group: its ``name``, relative ``weight`` (> 0, at most 1e9) and
+    ``tier`` (an integer >= 1; 1 is tried first, a higher tier only once every deployment of the
+    lower ones failed). ConfigError when a value is invalid."""
 
     name: str
-    weight: float = 1.0
-    tier: int = 1
+    weight: Weight = 1.0
+    tier: PositiveInt = 1
 
 
-def _entry(entry: Any) -> GroupDeployment:
-    """A deployment entry as given in Python (a name, a dict, a GroupDeployment) or decoded from TOML."""
-    if isinstance(entry, GroupDeployment):
-        return entry
-    if isinstance(entry, str):
-        return GroupDeployment(name=entry)
-    try:
-        return msgspec.convert(entry, GroupDeployment)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"a model group deployment must be a name or a table with name/weight/tier: {exc}") from None
+def _entry(entry: str | GroupDeployment) -> GroupDeployment:
+    """A deployment entry (a bare name is weight 1, tier 1) as a GroupDeployment."""
+    return GroupDeployment(name=entry) if isinstance(entry, str) else entry
 
 
-class ModelGroup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class ModelGroup(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
     """A client-facing model name and the deployments that serve it (``[[models]]``).
 
-    ``deployments``: deployment names (weight 1, tier 1) or GroupDeployment tables.
+    ``name``: printable, not blank, at most 256 characters.
+    ``deployments``: at least one; deployment names (weight 1, tier 1) or GroupDeployment
+    tables (or dicts with name/weight/tier), each deployment at most once.
     ``fallbacks`` / ``context_window_fallbacks``: other model groups' names.
     ``privacy``: "Sovereign" (local providers only), "Private" (local plus AzureOpenAI,
     AwsBedrock, GoogleVertex, AwsLambda) or "Standard" (any); case-insensitive.
     Raises ConfigError when a field is invalid.
     """
 
-    name: str
-    deployments: list[str | GroupDeployment]
+    name: GroupName
+    deployments: Annotated[
+        list[str | GroupDeployment],
+        msgspec.Meta(min_length=1, description="a list of at least one deployment (a name or name/weight/tier)"),
+    ]
     fallbacks: list[str] = msgspec.field(default_factory=list)
     context_window_fallbacks: list[str] = msgspec.field(default_factory=list)
     privacy: str = "Standard"
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > MAX_GROUP_NAME:
-            raise ConfigError(f"model group name must be a non-empty string of at most {MAX_GROUP_NAME} characters")
-        if not self.name.isprintable():
-            raise ConfigError(f"model group name {self.name!r} has control characters")
-        if not self.deployments:
-            raise ConfigError(f"model group {self.name}: deployments must list at least one deployment")
-        for entry in self.entries:
-            weight = entry.weight
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
-                raise ConfigError(f"model group {self.name}: weight of {entry.name} must be a number > 0")
-            if isinstance(entry.tier, bool) or not isinstance(entry.tier, int) or entry.tier < 1:
-                raise ConfigError(f"model group {self.name}: tier of {entry.name} must be an integer >= 1")
+    def _finish(self) -> None:
         names = [e.name for e in self.entries]
         if len(set(names)) != len(names):
             raise ConfigError(f"model group {self.name}: a deployment is listed twice in {names}")
         folded = {t.value.casefold(): t for t in PrivacyTier}
-        tier = folded.get(self.privacy.casefold()) if isinstance(self.privacy, str) else None
+        tier = folded.get(self.privacy.casefold())
         if tier is None:
             raise ConfigError(f"model group {self.name}: privacy must be one of {', '.join(folded.values())}")
         self.privacy = tier

@@ -26,7 +26,7 @@ class CapabilityStore:
 
     def key(self, backend: str, capability: str) -> str:
         """The key remembering that ``backend`` cannot do ``capability``."""
-        return f"{self._core.keys.namespace}:capability:{backend}:{capability}"
+        return self._core.keys.capability(backend, capability)
 
     async def remember_missing(
         self, backend: str, capability: str, ttl: float, *, request_id: str | None = None

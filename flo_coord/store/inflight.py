@@ -46,8 +46,7 @@ class InFlightStore:
 
     def key(self, deployment: str) -> str:
         """The sorted set of ``deployment``'s calls in flight."""
-        namespace = self._core.keys.namespace
-        return f"{namespace}:{{{namespace}:inflight}}:{deployment}"
+        return self._core.keys.inflight(deployment)
 
     def pick_op(self, candidates: Sequence[tuple[str, float]], member: str) -> Operation[tuple[str, list[int]]]:
         """The sans-I/O operation of ``pick``."""
