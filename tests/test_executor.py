@@ -30,7 +30,7 @@ from flo_coord import (
     ServingBackend,
     Takeover,
 )
-from flo_coord.errors import UnknownRequestError
+from flo_coord.errors import OffsetOutOfRangeError, UnknownRequestError
 from flo_coord.execution.backends import BackendSpec
 from flo_coord.execution.breaker import BreakerConfig
 from flo_coord.execution.coordinator import Coordinator, ExecutorConfig, estimate_tokens
@@ -725,7 +725,15 @@ async def test_follow_unknown_request_and_replay_after_completion(make: Make, fa
     await co.run(request_id, PROMPT)
     assert await collect(co.follow(request_id)) == ANSWER
     assert await collect(co.follow(request_id, offset=len(ANSWER) - 3)) == ANSWER[-3:]
-    assert await collect(co.follow(request_id, offset=len(ANSWER) + 10)) == ""
+    assert await collect(co.follow(request_id, offset=len(ANSWER))) == ""  # the end itself: an empty rest
+    # past the end: the error the CLI (follow --offset, exit 2) and the gateway (400) report, not silence
+    with pytest.raises(OffsetOutOfRangeError) as caught:
+        await collect(co.follow(request_id, offset=len(ANSWER) + 10))
+    assert str(caught.value) == (
+        f"offset {len(ANSWER) + 10} is past the end of the answer of {request_id} ({len(ANSWER)} chars); "
+        f"use an offset from 0 to {len(ANSWER)}"
+    )
+    assert (caught.value.offset, caught.value.length) == (len(ANSWER) + 10, len(ANSWER))
 
 
 async def test_chunk_logs_expire_after_completion(make: Make, fake: FakeLLMServer) -> None:
