@@ -43,10 +43,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from flo_coord import defaults, logs
-from flo_coord.constraints import Checked, NonNegativeInt, PositiveSeconds
+from flo_coord.constraints import FrozenChecked, NonNegativeInt, PositiveInt, PositiveSeconds, check_value, convert
 from flo_coord.errors import (
     ConfigError,
     ContentPolicyError,
@@ -99,11 +97,12 @@ from flo_coord.store import AsyncFailoverManager, RedisHealth
 log = logging.getLogger("flo_coord.executor")
 
 
-class ExecutorConfig(msgspec.Struct, Checked, kw_only=True, frozen=True, forbid_unknown_fields=True):
+class ExecutorConfig(FrozenChecked, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """How the Coordinator treats a failing backend call (``[executor]``; README "Failover policy").
 
-    Seconds are 0.001 to ten years, retry counts integers >= 0 (defaults in flo_coord.defaults);
-    another value raises ConfigError naming the field.
+    Seconds are 0.001 to ten years, retry counts integers >= 0 (defaults in flo_coord.defaults),
+    ``backoff_initial`` at most ``backoff_max``; another value (or an unknown field) raises
+    ConfigError naming the field.
     """
 
     first_token_timeout: PositiveSeconds = defaults.FIRST_TOKEN_TIMEOUT  #: time to first token before failing over
@@ -112,7 +111,14 @@ class ExecutorConfig(msgspec.Struct, Checked, kw_only=True, frozen=True, forbid_
     rate_limit_retries: NonNegativeInt = defaults.RATE_LIMIT_RETRIES  #: waits on the same backend after a 429
     rate_limit_max_wait: PositiveSeconds = defaults.RATE_LIMIT_MAX_WAIT  #: a longer Retry-After fails over at once
     backoff_initial: PositiveSeconds = defaults.BACKOFF_INITIAL  #: first backoff after a 429 without Retry-After
-    backoff_max: PositiveSeconds = defaults.BACKOFF_MAX
+    backoff_max: PositiveSeconds = defaults.BACKOFF_MAX  #: the longest backoff (>= backoff_initial)
+
+    def _finish(self) -> None:
+        if self.backoff_initial > self.backoff_max:  # the backoff could never grow to its first step
+            raise ConfigError(
+                f"ExecutorConfig.backoff_initial {self.backoff_initial:g} is more than backoff_max "
+                f"{self.backoff_max:g}; backoff_initial must be at most backoff_max"
+            )
 
 
 class StallTimeoutError(BackendError):

@@ -37,7 +37,7 @@ from flo_coord.models import PrivacyTier, ServingBackend
 Tier = list[tuple[str, float]]
 
 
-class GroupDeployment(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+class GroupDeployment(Checked, kw_only=True, forbid_unknown_fields=True):
     """One deployment of a model group: its ``name``, relative ``weight`` (> 0, at most 1e9) and
     ``tier`` (an integer >= 1; 1 is tried first, a higher tier only once every deployment of the
     lower ones failed). ConfigError when a value is invalid."""
@@ -52,7 +52,7 @@ def _entry(entry: str | GroupDeployment) -> GroupDeployment:
     return GroupDeployment(name=entry) if isinstance(entry, str) else entry
 
 
-class ModelGroup(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+class ModelGroup(Checked, kw_only=True, forbid_unknown_fields=True):
     """A client-facing model name and the deployments that serve it (``[[models]]``).
 
     ``name``: printable, not blank, at most 256 characters.

@@ -18,7 +18,7 @@ from flo_coord import defaults
 from flo_coord.constraints import (
     ID_CHARACTERS,
     NAMESPACE_CHARACTERS,
-    Checked,
+    FrozenChecked,
     LimitValue,
     NonNegativeInt,
     PageSize,
@@ -37,7 +37,7 @@ from flo_coord.models import ChatMessage
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
-class Limits(msgspec.Struct, Checked, kw_only=True, frozen=True):
+class Limits(FrozenChecked, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Input limits, checked before anything touches Redis (defaults in ``flo_coord.defaults``).
 
     - request and worker ids: 1..``max_*_length`` characters of ``A-Z a-z 0-9 _ . : @ / + = -``
