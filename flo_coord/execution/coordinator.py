@@ -302,14 +302,19 @@ class Coordinator:
     async def start(self, *, reap: bool = True, reap_interval: float | None = None) -> Coordinator:
         """Start heartbeats, the cancel watcher (a request cancelled from anywhere stops
         generating here within ``defaults.CANCEL_POLL`` seconds) and, with ``reap``, the
-        reaper that resumes orphaned requests."""
+        reaper that resumes orphaned requests every ``reap_interval`` seconds (0.001 to ten
+        years; default ``ownership.reaper_interval``). ConfigError (nothing started) for a
+        bad ``reap_interval``."""
+        reaper = None
+        if reap and self._reaper is None:  # built first: a bad reap_interval (ConfigError) starts nothing
+            reaper = AsyncReaper(self.manager, self.resume_in_background, reap_interval)
         if self._heartbeat is None:
             self._heartbeat = self.manager.start_heartbeat()
         if self.cancel_watcher._task is None:
             self.cancel_watcher.start()
-        if reap and self._reaper is None:
-            self._reaper = AsyncReaper(self.manager, self.resume_in_background, reap_interval)
-            self._reaper.start()
+        if reaper is not None:
+            reaper.start()
+            self._reaper = reaper
         return self
 
     async def aclose(self, *, hand_back: bool = True, timeout: float = defaults.HAND_BACK_TIMEOUT) -> list[str]:
