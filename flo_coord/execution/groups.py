@@ -222,6 +222,25 @@ def default_groups(specs: Iterable[BackendSpec], fallback_order: Sequence[Servin
     return groups
 
 
+def fallback_names(
+    specs: Iterable[BackendSpec], fallback_order: Sequence[ServingBackend | str]
+) -> tuple[list[str], bool]:
+    """(the order a request without a model group fails over in after its primary, replaced).
+
+    ``fallback_order``'s entries (ServingBackend or deployment names) as names, when one of
+    them reaches a deployment of ``specs`` (by its name or provider); else, so that such a
+    request can run at all, every deployment's name in configuration order, and ``replaced``
+    is True. (The default order names Realizar, Ollama, Together and Groq: a Coordinator
+    of one Vllm deployment would otherwise fail every such request without calling it.)
+    """
+    specs = list(specs)
+    names = [entry.value if isinstance(entry, ServingBackend) else str(entry) for entry in fallback_order]
+    reached = {s.name for s in specs} | {s.backend.value for s in specs}
+    if any(name in reached for name in names):
+        return names, False
+    return [s.name for s in specs], True
+
+
 def check_unique(specs: Sequence[BackendSpec]) -> None:
     """ConfigError naming both entries when two deployments share a name."""
     first: dict[str, int] = {}
