@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import re
 import types
-from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Union, get_args, get_origin
 
 import msgspec
 
@@ -137,8 +137,10 @@ def check_value(kind: str, value: Any, tp: Any, error: type[ValidationError] = V
         return msgspec.convert(value, tp)
     except msgspec.ValidationError as exc:
         detail = str(exc)
-        wanted = describe(tp) or detail
-        where = f" ({detail})" if " - at `$" in detail and wanted != detail else ""  # which item broke it
+        wanted = describe(tp)
+        if wanted is None:  # a type without a description (a Struct): say what it is in our words
+            raise error(explain(exc, tp, value, kind)) from None
+        where = f" ({detail})" if " - at `$" in detail else ""  # which item broke it
         raise error(f"{kind} {shown(value)} is not {wanted}{where}") from None
     except UnicodeEncodeError:  # msgspec matches patterns on UTF-8: a lone surrogate cannot be
         raise error(f"{kind} is not valid Unicode text (lone surrogate)") from None
@@ -193,9 +195,19 @@ def explain(exc: msgspec.ValidationError, root: Any, value: Any, label: str | No
     root_name: str = label or getattr(root, "__name__", None) or "value"
     where = f"{root_name}{path[1:] if root_name.endswith(' ') and path.startswith('.') else path}" or root_name
     wanted = describe(tp) if tp is not None else None
+    if wanted is None and reason.startswith("Expected `object`") and _struct_in(tp) is not None:
+        name = _struct_in(tp).__name__
+        wanted = f"{'an' if name[0] in 'AEIOU' else 'a'} {name} (or a dict of its fields)"
     if wanted is not None and reason.startswith("Expected"):
         return f"{where} {shown(current)} is not {wanted}"
+    unknown = _UNKNOWN_FIELD.fullmatch(reason)
+    struct = _struct_in(tp) if tp is not None else None
+    if unknown is not None and struct is not None:
+        return f"{where}: unknown field {unknown[1]!r} (its fields: {', '.join(struct.__struct_fields__)})"
     return f"{where}: {reason}"
+
+
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.*)`")
 
 
 def convert(
@@ -223,16 +235,34 @@ def _twin(cls: type) -> Any:
     return msgspec.defstruct(cls.__name__, [(f.name, f.type) for f in msgspec.structs.fields(cls)])
 
 
-class Checked:
-    """Mixin of every Struct whose field types declare constraints (configs, requests):
-    ``class X(msgspec.Struct, Checked, ...)`` (a mixin, so frozen and mutable Structs share it).
+class _CheckedMeta(msgspec.StructMeta):
+    """Turns the TypeError of a constructor call that does not fit the fields (an unknown
+    keyword, a missing required field, too many positional arguments) into the class's
+    typed error, naming the class and its fields; msgspec raises it in C before any hook runs."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (a metaclass: its instances are classes)
+        try:
+            return super().__call__(*args, **kwargs)
+        except TypeError as exc:
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+                raise  # raised in a hook (a bug), not by the argument binding: keep it as it is
+            reason = str(exc)
+            reason = reason[:1].lower() + reason[1:]
+            fields = ", ".join(cls.__struct_fields__) or "none"  # type: ignore[attr-defined]
+            raise cls._error(f"{cls.__name__}: {reason} (its fields: {fields})") from None  # type: ignore[attr-defined]
+
+
+class Checked(msgspec.Struct, metaclass=_CheckedMeta):
+    """Base of every Struct whose field types declare constraints (configs, requests):
+    ``class X(Checked, kw_only=True, ...)`` (it has no fields and no options, so frozen and
+    mutable Structs share it).
 
     Construction (in Python or by msgspec) runs ``check`` and then ``_finish``, the hook for
     rules across fields. ``_error`` is the error class raised (ConfigError unless a subclass
-    says otherwise).
+    says otherwise), also for a constructor call that does not fit the fields (an unknown
+    keyword argument, a missing required one).
     """
 
-    __slots__ = ()
     _error: ClassVar[type[ValidationError]] = ConfigError
 
     def __post_init__(self) -> None:
@@ -241,6 +271,20 @@ class Checked:
 
     def _finish(self) -> None:
         """Rules across fields (a subclass's); runs after every field passed its own constraints."""
+
+
+if TYPE_CHECKING:
+    # msgspec lets a frozen Struct derive from a mutable one without fields; mypy applies the
+    # dataclass rule (frozen only from frozen) regardless, so to it this is a frozen Struct of its own.
+    class FrozenChecked(msgspec.Struct, frozen=True):
+        _error: ClassVar[type[ValidationError]]
+
+        def _finish(self) -> None: ...
+
+else:
+
+    class FrozenChecked(Checked, frozen=True):
+        """``Checked`` for frozen (hashable, immutable) Structs: ``class X(FrozenChecked, frozen=True)``."""
 
 
 def check(obj: Any) -> None:
@@ -269,6 +313,7 @@ __all__ = [
     "MAX_SECONDS",
     "Checked",
     "DeploymentName",
+    "FrozenChecked",
     "GroupName",
     "LimitValue",
     "Namespace",

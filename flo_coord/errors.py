@@ -136,3 +136,20 @@ class PrivacyTierError(GenerationError):
     def __init__(self, request_id: str, message: str, excluded: list[str], attempts: list | None = None) -> None:
         self.excluded = list(excluded)
         super().__init__(request_id, message, attempts)
+
+
+class OffsetOutOfRangeError(ValidationError, IndexError):
+    """``follow(request_id, offset)`` of a finished answer shorter than ``offset`` characters.
+
+    ``request_id``, ``offset`` and ``length`` (the answer's characters) are attributes; the
+    message is the one the CLI (``follow --offset``, exit 2) and the gateway (400
+    ``offset_out_of_range``) show: "offset N is past the end of the answer of ID (L chars);
+    use an offset from 0 to L".
+    """
+
+    def __init__(self, request_id: str, offset: int, length: int, origin: str = "offset", waited: str = "") -> None:
+        self.request_id, self.offset, self.length = request_id, offset, length
+        super().__init__(
+            f"{origin} {offset} is past the end of the answer of {request_id} ({length} chars{waited}); "
+            f"use an offset from 0 to {length}"
+        )

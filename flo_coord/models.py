@@ -320,15 +320,15 @@ def _default_fallback_order() -> list[ServingBackend]:
     return [ServingBackend(name) for name in defaults.FALLBACK_ORDER]
 
 
-class FailoverConfig(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+class FailoverConfig(Checked, kw_only=True, forbid_unknown_fields=True):
     """Failover policy: batuta's ``FailoverConfig`` fields and defaults (failover.rs).
 
     - ``max_retries``: failovers allowed per request, an integer >= 0 (default 2);
     - ``failover_timeout``: seconds one request may spend failing over, 0.001 to ten years (30);
     - ``min_tokens_for_recovery``: committed tokens before a takeover is worth it, >= 0 (5);
     - ``include_prefix``: continue from the committed prefix (True);
-    - ``fallback_order``: ServingBackends tried in order, at least one (Realizar, Ollama,
-      Together, Groq).
+    - ``fallback_order``: ServingBackends tried in order, at least one, each once (Realizar,
+      Ollama, Together, Groq).
 
     Constructing one with a value outside these, or decoding one (``from_json``,
     ``from_dict``, a TOML ``[failover]`` table), raises ConfigError naming the field.
@@ -341,6 +341,11 @@ class FailoverConfig(msgspec.Struct, Checked, kw_only=True, forbid_unknown_field
     fallback_order: Annotated[
         list[ServingBackend], msgspec.Meta(min_length=1, description="a list of at least one ServingBackend name")
     ] = msgspec.field(default_factory=_default_fallback_order)
+
+    def _finish(self) -> None:
+        twice = sorted({b.value for b in self.fallback_order if self.fallback_order.count(b) > 1})
+        if twice:  # a second place in the order is never reached: surely a mistake in the config
+            raise ConfigError(f"FailoverConfig.fallback_order lists {', '.join(twice)} more than once; list each once")
 
     @classmethod
     def from_json(cls, data: bytes | str) -> FailoverConfig:

@@ -22,8 +22,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flo_coord import defaults
+from flo_coord.constraints import PageSize, check_value
+from flo_coord.errors import ConfigError
 from flo_coord.models import StreamingContext
-from flo_coord.store import AsyncPeriodic, HeartbeatTask, HeartbeatThread, Periodic, start_heartbeat
+from flo_coord.store import AsyncPeriodic, HeartbeatTask, HeartbeatThread, Periodic, require_manager, start_heartbeat
 
 if TYPE_CHECKING:
     from flo_coord.store.facade import AsyncFailoverManager, FailoverManager
@@ -46,6 +48,17 @@ def reaper_interval(lease_ttl: float, interval: float | None) -> float:
     return interval if interval is not None else lease_ttl * defaults.REAPER_FRACTION
 
 
+def _reaper_args(owner: str, manager: Any, on_claim: Any, limit: Any) -> int:
+    """Check a reaper's arguments where they are given (not in its background round): a
+    manager, a callable ``on_claim``, a ``limit`` of 1 to 100000; returns the limit. ConfigError otherwise."""
+    require_manager(owner, manager, "claim_orphans")
+    if not callable(on_claim):
+        raise ConfigError(
+            f"{owner}: on_claim must be callable (it gets each claimed context), got {type(on_claim).__name__}"
+        )
+    return check_value(f"{owner} limit", limit, PageSize, ConfigError)  # type: ignore[no-any-return]
+
+
 def _hand_over(on_claim: Callable[[StreamingContext], Any], ctx: StreamingContext) -> Any:
     """Log a claim (with the request's fields) and pass the context on."""
     log.info(
@@ -58,7 +71,10 @@ def _hand_over(on_claim: Callable[[StreamingContext], Any], ctx: StreamingContex
 
 
 class Reaper(Periodic):
-    """Every ``interval`` s, claim up to ``limit`` orphans and call ``on_claim`` with each."""
+    """Every ``interval`` s (0.001 to ten years; default ``reaper_interval``), claim up to
+    ``limit`` (1 to 100000) orphans and call ``on_claim`` with each. ConfigError, when built,
+    for a value out of range, an ``on_claim`` that is not callable, or a ``manager`` that is
+    not a FailoverManager."""
 
     def __init__(
         self,
@@ -67,7 +83,8 @@ class Reaper(Periodic):
         interval: float | None = None,
         limit: int = 100,
     ) -> None:
-        self.manager, self.on_claim, self.limit = manager, on_claim, limit
+        self.limit = _reaper_args(type(self).__name__, manager, on_claim, limit)
+        self.manager, self.on_claim = manager, on_claim
         super().__init__("flo-reaper", reaper_interval(manager.lease_ttl, interval), self.reap_once)
 
     def reap_once(self) -> list[StreamingContext]:
@@ -79,7 +96,7 @@ class Reaper(Periodic):
 
 
 class AsyncReaper(AsyncPeriodic):
-    """The asyncio reaper: ``on_claim`` may be a coroutine function (it is awaited)."""
+    """The asyncio reaper: ``on_claim`` may be a coroutine function (it is awaited). ConfigError as Reaper."""
 
     def __init__(
         self,
@@ -88,7 +105,8 @@ class AsyncReaper(AsyncPeriodic):
         interval: float | None = None,
         limit: int = 100,
     ) -> None:
-        self.manager, self.on_claim, self.limit = manager, on_claim, limit
+        self.limit = _reaper_args(type(self).__name__, manager, on_claim, limit)
+        self.manager, self.on_claim = manager, on_claim
         super().__init__("flo-reaper", reaper_interval(manager.lease_ttl, interval), self.reap_once)
 
     async def reap_once(self) -> list[StreamingContext]:
@@ -114,6 +132,7 @@ class CancelWatcher(AsyncPeriodic):
     def __init__(
         self, manager: AsyncFailoverManager, on_cancel: Callable[[str], bool], interval: float | None = None
     ) -> None:
+        require_manager(type(self).__name__, manager, "cancel_flags", "held")
         self.manager, self.on_cancel = manager, on_cancel
         self.last_ok = time.monotonic()
         super().__init__("flo-cancel-watcher", interval if interval is not None else defaults.CANCEL_POLL, self.check)

@@ -116,7 +116,7 @@ CLI_ENVIRONMENT = {
 }
 
 
-class RedisSettings(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+class RedisSettings(Checked, kw_only=True, forbid_unknown_fields=True):
     """``[redis]``: where the store lives. ``url`` (``$FLO_REDIS_URL``), ``namespace`` (the key
     prefix, ``$FLO_NAMESPACE``), ``durability`` ("primary", or "replica": WAIT for one replica
     on each write, ``$FLO_DURABILITY``). ConfigError when a value is invalid."""
@@ -126,7 +126,7 @@ class RedisSettings(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields
     durability: Literal["primary", "replica"] = defaults.DURABILITY  # type: ignore[assignment]
 
 
-class OwnershipSettings(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+class OwnershipSettings(Checked, kw_only=True, forbid_unknown_fields=True):
     """``[ownership]``, in seconds (0.001 to ten years): ``lease_ttl`` a worker owns a request
     without renewing (``$FLO_LEASE_TTL``), ``max_age`` after which the keys of a request nobody
     completes expire, ``retention`` a finished answer stays followable. ConfigError when invalid."""
@@ -136,7 +136,7 @@ class OwnershipSettings(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fi
     retention: PositiveSeconds = defaults.RETENTION
 
 
-class GatewaySettings(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+class GatewaySettings(Checked, kw_only=True, forbid_unknown_fields=True):
     """``[gateway]``: ``flo-coord serve``, the OpenAI-compatible HTTP gateway (docs/GATEWAY.md).
 
     ``host``/``port`` it listens on (``$FLO_GATEWAY_HOST``/``$FLO_GATEWAY_PORT``); ``keys_env``:
@@ -160,7 +160,7 @@ class GatewaySettings(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fiel
     follow_wait: Seconds = defaults.FOLLOW_WAIT
 
 
-class Settings(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+class Settings(Checked, kw_only=True, forbid_unknown_fields=True):
     """The whole configuration: one field per TOML section (module docstring), each with its
     defaults. Deployment names must be unique and every model group must name known
     deployments its privacy tier allows: ConfigError otherwise."""

@@ -103,6 +103,7 @@ MISTAKES: list[tuple[list[str], dict[str, str], str]] = [
     (["stats", "--config", "/nonexistent/flo.toml"], {}, "does not exist"),
     (["stats"], {"FLO_CONFIG": "/nonexistent/flo.toml"}, "does not exist"),
     (["history", "-n", "lots"], {}, "whole number"),
+    (["history", "-n", "1000"], {}, "keeps only the newest 100 entries"),
     (["demo", "--requests", "0"], {}, "--requests"),
     (["demo", "--replicas", "1"], {}, "--replicas 2"),
     (["demo", "--kill-at", "1.5"], {}, "between 0 and 1"),

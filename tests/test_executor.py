@@ -30,7 +30,7 @@ from flo_coord import (
     ServingBackend,
     Takeover,
 )
-from flo_coord.errors import UnknownRequestError
+from flo_coord.errors import OffsetOutOfRangeError, UnknownRequestError
 from flo_coord.execution.backends import BackendSpec
 from flo_coord.execution.breaker import BreakerConfig
 from flo_coord.execution.coordinator import Coordinator, ExecutorConfig, estimate_tokens
@@ -725,7 +725,15 @@ async def test_follow_unknown_request_and_replay_after_completion(make: Make, fa
     await co.run(request_id, PROMPT)
     assert await collect(co.follow(request_id)) == ANSWER
     assert await collect(co.follow(request_id, offset=len(ANSWER) - 3)) == ANSWER[-3:]
-    assert await collect(co.follow(request_id, offset=len(ANSWER) + 10)) == ""
+    assert await collect(co.follow(request_id, offset=len(ANSWER))) == ""  # the end itself: an empty rest
+    # past the end: the error the CLI (follow --offset, exit 2) and the gateway (400) report, not silence
+    with pytest.raises(OffsetOutOfRangeError) as caught:
+        await collect(co.follow(request_id, offset=len(ANSWER) + 10))
+    assert str(caught.value) == (
+        f"offset {len(ANSWER) + 10} is past the end of the answer of {request_id} ({len(ANSWER)} chars); "
+        f"use an offset from 0 to {len(ANSWER)}"
+    )
+    assert (caught.value.offset, caught.value.length) == (len(ANSWER) + 10, len(ANSWER))
 
 
 async def test_chunk_logs_expire_after_completion(make: Make, fake: FakeLLMServer) -> None:
@@ -929,3 +937,44 @@ async def test_chunks_arriving_during_a_slow_commit_are_committed_together(
     assert len(chunks) < len(full_answer(PROMPT)) / 2  # coalesced: far fewer commits than tokens
     attempts = await attempts_of(co, request_id)
     assert attempts[-1].tokens == len(full_answer(PROMPT))  # accounting still counts every token
+
+
+# ------------------------------------------- an order that reaches none of the deployments
+
+
+@pytest.mark.parametrize("config", [None, FailoverConfig(fallback_order=[ServingBackend.Groq])])
+async def test_deployments_no_fallback_order_reaches_are_the_order(
+    redis_server: Any, fake: FakeLLMServer, config: FailoverConfig | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One Vllm deployment and the default order (Realizar, Ollama, Together, Groq), or an order
+    naming only a provider without a deployment: a request without a model group runs on the
+    deployment (the CLI's --backend rule), not "no backend available" recorded on Realizar."""
+    spec = BackendSpec(name="Vllm", base_url=fake.base_url, model=MODELS["Vllm"])
+    caplog.set_level("INFO", "flo_coord.executor")
+    co = Coordinator([spec], url=redis_server.url, namespace=f"x{uuid.uuid4().hex[:10]}", config=config)
+    try:
+        request_id = rid()
+        outcome = await co.run(request_id, PROMPT)
+        assert outcome is not None and outcome.state == "Completed" and outcome.backend == "Vllm"
+        assert await collect(co.follow(request_id)) == ANSWER
+        assert summary(await attempts_of(co, request_id)) == [("Vllm", "Success")]
+        assert co.fallback_order == ["Vllm"]
+        notice = [r for r in caplog.records if "reaches none of the deployments" in r.getMessage()]
+        assert len(notice) == 1 and "Vllm" in notice[0].getMessage()
+        assert notice[0].levelname == ("INFO" if config is None else "WARNING")  # a chosen order is a mistake
+    finally:
+        await co.aclose()
+
+
+async def test_an_order_that_reaches_a_deployment_is_kept(redis_server: Any, fake: FakeLLMServer) -> None:
+    """fallback_order reaching one deployment is honoured: the other is never used without a model group."""
+    specs = [BackendSpec(name=n, base_url=fake.base_url, model=MODELS[n]) for n in ("Vllm", "Groq")]
+    config = FailoverConfig(fallback_order=[ServingBackend.Groq])
+    co = Coordinator(specs, url=redis_server.url, namespace=f"x{uuid.uuid4().hex[:10]}", config=config)
+    try:
+        assert co.fallback_order == ["Groq"]
+        request_id = rid()
+        await co.run(request_id, PROMPT)
+        assert summary(await attempts_of(co, request_id)) == [("Groq", "Success")]
+    finally:
+        await co.aclose()

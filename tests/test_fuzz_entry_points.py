@@ -4,8 +4,9 @@ Two hypothesis searches, with a fixed budget (examples below; about 30 s togethe
 shared 2-core machine):
 
 - ``test_edge_entry_points``: the entry points outside the manager (follow, BackendSpec,
-  Coordinator, FailoverConfig.from_json, load_settings, connect, the state and result
-  constructors, the configs) with hostile arguments: only FloCoordError subclasses.
+  Coordinator and its options, Coordinator.stream's messages, HeartbeatThread, Reaper,
+  FailoverConfig.from_json, load_settings, connect, the state and result constructors, the
+  configs, unknown fields included) with hostile arguments: only FloCoordError subclasses.
 - ``test_corrupt_stored_data``: a live or finished request, then one of its keys (or a
   namespace key: the active index, the history, a breaker) overwritten with corrupt data
   (a field that is nan, 1e400, abc, 1.5 or not UTF-8, a key of the wrong type); then a
@@ -42,14 +43,18 @@ from flo_coord import (
     FailoverManager,
     FailoverResult,
     FloCoordError,
+    GroupDeployment,
+    HeartbeatThread,
     Limits,
+    ModelGroup,
+    Reaper,
     RetryPolicy,
     ServingBackend,
     StreamState,
 )
 from flo_coord.execution.backends import BackendSpec
 from flo_coord.execution.breaker import BreakerConfig
-from flo_coord.execution.coordinator import Coordinator
+from flo_coord.execution.coordinator import Coordinator, ExecutorConfig
 from flo_coord.execution.delivery import follow
 from flo_coord.redact import redact_secrets
 from flo_coord.settings import load_settings
@@ -132,7 +137,8 @@ def test_edge_entry_points(server: RedisServer, data: st.DataObject) -> None:
 
 
 def one_edge_call(server: RedisServer, draw: Callable[..., Any]) -> None:
-    kind = draw(st.sampled_from(["follow", "spec", "coordinator", "json", "toml", "connect", "variants", "configs"]))
+    kinds = ["follow", "spec", "coordinator", "options", "runners", "json", "toml", "connect", "variants", "configs"]
+    kind = draw(st.sampled_from(kinds))
     if kind == "follow":
         kwargs = draw(st.fixed_dictionaries({}, optional={"wait": junk, "poll": junk, "offset": junk}))
         call("follow", _follow, server.url, draw(st.one_of(st.just("nope"), junk)), **kwargs)
@@ -151,6 +157,29 @@ def one_edge_call(server: RedisServer, draw: Callable[..., Any]) -> None:
         refused, coordinator = call("Coordinator", Coordinator, backends, url=server.url, namespace="fz-edge")
         if not refused:
             asyncio.run(coordinator.aclose())
+    elif kind == "options":  # one valid deployment, hostile options and messages
+        spec = BackendSpec(name="Vllm", base_url="http://127.0.0.1:9", model="m")
+        names = ["executor", "breaker", "concurrency", "capability_ttl", "models", "manager", "config", "bogus"]
+        options = {f: draw(junk) for f in draw(st.sets(st.sampled_from(names), max_size=2))}
+        refused, coordinator = call(
+            "Coordinator options", Coordinator, [spec], url=server.url, namespace="fz-edge", **options
+        )
+        if not refused:
+            roles = st.one_of(st.sampled_from(["user", "tool", "bogus", ""]), junk)
+            messages = [{"role": draw(roles), "content": "hi"}]
+            call("Coordinator.stream messages", coordinator.stream, "fz-r", messages)  # refused before anything runs
+            asyncio.run(coordinator.manager.aclose())
+    elif kind == "runners":
+        manager = draw(st.one_of(st.just("manager"), junk))
+        manager = FailoverManager(url=server.url, namespace="fz-edge") if manager == "manager" else manager
+        kwargs = draw(st.fixed_dictionaries({}, optional={"interval": junk}))
+        refused, runner = call("HeartbeatThread", HeartbeatThread, manager, **kwargs)
+        if not refused:
+            runner.stop()
+        kwargs = draw(st.fixed_dictionaries({}, optional={"interval": junk, "limit": junk}))
+        call("Reaper", Reaper, manager, draw(st.one_of(st.just(print), junk)), **kwargs)
+        if isinstance(manager, FailoverManager):
+            manager.close()
     elif kind == "json":
         call(
             "FailoverConfig.from_json",
@@ -177,6 +206,10 @@ def one_edge_call(server: RedisServer, draw: Callable[..., Any]) -> None:
             ("BreakerConfig", BreakerConfig, ["threshold", "window", "cooldown", "probe_ttl"]),
             ("Limits", Limits, list(Limits.__struct_fields__)),
             ("RetryPolicy", RetryPolicy, ["deadline", "initial", "maximum"]),
+            ("ExecutorConfig", ExecutorConfig, [*ExecutorConfig.__struct_fields__, "bogus"]),
+            ("FailoverConfig", FailoverConfig, [*FailoverConfig.__struct_fields__, "bogus"]),
+            ("GroupDeployment", GroupDeployment, [*GroupDeployment.__struct_fields__, "bogus"]),
+            ("ModelGroup", ModelGroup, [*ModelGroup.__struct_fields__, "bogus"]),
         )
         for name, cls, names in configs:
             fields = {f: draw(junk) for f in draw(st.sets(st.sampled_from(names), max_size=2))}

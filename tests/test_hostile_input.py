@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from flo_coord import (
     AsyncFailoverManager,
     ChatMessage,
+    ConfigError,
     CorruptStateError,
     FailoverAttempt,
     FailoverConfig,
@@ -683,3 +684,116 @@ def test_listeners_bind_loopback_unless_told_otherwise() -> None:
     parser = build_parser()
     assert parser.parse_args(["worker"]).metrics_addr == "127.0.0.1"
     assert parser.parse_args(["serve-fake-llm"]).host == "127.0.0.1"
+
+
+# ------------------------------------------ a new user's trial: typed errors at every edge
+
+VLLM = [{"name": "Vllm", "base_url": "http://127.0.0.1:9", "model": "llama"}]
+
+
+def _built(**options: Any) -> Any:
+    """A Coordinator of one Vllm deployment with ``options`` (built, never started: no Redis call)."""
+    from flo_coord.execution.backends import BackendSpec
+
+    specs = [BackendSpec(**VLLM[0])]
+    return _coordinator_with(specs, **options)
+
+
+def _coordinator_with(specs: Any, **options: Any) -> Any:
+    from flo_coord.execution.coordinator import Coordinator
+
+    return Coordinator(specs, url="redis://127.0.0.1:1/0", namespace="x", **options)
+
+
+def _untouchable() -> FailoverManager:
+    return FailoverManager(redis=Untouchable(), namespace="x")
+
+
+def _executor(**fields: Any) -> Any:
+    from flo_coord.execution.coordinator import ExecutorConfig
+
+    return ExecutorConfig(**fields)
+
+
+def _heartbeat(**kwargs: Any) -> Any:
+    from flo_coord import HeartbeatThread
+
+    return HeartbeatThread(_untouchable(), **kwargs)
+
+
+def _reaper(*args: Any, **kwargs: Any) -> Any:
+    from flo_coord import Reaper
+
+    return Reaper(*args, **kwargs)
+
+
+def _struct(cls_name: str, **fields: Any) -> Any:
+    import flo_coord
+
+    return getattr(flo_coord, cls_name)(**fields)
+
+
+BOGUS_ROLE = [{"role": "bogus", "content": "hi"}]
+
+#: (case, call, error, text the message must contain): each was accepted, or failed with an
+#: untyped or garbled error, in a new user's trial.
+TRIAL_CASES: list[tuple[str, Callable[[], Any], type[FloCoordError], str]] = [
+    # heartbeat and reaper arguments (a 0 interval busy-looped Redis; a str killed the thread later)
+    ("heartbeat interval 0", lambda: _untouchable().start_heartbeat(interval=0), ConfigError, "interval 0 is not"),
+    ("heartbeat interval -1", lambda: _untouchable().start_heartbeat(interval=-1), ConfigError, "interval -1"),
+    ("heartbeat interval str", lambda: _untouchable().start_heartbeat(interval="x"), ConfigError, "interval 'x'"),
+    ("HeartbeatThread interval", lambda: _heartbeat(interval=-1), ConfigError, "HeartbeatThread interval"),
+    ("HeartbeatThread manager", lambda: _struct("HeartbeatThread", manager="x"), ConfigError, "needs a Failover"),
+    ("Reaper on_claim", lambda: _reaper(_untouchable(), on_claim=5), ConfigError, "on_claim must be callable"),
+    ("Reaper limit", lambda: _reaper(_untouchable(), print, limit=-1), ConfigError, "Reaper limit -1"),
+    ("Reaper interval", lambda: _reaper(_untouchable(), print, interval=0), ConfigError, "Reaper interval 0"),
+    ("Reaper manager", lambda: _reaper("x", print), ConfigError, "needs a FailoverManager"),
+    # Coordinator arguments (each was accepted, then every request failed or hung)
+    ("Coordinator executor", lambda: _built(executor="x"), ConfigError, "executor 'x' is not an ExecutorConfig"),
+    ("Coordinator breaker", lambda: _built(breaker=5), ConfigError, "breaker 5 is not a BreakerConfig"),
+    ("Coordinator concurrency -1", lambda: _built(concurrency=-1), ConfigError, "concurrency -1"),
+    ("Coordinator concurrency 0", lambda: _built(concurrency=0), ConfigError, "concurrency 0"),
+    ("Coordinator concurrency str", lambda: _built(concurrency="x"), ConfigError, "concurrency 'x'"),
+    ("Coordinator models str", lambda: _built(models="x"), ConfigError, "models must be a list of ModelGroup"),
+    ("Coordinator models item", lambda: _built(models=["x"]), ConfigError, "models[0] 'x' is not a ModelGroup"),
+    ("Coordinator capability_ttl", lambda: _built(capability_ttl=-1), ConfigError, "capability_ttl -1"),
+    ("Coordinator manager", lambda: _built(manager="x"), ConfigError, "manager must be an AsyncFailoverManager"),
+    ("Coordinator unknown option", lambda: _built(bogus=1), ConfigError, "unknown keyword argument(s) bogus"),
+    # chat roles the gateway and the CLI refuse: refused at the library's edge too
+    ("stream role", lambda: _built().stream("r1", BOGUS_ROLE), ValidationError, "messages[0].role 'bogus'"),
+    ("run role", lambda: asyncio.run(_built().run("r1", BOGUS_ROLE)), ValidationError, "is not one of 'system'"),
+    ("stream tool role", lambda: _built().stream("r1", [ChatMessage("tool", "x")]), ValidationError, "'tool'"),
+    # config Structs: unknown or missing fields, rules across fields, msgspec's words
+    ("FailoverConfig unknown", lambda: FailoverConfig(bogus=1), ConfigError, "unexpected keyword argument 'bogus'"),
+    ("Limits unknown", lambda: Limits(bogus=1), ConfigError, "Limits: unexpected keyword argument 'bogus'"),
+    ("ExecutorConfig unknown", lambda: _executor(bogus=1), ConfigError, "ExecutorConfig: unexpected keyword"),
+    ("BackendSpec unknown", lambda: _struct("BackendSpec", **VLLM[0], bogus=1), ConfigError, "BackendSpec: unexp"),
+    ("BackendSpec missing", lambda: _struct("BackendSpec", name="Vllm"), ConfigError, "missing required argument"),
+    ("ModelGroup unknown", lambda: _struct("ModelGroup", name="m", deployments=["a"], bogus=1), ConfigError, "bogus"),
+    ("GroupDeployment unknown", lambda: _struct("GroupDeployment", name="a", bogus=1), ConfigError, "(its fields: "),
+    ("backoff_initial > max", lambda: _executor(backoff_initial=10, backoff_max=1), ConfigError, "at most backoff_max"),
+    ("fallback_order twice", lambda: FailoverConfig(fallback_order=["Vllm", "Vllm"]), ConfigError, "Vllm more than"),
+    ("limits str", lambda: FailoverManager(redis=Untouchable(), limits="x"), ConfigError, "limits 'x' is not a Limits"),
+    ("limits unknown", lambda: FailoverManager(redis=Untouchable(), limits={"bogus": 1}), ConfigError, "field 'bogus'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "fn", "error", "text"), TRIAL_CASES, ids=[c[0] for c in TRIAL_CASES])
+def test_a_new_users_mistakes_get_typed_errors_that_say_what_is_wrong(
+    case: str, fn: Callable[[], Any], error: type[FloCoordError], text: str
+) -> None:
+    with pytest.raises(error) as caught:
+        fn()
+    assert text in str(caught.value)
+    assert "Expected `" not in str(caught.value)  # msgspec's own words never reach the user
+
+
+def test_a_bad_reap_interval_starts_nothing() -> None:
+    async def main() -> None:
+        coordinator = _built()
+        with pytest.raises(ConfigError, match="AsyncReaper interval"):
+            await coordinator.start(reap_interval=0)
+        assert coordinator._heartbeat is None and coordinator.cancel_watcher._task is None
+        await coordinator.manager.aclose()
+
+    asyncio.run(main())

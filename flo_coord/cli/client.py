@@ -79,31 +79,15 @@ async def stream_answer(
         ) from None
 
 
-async def _answer_chars(manager: AsyncFailoverManager, request_id: str) -> int:
-    """Characters of ``request_id``'s committed answer (0 when nothing is stored)."""
-    answer = await manager.committed_text(request_id)
-    return len(answer) if answer is not None else 0
-
-
-async def _check_offset(manager: AsyncFailoverManager, request_id: str, offset: int) -> None:
-    """An answer that ended before ``offset`` printed nothing: say so (exit 2) rather than succeed silently."""
-    length = await _answer_chars(manager, request_id)
-    if offset > length:
-        raise UsageError(
-            f"--offset {offset} is past the end of the answer of {request_id} ({length} chars); "
-            f"use an offset from 0 to {length}"
-        )
-
-
 async def _finish_stream(
     manager: AsyncFailoverManager, request_id: str, offset: int, wait: float, timeout: float, not_found: str | None
 ) -> int:
-    from flo_coord.errors import RequestFailedError, UnknownRequestError
+    from flo_coord.errors import OffsetOutOfRangeError, RequestFailedError, UnknownRequestError
 
     try:
         written = await stream_answer(manager, request_id, offset, wait=wait, timeout=timeout, out=sys.stdout)
-        if not written and offset:
-            await _check_offset(manager, request_id, offset)
+    except OffsetOutOfRangeError as exc:  # the answer ended before --offset: say so (exit 2), not succeed silently
+        raise UsageError(str(OffsetOutOfRangeError(request_id, exc.offset, exc.length, "--offset"))) from None
     except RequestFailedError as exc:
         print(file=sys.stdout, flush=True)
         raise CommandFailedError(str(exc)) from None

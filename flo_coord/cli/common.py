@@ -119,8 +119,12 @@ def load(args: Any) -> Settings:
 
 
 def unused_backends(settings: Settings) -> list[str]:
-    """Configured backends that ``failover.fallback_order`` never reaches (a worker warns about them)."""
-    reached = {b.value for b in settings.failover.fallback_order}
+    """Configured backends that ``failover.fallback_order`` never reaches (a worker warns about them);
+    none when it reaches no backend at all (they are then the order: groups.fallback_names)."""
+    from flo_coord.execution.groups import fallback_names
+
+    order, _ = fallback_names(settings.backends, settings.failover.fallback_order)
+    reached = set(order)
     reached |= {entry.name for group in settings.models for entry in group.entries}
     return [s.name for s in settings.backends if not {s.name, s.backend.value} & reached]
 

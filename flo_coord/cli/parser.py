@@ -58,6 +58,18 @@ def fraction(text: str) -> float:
     return value
 
 
+def history_count(text: str) -> int:
+    """``history -n``: 1 to HISTORY_MAXLEN, the entries the history stream keeps (more cannot exist)."""
+    from flo_coord.defaults import HISTORY_MAXLEN
+
+    value = int(count(text))
+    if value > HISTORY_MAXLEN:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than {HISTORY_MAXLEN}: the history keeps only the newest {HISTORY_MAXLEN} entries"
+        )
+    return value
+
+
 def port(text: str) -> int:
     value = _number(int, "a TCP port", 0)(text)
     if value > 65535:
@@ -253,7 +265,9 @@ def build_parser() -> Parser:
         "Recent attempts and takeovers, oldest first",
         (redis, logs, output),
     )
-    p.add_argument("-n", "--count", type=count, default=20, metavar="N", help="entries to show (default 20, max 100)")
+    p.add_argument(
+        "-n", "--count", type=history_count, default=20, metavar="N", help="entries to show (default 20, max 100)"
+    )
     p.add_argument("--request-id", metavar="ID", help="only this request's entries")
 
     p = command(

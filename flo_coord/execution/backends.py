@@ -114,7 +114,7 @@ DEFAULT_BASE_URLS: dict[ServingBackend, str] = {
 # ------------------------------------------------------------------------------ config
 
 
-class BackendSpec(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+class BackendSpec(Checked, kw_only=True, forbid_unknown_fields=True):
     """One deployment: a configured model endpoint. Holds the NAME of the key's env var, never the key.
 
     ``name`` is free and unique per configuration (DEPLOYMENT_NAME_PATTERN: it keys the
@@ -218,7 +218,7 @@ def _safe_url(url: str) -> str:
     return parts._replace(netloc=f"***@{host}").geturl()
 
 
-class GenerationRequest(msgspec.Struct, Checked):
+class GenerationRequest(Checked):
     """What to generate: exactly one of ``prompt`` (text completion) or ``messages`` (chat, at
     least one); ``prefix`` is text already generated that the backend must continue;
     ``max_tokens`` an integer >= 1 or None; ``params`` sampling parameters (temperature, top_p,

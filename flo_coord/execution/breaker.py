@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import msgspec
-
 from flo_coord import defaults
-from flo_coord.constraints import Checked, PositiveInt, PositiveSeconds
+from flo_coord.constraints import FrozenChecked, PositiveInt, PositiveSeconds
 from flo_coord.store import BreakerStore, Decision
 
 
-class BreakerConfig(msgspec.Struct, Checked, kw_only=True, frozen=True, forbid_unknown_fields=True):
+class BreakerConfig(FrozenChecked, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Circuit-breaker policy (``[breaker]``): ``threshold`` failures (an integer >= 1) within
     ``window`` seconds open a backend's breaker for ``cooldown`` seconds; a half-open probe holds
     its claim ``probe_ttl`` seconds. Seconds are 0.001 to ten years; another value raises

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import random
@@ -43,10 +44,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from flo_coord import defaults, logs
-from flo_coord.constraints import Checked, NonNegativeInt, PositiveSeconds
+from flo_coord.constraints import FrozenChecked, NonNegativeInt, PositiveInt, PositiveSeconds, check_value, convert
 from flo_coord.errors import (
     ConfigError,
     ContentPolicyError,
@@ -81,7 +80,7 @@ from flo_coord.execution.backends import (
 from flo_coord.execution.breaker import BreakerConfig, CircuitBreaker
 from flo_coord.execution.capabilities import CapabilityMemory
 from flo_coord.execution.delivery import follow
-from flo_coord.execution.groups import ModelGroup, Router, Tier, check_unique
+from flo_coord.execution.groups import ModelGroup, Router, Tier, check_unique, fallback_names
 from flo_coord.models import (
     ChatMessage,
     FailoverAttempt,
@@ -94,16 +93,17 @@ from flo_coord.models import (
 )
 from flo_coord.ownership import AsyncReaper, CancelWatcher
 from flo_coord.redact import register_backend_secrets
-from flo_coord.store import AsyncFailoverManager, RedisHealth
+from flo_coord.store import AsyncFailoverManager, RedisHealth, validation
 
 log = logging.getLogger("flo_coord.executor")
 
 
-class ExecutorConfig(msgspec.Struct, Checked, kw_only=True, frozen=True, forbid_unknown_fields=True):
+class ExecutorConfig(FrozenChecked, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """How the Coordinator treats a failing backend call (``[executor]``; README "Failover policy").
 
-    Seconds are 0.001 to ten years, retry counts integers >= 0 (defaults in flo_coord.defaults);
-    another value raises ConfigError naming the field.
+    Seconds are 0.001 to ten years, retry counts integers >= 0 (defaults in flo_coord.defaults),
+    ``backoff_initial`` at most ``backoff_max``; another value (or an unknown field) raises
+    ConfigError naming the field.
     """
 
     first_token_timeout: PositiveSeconds = defaults.FIRST_TOKEN_TIMEOUT  #: time to first token before failing over
@@ -112,7 +112,14 @@ class ExecutorConfig(msgspec.Struct, Checked, kw_only=True, frozen=True, forbid_
     rate_limit_retries: NonNegativeInt = defaults.RATE_LIMIT_RETRIES  #: waits on the same backend after a 429
     rate_limit_max_wait: PositiveSeconds = defaults.RATE_LIMIT_MAX_WAIT  #: a longer Retry-After fails over at once
     backoff_initial: PositiveSeconds = defaults.BACKOFF_INITIAL  #: first backoff after a 429 without Retry-After
-    backoff_max: PositiveSeconds = defaults.BACKOFF_MAX
+    backoff_max: PositiveSeconds = defaults.BACKOFF_MAX  #: the longest backoff (>= backoff_initial)
+
+    def _finish(self) -> None:
+        if self.backoff_initial > self.backoff_max:  # the backoff could never grow to its first step
+            raise ConfigError(
+                f"ExecutorConfig.backoff_initial {self.backoff_initial:g} is more than backoff_max "
+                f"{self.backoff_max:g}; backoff_initial must be at most backoff_max"
+            )
 
 
 class StallTimeoutError(BackendError):
@@ -241,8 +248,33 @@ class Coordinator:
         ``capability_ttl``: seconds a runtime prefill rejection is remembered for all workers.
         ``models``: the model groups ``stream(..., model=...)`` routes through (groups.py);
         none: one implicit group per deployment ``model`` (groups.default_groups).
-        Raises ConfigError for duplicate deployment names or an invalid model group.
+        ``executor``, ``breaker``: an ExecutorConfig / BreakerConfig or a dict of its fields.
+        ``manager_options``: further AsyncFailoverManager arguments (``max_age``, ``retention``,
+        ``limits``, ``retry``, ``durability``, ``observer``); ignored with ``manager=``.
+        A request without a model group runs on ``primary`` then ``config.fallback_order``;
+        when that order reaches none of the deployments (e.g. the default order and one Vllm
+        deployment), on the deployments in the order given instead (groups.fallback_names).
+        Raises ConfigError, before anything is started or stored, for duplicate deployment
+        names, an invalid model group, and any argument of the wrong type or range (an
+        unknown keyword argument included).
         """
+        unknown = sorted(set(manager_options) - _MANAGER_OPTIONS)
+        if unknown:
+            passed_on = ", ".join(sorted(_MANAGER_OPTIONS - {*_OWN_OPTIONS}))
+            raise ConfigError(
+                f"Coordinator got unknown keyword argument(s) {', '.join(unknown)}; its own are "
+                f"{', '.join(_OWN_OPTIONS)}, and the AsyncFailoverManager's {passed_on}"
+            )
+        if manager is not None and not isinstance(manager, AsyncFailoverManager):
+            raise ConfigError(f"manager must be an AsyncFailoverManager, got {type(manager).__name__}")
+        if concurrency is not None:
+            concurrency = check_value("concurrency", concurrency, PositiveInt, ConfigError)
+        if capability_ttl is not None:
+            capability_ttl = check_value("capability_ttl", capability_ttl, PositiveSeconds, ConfigError)
+        executor = convert(executor, ExecutorConfig, label="executor") if executor is not None else ExecutorConfig()
+        breaker = convert(breaker, BreakerConfig, label="breaker") if breaker is not None else None
+        groups = _model_groups(models)
+        self.backends = _backend_map(backends, concurrency)
         self.manager = manager or AsyncFailoverManager(
             config,
             redis=redis,
@@ -252,9 +284,19 @@ class Coordinator:
             lease_ttl=lease_ttl,
             **manager_options,
         )
-        self.backends = _backend_map(backends, concurrency)
         specs = [b.spec for b in self.backends.values()]
-        self.router = Router.configured(models or (), specs, self.manager.config().fallback_order)
+        configured = self.manager.config().fallback_order
+        #: what a request without a model group fails over through after its primary (names)
+        self.fallback_order, replaced = fallback_names(specs, configured)
+        if replaced:
+            say = log.warning if config is not None or manager is not None else log.info  # chosen by the caller
+            say(
+                "failover.fallback_order (%s) reaches none of the deployments; requests without a model "
+                "group try them in the order given: %s",
+                ", ".join(b.value for b in configured),
+                ", ".join(self.fallback_order),
+            )
+        self.router = Router.configured(groups, specs, self.fallback_order)
         self.manager.register_deployments(self.backends)
         # a call stays counted for three leases without renewal (store/inflight.py): a dead
         # worker's calls drop out
@@ -262,7 +304,7 @@ class Coordinator:
         self._inflight: dict[str, str] = {}  # member -> deployment of this worker's calls in flight
         self._renewer: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
-        self.executor = executor or ExecutorConfig()
+        self.executor: ExecutorConfig = executor
         self.breaker = CircuitBreaker(self.manager.breakers, self.manager.worker_id, breaker)
         self.capabilities = CapabilityMemory(self.manager.capabilities, capability_ttl or capabilities.DEFAULT_TTL)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -296,14 +338,19 @@ class Coordinator:
     async def start(self, *, reap: bool = True, reap_interval: float | None = None) -> Coordinator:
         """Start heartbeats, the cancel watcher (a request cancelled from anywhere stops
         generating here within ``defaults.CANCEL_POLL`` seconds) and, with ``reap``, the
-        reaper that resumes orphaned requests."""
+        reaper that resumes orphaned requests every ``reap_interval`` seconds (0.001 to ten
+        years; default ``ownership.reaper_interval``). ConfigError (nothing started) for a
+        bad ``reap_interval``."""
+        reaper = None
+        if reap and self._reaper is None:  # built first: a bad reap_interval (ConfigError) starts nothing
+            reaper = AsyncReaper(self.manager, self.resume_in_background, reap_interval)
         if self._heartbeat is None:
             self._heartbeat = self.manager.start_heartbeat()
         if self.cancel_watcher._task is None:
             self.cancel_watcher.start()
-        if reap and self._reaper is None:
-            self._reaper = AsyncReaper(self.manager, self.resume_in_background, reap_interval)
-            self._reaper.start()
+        if reaper is not None:
+            reaper.start()
+            self._reaper = reaper
         return self
 
     async def aclose(self, *, hand_back: bool = True, timeout: float = defaults.HAND_BACK_TIMEOUT) -> list[str]:
@@ -389,33 +436,35 @@ class Coordinator:
         group (groups.default_groups). Without ``model``, ``primary`` (a deployment or
         ServingBackend name) then ``fallback_order``.
         Returns an AnswerStream: iterate it; afterwards its ``outcome``, ``finish_reason``
-        and ``usage`` tell how the answer ended. Raises UnknownModelError (before anything
-        is stored) for a model no group serves, else the request's typed error
+        and ``usage`` tell how the answer ended. Raises (before anything is stored)
+        UnknownModelError for a model no group serves, ValidationError for chat messages
+        whose role is not one of ``store.CHAT_ROLES`` (as the gateway and the CLI do), else the request's typed error
         (GenerationError, ContentPolicyError, PrivacyTierError, ...) where it ends.
         ``params``: sampling parameters (JSON values) stored with the request and added to
         every backend call's payload, also by a replica that takes the request over.
         """
         if model is not None:
             self.router.group(model)
+        prompt, messages = _split(prompt_or_messages)
+        if messages is not None:  # the gateway's and the CLI's rule, here too (nothing stored yet)
+            messages = validation.chat_messages(messages, self.manager.limits)
         answer = AnswerStream()
-        answer._chunks = self._stream(
-            answer._ending, request_id, prompt_or_messages, primary, max_tokens, model, params
-        )
+        answer._chunks = self._stream(answer._ending, request_id, prompt, messages, primary, max_tokens, model, params)
         return answer
 
     async def _stream(
         self,
         ending: _Ending,
         request_id: str,
-        prompt_or_messages: PromptOrMessages,
+        prompt: str | None,
+        messages: list[ChatMessage] | None,
         primary: ServingBackend | str | None,
         max_tokens: int | None,
         model: str | None = None,
         params: dict[str, Any] | None = None,
     ) -> AsyncGenerator[str, None]:
-        prompt, messages = _split(prompt_or_messages)
-        if primary is None and model is not None:
-            primary = self.router.group(model).entries[0].name
+        if primary is None:  # the first deployment it will try (the store's default is fallback_order's first)
+            primary = self.router.group(model).entries[0].name if model is not None else self.fallback_order[0]
         ctx = await self.manager.start_tracking(
             request_id, prompt, primary, messages=messages, max_tokens=max_tokens, params=params, model_group=model
         )
@@ -707,14 +756,15 @@ class Coordinator:
         """The tiers of deployments to try, in order, each (deployment, weight) pairs.
 
         A request for a model group: the group's route (groups.Router.route) under its
-        privacy tier. Otherwise the original order: ``primary``, then ``fallback_order``; a
-        ServingBackend name there stands for every deployment of that provider (one tier).
+        privacy tier. Otherwise the original order: ``primary``, then ``self.fallback_order``
+        (``fallback_order``, or the deployments when it reaches none); a ServingBackend name
+        there stands for every deployment of that provider (one tier).
         """
         if run.ctx.model_group:
             route, run.excluded = self.router.route(run.ctx.model_group, context_exceeded=run.context_exceeded)
             return route
         names = [run.ctx.primary_backend] if run.ctx.primary_backend else []
-        names += [b.value for b in self.manager.config().fallback_order]
+        names += self.fallback_order
         tiers: list[Tier] = []
         seen: set[str] = set()
         for name in dict.fromkeys(names):
@@ -729,7 +779,7 @@ class Coordinator:
     def _fallback_name(self, run: _Run) -> str:
         for tier in self._order(run):
             return tier[0][0]
-        return run.ctx.primary_backend or self.manager.config().fallback_order[0].value
+        return run.ctx.primary_backend or self.fallback_order[0]
 
     async def _pick(self, run: _Run) -> str | None:
         """The deployment to try next, counted in flight on it (released by _try_backend).
@@ -1178,6 +1228,26 @@ def _split(prompt_or_messages: PromptOrMessages) -> tuple[str | None, list[Any] 
         return None, prompt_or_messages
     kind = type(prompt_or_messages).__name__
     raise ValidationError(f"expected a prompt string or a list of chat messages, got {kind}")
+
+
+#: The keyword arguments a Coordinator passes on to the AsyncFailoverManager it builds.
+_MANAGER_OPTIONS = frozenset(inspect.signature(AsyncFailoverManager.__init__).parameters) - {"self", "config"}
+#: The Coordinator's own keyword arguments (named in the error about an unknown one).
+_OWN_OPTIONS = (
+    "redis", "url", "config", "worker_id", "namespace", "lease_ttl", "executor", "breaker", "manager",
+    "concurrency", "capability_ttl", "models",
+)  # fmt: skip
+
+
+def _model_groups(models: Any) -> list[ModelGroup]:
+    """``models`` (None, or an iterable of ModelGroup or dicts of its fields) as ModelGroups;
+    ConfigError naming the entry otherwise."""
+    if models is None:
+        return []
+    if isinstance(models, str | bytes | Mapping) or not isinstance(models, Iterable):
+        raise ConfigError(f"models must be a list of ModelGroup, got {type(models).__name__}")
+    groups: list[ModelGroup] = convert(list(models), list[ModelGroup], label="models")
+    return groups
 
 
 def _backend_map(

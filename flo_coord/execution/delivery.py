@@ -20,7 +20,13 @@ from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING
 
 from flo_coord import defaults
-from flo_coord.errors import CorruptStateError, RequestCancelledError, RequestFailedError, UnknownRequestError
+from flo_coord.errors import (
+    CorruptStateError,
+    OffsetOutOfRangeError,
+    RequestCancelledError,
+    RequestFailedError,
+    UnknownRequestError,
+)
 from flo_coord.store import validation
 
 if TYPE_CHECKING:
@@ -52,14 +58,17 @@ async def follow(
     (finish_reason, usage). Raises ValidationError for bad arguments (before any Redis
     call), UnknownRequestError for a request that does not exist (after ``wait``),
     RequestFailedError (with the worker's reason) when the request ended in failure,
-    CorruptStateError when its stored text is not UTF-8. Stops promptly when its task is
-    cancelled.
+    CorruptStateError when its stored text is not UTF-8, OffsetOutOfRangeError (a
+    ValidationError) when the answer completed shorter than ``offset`` characters (what the
+    CLI's ``follow --offset`` and the gateway's 400 ``offset_out_of_range`` report). Stops
+    promptly when its task is cancelled.
     """
     rid = validation.request_id(request_id, manager.limits)
-    skip = validation.offset(offset)
+    skip = start = validation.offset(offset)
     wait = validation.seconds("wait", wait)
     poll = validation.positive_seconds("poll", poll)
     position = 0  # bytes of committed text already read (always at a chunk boundary)
+    length = 0  # characters of committed text already read
     block_ms = max(1, int(poll * 1000))
     give_up_at = time.monotonic() + wait
     while True:
@@ -76,6 +85,7 @@ async def follow(
             chunk = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorruptStateError(rid, f"committed text is not UTF-8 ({exc})") from None
+        length += len(chunk)
         if skip:
             chunk, skip = chunk[skip:], max(0, skip - len(chunk))
         if chunk:
@@ -86,6 +96,8 @@ async def follow(
             if outcome.state == "Failed":
                 failed = RequestCancelledError if outcome.error_kind == "Cancelled" else RequestFailedError
                 raise failed(rid, f"request {rid!r} failed: {outcome.error}")
+            if skip:  # the whole answer is shorter than the offset: a caller's mistake, not an empty answer
+                raise OffsetOutOfRangeError(rid, start, length)
             return
         await manager.wait_feed(rid, last_id, block_ms)
         cancel_point()

@@ -37,7 +37,7 @@ from flo_coord.models import PrivacyTier, ServingBackend
 Tier = list[tuple[str, float]]
 
 
-class GroupDeployment(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+class GroupDeployment(Checked, kw_only=True, forbid_unknown_fields=True):
     """One deployment of a model group: its ``name``, relative ``weight`` (> 0, at most 1e9) and
     ``tier`` (an integer >= 1; 1 is tried first, a higher tier only once every deployment of the
     lower ones failed). ConfigError when a value is invalid."""
@@ -52,7 +52,7 @@ def _entry(entry: str | GroupDeployment) -> GroupDeployment:
     return GroupDeployment(name=entry) if isinstance(entry, str) else entry
 
 
-class ModelGroup(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+class ModelGroup(Checked, kw_only=True, forbid_unknown_fields=True):
     """A client-facing model name and the deployments that serve it (``[[models]]``).
 
     ``name``: printable, not blank, at most 256 characters.
@@ -220,6 +220,25 @@ def default_groups(specs: Iterable[BackendSpec], fallback_order: Sequence[Servin
         except ConfigError:
             continue
     return groups
+
+
+def fallback_names(
+    specs: Iterable[BackendSpec], fallback_order: Sequence[ServingBackend | str]
+) -> tuple[list[str], bool]:
+    """(the order a request without a model group fails over in after its primary, replaced).
+
+    ``fallback_order``'s entries (ServingBackend or deployment names) as names, when one of
+    them reaches a deployment of ``specs`` (by its name or provider); else, so that such a
+    request can run at all, every deployment's name in configuration order, and ``replaced``
+    is True. (The default order names Realizar, Ollama, Together and Groq: a Coordinator
+    of one Vllm deployment would otherwise fail every such request without calling it.)
+    """
+    specs = list(specs)
+    names = [entry.value if isinstance(entry, ServingBackend) else str(entry) for entry in fallback_order]
+    reached = {s.name for s in specs} | {s.backend.value for s in specs}
+    if any(name in reached for name in names):
+        return names, False
+    return [s.name for s in specs], True
 
 
 def check_unique(specs: Sequence[BackendSpec]) -> None:

@@ -30,6 +30,7 @@ from flo_coord.errors import (
     ContentPolicyError,
     CoordinatorUnavailableError,
     GenerationError,
+    OffsetOutOfRangeError,
     PrivacyTierError,
     UnknownModelError,
     UnknownRequestError,
@@ -435,11 +436,13 @@ class Gateway:
                     wait = f"{self.settings.follow_wait:g}"
                     raise self._past_end(rid, offset, length, origin, f" after waiting {wait}s for more")
             return await following
-        except StopAsyncIteration:
+        except StopAsyncIteration:  # this replica's own answer (from memory) ended
             length = await self._committed(rid)
             if offset > length:
                 raise self._past_end(rid, offset, length, origin, "") from None
             return None
+        except OffsetOutOfRangeError as exc:  # followed from Redis: the answer ended before the offset
+            raise self._past_end(rid, offset, exc.length, origin, "") from None
         finally:
             if not following.done():
                 following.cancel()
@@ -447,11 +450,8 @@ class Gateway:
 
     @staticmethod
     def _past_end(rid: str, offset: int, length: int, origin: str, waited: str) -> HTTPError:
-        """The CLI's ``follow --offset`` wording, in OpenAI's error shape."""
-        message = (
-            f"{origin} {offset} is past the end of the answer of {rid} ({length} chars{waited}); "
-            f"use an offset from 0 to {length}"
-        )
+        """The library's OffsetOutOfRangeError (the CLI's ``follow --offset`` wording), in OpenAI's error shape."""
+        message = str(OffsetOutOfRangeError(rid, offset, length, origin, waited))
         return HTTPError(400, message, "invalid_request_error", "offset_out_of_range", origin)
 
     async def _committed(self, rid: str) -> int:

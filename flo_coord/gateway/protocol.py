@@ -115,6 +115,7 @@ def parse(raw: bytes, *, chat: bool, limits: validation.Limits) -> Parsed:
     if include_usage:
         params["stream_options"] = {"include_usage": True}
     max_tokens = body.max_completion_tokens or body.max_tokens
+
     def parsed(prompt: str | None, messages: list[ChatMessage] | None) -> Parsed:
         return Parsed(
             chat=messages is not None,
@@ -171,11 +172,10 @@ def _content(message: Message, index: int) -> str:
     """The text of a message whose role is one of ``validation.CHAT_ROLES`` (the roles the CLI's
     ``--message`` takes; "tool" needs tool calls, which the gateway refuses) and whose content
     is text: a string or text parts (null content is for tool calls too)."""
-    if message.role not in validation.CHAT_ROLES:
-        roles = ", ".join(repr(r) for r in validation.CHAT_ROLES)
-        raise InvalidParameterError(
-            f"messages[{index}].role {message.role!r} is not one of {roles}", f"messages[{index}].role"
-        )
+    try:
+        validation.chat_role(f"messages[{index}].role", message.role)
+    except ValidationError as exc:
+        raise InvalidParameterError(str(exc), f"messages[{index}].role") from None
     if message.content is None:
         raise InvalidParameterError(
             f"messages[{index}].content must be a string or text parts, not null", f"messages[{index}].content"

@@ -25,7 +25,14 @@ from flo_coord.store.functions import client_rules as client_fcall_rules
 from flo_coord.store.functions import ensure_loaded as ensure_functions
 from flo_coord.store.functions import install as install_functions
 from flo_coord.store.gateway import GatewayStore, IdempotencyConflictError, Presentation, key_hash
-from flo_coord.store.heartbeat import AsyncPeriodic, HeartbeatTask, HeartbeatThread, Periodic, start_heartbeat
+from flo_coord.store.heartbeat import (
+    AsyncPeriodic,
+    HeartbeatTask,
+    HeartbeatThread,
+    Periodic,
+    require_manager,
+    start_heartbeat,
+)
 from flo_coord.store.inflight import InFlightStore
 from flo_coord.store.inspect import as_builtins
 from flo_coord.store.observer import StoreObserver
@@ -68,6 +75,7 @@ __all__ = [
     "key_hash",
     "outage_retrying",
     "render_messages",
+    "require_manager",
     "script_registry",
     "start_heartbeat",
     "validation",

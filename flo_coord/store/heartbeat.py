@@ -24,9 +24,31 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from flo_coord import defaults
-from flo_coord.errors import CoordinatorUnavailableError
+from flo_coord.constraints import PositiveSeconds, check_value
+from flo_coord.errors import ConfigError, CoordinatorUnavailableError
 
 log = logging.getLogger("flo_coord.ownership")  # the logger these rounds always used
+
+
+def _checked(owner: object, interval: Any, tick: Any) -> float:
+    """``interval`` as seconds (0.001 to ten years: 0 would busy-loop Redis, a str would kill the
+    thread at its first wait and leases would silently stop renewing); ConfigError otherwise,
+    also for a ``tick`` that is not callable. Checked when the runner is built, not when it runs."""
+    name = type(owner).__name__
+    if not callable(tick):
+        raise ConfigError(f"{name}: its callback must be callable, got {type(tick).__name__}")
+    return check_value(f"{name} interval", interval, PositiveSeconds, ConfigError)  # type: ignore[no-any-return]
+
+
+def require_manager(owner: str, manager: object, *methods: str) -> None:
+    """ConfigError unless ``manager`` has ``lease_ttl`` and ``methods`` (a FailoverManager's), so a
+    wrong argument is refused where it is given, not by an AttributeError in a background thread."""
+    missing = [m for m in ("lease_ttl", *methods) if not hasattr(manager, m)]
+    if missing:
+        raise ConfigError(
+            f"{owner} needs a FailoverManager or AsyncFailoverManager, got {type(manager).__name__} "
+            f"(no {', '.join(missing)})"
+        )
 
 
 def _round_failed(name: str, interval: float, exc: Exception) -> None:
@@ -38,10 +60,11 @@ def _round_failed(name: str, interval: float, exc: Exception) -> None:
 
 class Periodic:
     """Call ``tick()`` every ``interval`` seconds in a daemon thread named ``name`` until
-    ``stop``; a tick that raises is logged and the next one runs on time."""
+    ``stop``; a tick that raises is logged and the next one runs on time. ConfigError for an
+    ``interval`` that is not 0.001 to ten years or a ``tick`` that is not callable."""
 
     def __init__(self, name: str, interval: float, tick: Callable[[], Any]) -> None:
-        self.interval = interval
+        self.interval = _checked(self, interval, tick)
         self._tick = tick
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -73,11 +96,11 @@ class Periodic:
 
 class AsyncPeriodic:
     """Await ``tick()`` every ``interval`` seconds in a task named ``name`` until ``stop``;
-    a tick that raises is logged and the next one runs on time."""
+    a tick that raises is logged and the next one runs on time. ConfigError as ``Periodic``."""
 
     def __init__(self, name: str, interval: float, tick: Callable[[], Awaitable[Any]]) -> None:
         self.name = name
-        self.interval = interval
+        self.interval = _checked(self, interval, tick)
         self._tick = tick
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -142,17 +165,21 @@ def heartbeat_interval(lease_ttl: float, interval: float | None) -> float:
 
 class HeartbeatThread(Periodic):
     """Renew every lease ``manager`` (a FailoverManager) holds every ``interval`` seconds
-    (default ``heartbeat_interval``), in a daemon thread; ``start()`` it."""
+    (default ``heartbeat_interval``), in a daemon thread; ``start()`` it. ConfigError for an
+    interval that is not 0.001 to ten years seconds or a ``manager`` that is not a manager."""
 
     def __init__(self, manager: _Renews, interval: float | None = None) -> None:
+        require_manager(type(self).__name__, manager, "heartbeat")
         super().__init__("flo-heartbeat", heartbeat_interval(manager.lease_ttl, interval), manager.heartbeat)
 
 
 class HeartbeatTask(AsyncPeriodic):
     """Renew every lease ``manager`` (an AsyncFailoverManager) holds every ``interval``
-    seconds (default ``heartbeat_interval``), in an asyncio task; ``start()`` it."""
+    seconds (default ``heartbeat_interval``), in an asyncio task; ``start()`` it. ConfigError
+    as HeartbeatThread."""
 
     def __init__(self, manager: _RenewsAsync, interval: float | None = None) -> None:
+        require_manager(type(self).__name__, manager, "heartbeat")
         super().__init__("flo-heartbeat", heartbeat_interval(manager.lease_ttl, interval), manager.heartbeat)
 
 
@@ -160,7 +187,9 @@ def start_heartbeat(manager: Any, interval: float | None = None) -> HeartbeatThr
     """Start renewing every lease ``manager`` holds every ``interval`` seconds (default
     ``heartbeat_interval``): a started HeartbeatTask for an AsyncFailoverManager (call it
     in a running event loop), a started HeartbeatThread for a FailoverManager. Stop it
-    with ``stop()`` (awaited for the task) or use it as a (async) context manager."""
+    with ``stop()`` (awaited for the task) or use it as a (async) context manager.
+    ConfigError (nothing started) for an interval that is not 0.001 to ten years seconds."""
+    require_manager("start_heartbeat", manager, "heartbeat")
     if inspect.iscoroutinefunction(manager.heartbeat):
         return HeartbeatTask(manager, interval).start()  # type: ignore[return-value]
     return HeartbeatThread(manager, interval).start()  # type: ignore[return-value]

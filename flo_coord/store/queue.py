@@ -71,7 +71,7 @@ def submit(core: FailoverCore, submission: Submission) -> Operation[str]:
     if submission.prompt is not None:
         validation.prompt(submission.prompt, core.limits)
     else:
-        submission.messages = validation.messages(submission.messages, core.limits)
+        submission.messages = validation.chat_messages(submission.messages, core.limits)
     # What a worker's start_tracking would refuse is refused here, before it is queued.
     core.start_new(
         submission.request_id,

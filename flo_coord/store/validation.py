@@ -18,7 +18,7 @@ from flo_coord import defaults
 from flo_coord.constraints import (
     ID_CHARACTERS,
     NAMESPACE_CHARACTERS,
-    Checked,
+    FrozenChecked,
     LimitValue,
     NonNegativeInt,
     PageSize,
@@ -28,6 +28,7 @@ from flo_coord.constraints import (
     Seq,
     check_value,
     identifier,
+    shown,
 )
 from flo_coord.errors import ConfigError, ValidationError
 from flo_coord.models import ChatMessage
@@ -37,7 +38,7 @@ from flo_coord.models import ChatMessage
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
-class Limits(msgspec.Struct, Checked, kw_only=True, frozen=True):
+class Limits(FrozenChecked, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Input limits, checked before anything touches Redis (defaults in ``flo_coord.defaults``).
 
     - request and worker ids: 1..``max_*_length`` characters of ``A-Z a-z 0-9 _ . : @ / + = -``
@@ -158,6 +159,25 @@ def messages(value: Any, limits: Limits) -> list[ChatMessage]:
     for item in items:
         text("message role", item.role, defaults.MAX_ROLE_BYTES)
         budget -= len(text("message content", item.content, budget).encode("utf-8"))
+    return items
+
+
+def chat_role(where: str, role: Any) -> str:
+    """``role`` if it is one of CHAT_ROLES, the roles every entry point accepts (the CLI's
+    ``--message``, the gateway, ``Coordinator.stream``, ``submit``); ValidationError naming
+    ``where`` (e.g. ``messages[0].role``) otherwise."""
+    if role not in CHAT_ROLES:
+        roles = ", ".join(repr(r) for r in CHAT_ROLES)
+        raise ValidationError(f"{where} {shown(role)} is not one of {roles}")
+    return role  # type: ignore[no-any-return]
+
+
+def chat_messages(value: Any, limits: Limits) -> list[ChatMessage]:
+    """``messages`` whose every role is one of CHAT_ROLES: what a client may send (the store
+    itself keeps any short role). Returns ChatMessages; ValidationError otherwise."""
+    items = messages(value, limits)
+    for index, item in enumerate(items):
+        chat_role(f"messages[{index}].role", item.role)
     return items
 
 
