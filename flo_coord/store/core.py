@@ -16,7 +16,8 @@ import threading
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -97,6 +98,43 @@ Call = Eval | Cmd
 #: An operation yields batches of calls and gets back one reply per call; a reply that
 #: is an error arrives as the exception instance (check it with ``ok``).
 Operation = Generator[list[Call], list[Any], T]
+
+
+class Single(Generator[list[Call], list[Any], T], Generic[T]):
+    """An operation of exactly one call, without a generator frame (the hot path's form).
+
+    ``start()`` builds the call when the operation starts (not when it is made: state such
+    as the next append ``seq`` is read at sending time, as a generator would), and
+    ``finish(reply)`` turns its reply into the result. It is a ``Generator`` like any
+    operation, so ``together``, ``drive`` and the batcher run it unchanged; the shells
+    recognise it and send its call on their fast path (no per-call generator, batch or
+    bookkeeping objects).
+    """
+
+    __slots__ = ("_started",)
+
+    def start(self) -> Call:
+        raise NotImplementedError
+
+    def finish(self, reply: Any) -> T:
+        raise NotImplementedError
+
+    def send(self, value: list[Any] | None) -> list[Call]:
+        if not getattr(self, "_started", False):
+            if value is not None:
+                raise TypeError("can't send non-None value to a just-started operation")
+            self._started = True
+            return [self.start()]
+        assert value is not None
+        raise StopIteration(self.finish(value[0]))
+
+    def throw(  # type: ignore[override]
+        self, typ: Any, val: Any = None, tb: TracebackType | None = None
+    ) -> list[Call]:
+        """A failed I/O step: a one-call operation has nothing to recover, so it raises it."""
+        if isinstance(typ, BaseException):
+            raise typ
+        raise typ() if val is None else (val if isinstance(val, BaseException) else typ(val))
 
 
 def together(ops: list[Operation[Any]]) -> Operation[list[Any]]:
@@ -421,28 +459,17 @@ class FailoverCore:
         return held
 
     def append_many(self, request_id: str, chunks: list[str], epoch: int | None = None) -> Operation[AppendAck | None]:
-        """Commit several already-validated chunks as one append (the batcher's path)."""
-        rid, rk = self._rid(request_id)
-        return self._append(rid, rk, chunks, None, epoch)
+        """Commit several chunks as one append (the batcher's path).
+
+        ``request_id`` and ``chunks`` were validated at the public edge
+        (``check_offer``): they are not checked again here.
+        """
+        return _Append(self, request_id, self.keys.request(request_id), chunks, None, epoch)
 
     def _append(
         self, rid: str, rk: RequestKeys, chunks: list[str], seq: int | None, epoch: int | None = None
     ) -> Operation[AppendAck | None]:
-        if epoch is not None:
-            self._check_generation(rid, epoch)
-        held = self._held.get(rid)
-        number = seq if seq is not None else (held.next_seq if held else 1)
-        tokens = sum(count_tokens(c) for c in chunks)
-        call, epoch = self._fenced(APPEND, rk, rid, number, "".join(chunks), tokens, epoch=epoch)
-        (reply,) = yield [call]
-        status, reply = _status(reply, rid)
-        if status in ("OK", "DUP"):
-            if held is not None:
-                held.next_seq = max(held.next_seq, number + 1, int(reply[1]) + 1)
-            return AppendAck(applied=status == "OK", seq=number, length=int(reply[2]), token_count=int(reply[3]))
-        if status == "GONE" and held is None:
-            return None  # the original: appending to an unknown request is a no-op
-        raise self._lost(rid, epoch, reply)
+        return _Append(self, rid, rk, chunks, seq, epoch)
 
     def update_state(self, request_id: Any, state: StreamState, *, epoch: int | None = None) -> Operation[None]:
         rid, rk = self._rid(request_id)
@@ -821,6 +848,50 @@ class FailoverCore:
             return None
         chunk = reply[2] if isinstance(reply[2], bytes) else text(reply[2]).encode()
         return text(reply[1]), chunk, decode_outcome(rid, reply[3])
+
+
+class _Append(Single[AppendAck | None]):
+    """One fenced APPEND (``append_tokens``, ``append_many``): one call, one reply.
+
+    At start: the generation check (``epoch`` given), the ``seq`` (given, or the holding's
+    next) and the call; at finish: the holding's next ``seq`` moves past the acknowledged
+    one, and a refusal becomes LeaseLostError (None for a request nobody holds or knows).
+    """
+
+    __slots__ = ("chunks", "core", "epoch", "held", "number", "rid", "rk", "seq")
+
+    def __init__(
+        self, core: FailoverCore, rid: str, rk: RequestKeys, chunks: list[str], seq: int | None, epoch: int | None
+    ) -> None:
+        self.core, self.rid, self.rk, self.chunks, self.seq, self.epoch = core, rid, rk, chunks, seq, epoch
+
+    def start(self) -> Call:
+        core, rid, chunks, epoch = self.core, self.rid, self.chunks, self.epoch
+        if epoch is not None:
+            core._check_generation(rid, epoch)
+        self.held = held = core._held.get(rid)
+        number = self.seq
+        if number is None:
+            number = held.next_seq if held else 1
+        self.number = number
+        if len(chunks) == 1:
+            text_, tokens = chunks[0], count_tokens(chunks[0])
+        else:
+            text_, tokens = "".join(chunks), sum(count_tokens(c) for c in chunks)
+        call, self.epoch = core._fenced(APPEND, self.rk, rid, number, text_, tokens, epoch=epoch)
+        return call
+
+    def finish(self, reply: Any) -> AppendAck | None:
+        rid, held, number = self.rid, self.held, self.number
+        status, reply = _status(reply, rid)
+        if status == "OK" or status == "DUP":
+            if held is not None:
+                held.next_seq = max(held.next_seq, number + 1, int(reply[1]) + 1)
+            return AppendAck(applied=status == "OK", seq=number, length=int(reply[2]), token_count=int(reply[3]))
+        if status == "GONE" and held is None:
+            return None  # the original: appending to an unknown request is a no-op
+        assert self.epoch is not None
+        raise self.core._lost(rid, self.epoch, reply)
 
 
 def _ending_fields(finish_reason: str | None, usage: dict[str, int] | None, limits: Any) -> tuple[str, ...]:

@@ -29,14 +29,25 @@ class Script:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
         _REGISTERED[self.name] = self
+        _created[0] += 1
 
 
 _REGISTERED: dict[str, Script] = {}
+_created = [0]
 
 
 def registry() -> tuple[Script, ...]:
     """Every script defined so far, in definition order (flo_coord.store.functions loads them all)."""
     return tuple(_REGISTERED.values())
+
+
+def registry_version() -> tuple[int, int]:
+    """Changes whenever ``registry()`` may have: (scripts made so far, scripts registered now).
+
+    A cheap check for the callers that cache what they derive from the registry (the
+    library's function names); the second number catches a script taken out again.
+    """
+    return _created[0], len(_REGISTERED)
 
 
 _PRELUDE = r"""

@@ -42,7 +42,7 @@ from flo_coord.errors import (
 )
 from flo_coord.store import functions
 from flo_coord.store.connection import MIN_PLAIN_SOCKET_TIMEOUT, rebuilt_for_deadline
-from flo_coord.store.core import Call, Cmd, Eval, Operation, merge_appends
+from flo_coord.store.core import Call, Cmd, Eval, Operation, Single, merge_appends
 from flo_coord.store.retry import (
     RedisHealth,
     RetryPolicy,
@@ -239,8 +239,30 @@ class _ShellBase:
 
     def _args(self, call: Call) -> tuple[Any, ...]:
         if isinstance(call, Eval):
-            return self.scripting.args(call.script, call.keys, call.args)
+            keys = call.keys
+            return (*self.scripting.prefix(call.script), len(keys), *keys, *call.args)
         return call.args
+
+    def _fast(self, batch: list[Call]) -> bool:
+        """Whether a batch takes the hot path: one script call (never blocking nor XADD)
+        that needs no WAIT after it. It is sent as is; only a fault or an error reply
+        builds the bookkeeping (``_Run``) the other batches start with."""
+        if len(batch) != 1:
+            return False
+        call = batch[0]
+        return isinstance(call, Eval) and (self.durability == "primary" or call.script.sha not in _DURABLE_SCRIPTS)
+
+    def _after_error_reply(self, run: _Run, reply: BaseException) -> dict[Script, BaseException] | list[Any]:
+        """Judge the error reply of a hot-path call as ``_attempt`` judges a pipeline's: the
+        scripts to load (then the attempt goes on), the replies (an error the operation
+        judges), or the fault raised (transient: retried)."""
+        missing = run.absorb([0], [reply])
+        if missing:
+            return missing
+        fault = run.fault()
+        if fault is not None:
+            raise fault
+        return run.replies
 
     def _error(self, exc: Exception, operation: str, request_id: str | None) -> BaseException:
         error = public_error(exc, operation, request_id)
@@ -271,6 +293,16 @@ class UndecodableReplyError(Exception):
 def _send(op: Operation[T], replies: list[Any]) -> list[Call]:
     try:
         return op.send(replies)
+    except FloCoordError:
+        raise
+    except _DATA_ERRORS as exc:
+        raise UndecodableReplyError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _finish(op: Single[T], reply: Any) -> T:
+    """``op.finish(reply)``; a reply it cannot decode is UndecodableReplyError (as in ``_send``)."""
+    try:
+        return op.finish(reply)
     except FloCoordError:
         raise
     except _DATA_ERRORS as exc:
@@ -362,17 +394,43 @@ class SyncShell(_ShellBase):
             raise fault
         return run.replies
 
+    def _resume(self, run: _Run, reply: Any, failure: Exception | None) -> list[Any]:
+        """The rest of a hot-path first attempt that got a fault or an error reply."""
+        if failure is not None:
+            run.failed([0], failure)
+            raise failure
+        judged = self._after_error_reply(run, reply)
+        if isinstance(judged, list):
+            return judged
+        self.scripting.load(self.client, judged)
+        return self._attempt(run)
+
     def execute(self, batch: list[Call], deadline_at: float | None = None) -> list[Any]:
         """Execute one batch, retrying transient faults until ``deadline_at`` (monotonic)."""
         deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
-        run = self._new_run(batch)
-        # A sync attempt cannot be cut: retry none that could end (one socket timeout) past the deadline.
-        last_start = deadline_at - self._socket_timeout() + _SYNC_SLACK
+        run = self._new_run(batch) if not self._fast(batch) else None
         try:  # the first attempt outside tenacity: the common case pays no retry machinery
-            replies = self._attempt(run)
+            if run is None:  # the hot path: the call alone, no pipeline and no bookkeeping
+                failure: Exception | None = None
+                try:
+                    reply = self.client.execute_command(*self._args(batch[0]))
+                except rex.ResponseError as exc:
+                    reply = exc
+                except Exception as exc:
+                    reply, failure = None, exc
+                if failure is None and not isinstance(reply, BaseException):
+                    self.health.success()
+                    return [reply]
+                run = self._new_run(batch)
+                replies = self._resume(run, reply, failure)
+            else:
+                replies = self._attempt(run)
             self.health.success()
             return replies
         except Exception as exc:
+            assert run is not None
+            # A sync attempt cannot be cut: retry none that could end (one socket timeout) past the deadline.
+            last_start = deadline_at - self._socket_timeout() + _SYNC_SLACK
             if not run.may_retry(exc) or time.monotonic() >= last_start:
                 raise
         for attempt in Retrying(**self.policy.tenacity_kwargs(last_start, run.may_retry)):
@@ -383,8 +441,12 @@ class SyncShell(_ShellBase):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:
+        """Run ``op`` to its end: its batches executed with retries under one deadline
+        (``RetryPolicy.deadline`` from now); every Redis fault raised as ``public_error`` maps it."""
         deadline_at = self.policy.deadline_at()
         try:
+            if isinstance(op, Single):  # the hot path: one call, no generator to drive
+                return _finish(op, self.execute([op.start()], deadline_at)[0])
             return drive(op, lambda batch: self.execute(batch, deadline_at))
         except Exception as exc:
             error = self._error(exc, operation, request_id)
@@ -436,15 +498,51 @@ class AsyncShell(_ShellBase):
             run.failed(indexes, exc)
             raise rex.TimeoutError("no reply before the retry deadline") from exc
 
+    async def _send_one(self, call: Call, deadline_at: float) -> Any:
+        """The hot path's attempt: one script call (never blocking), cut at the deadline like
+        any attempt; an error reply is returned, not raised."""
+        budget = max(deadline_at - time.monotonic(), min(_MIN_ATTEMPT, self.policy.deadline))
+        try:
+            async with asyncio.timeout(budget):
+                return await self.client.execute_command(*self._args(call))
+        except rex.ResponseError as exc:
+            return exc
+        except TimeoutError as exc:
+            raise rex.TimeoutError("no reply before the retry deadline") from exc
+
+    async def _resume(self, run: _Run, reply: Any, failure: Exception | None, deadline_at: float) -> list[Any]:
+        """The rest of a hot-path first attempt that got a fault or an error reply."""
+        if failure is not None:
+            run.failed([0], failure)
+            raise failure
+        judged = self._after_error_reply(run, reply)
+        if isinstance(judged, list):
+            return judged
+        await self.scripting.aload(self.client, judged)
+        return await self._bounded_attempt(run, deadline_at)
+
     async def execute(self, batch: list[Call], deadline_at: float | None = None) -> list[Any]:
         """Execute one batch, retrying transient faults until ``deadline_at`` (monotonic)."""
         deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
-        run = self._new_run(batch)
+        run = self._new_run(batch) if not self._fast(batch) else None
         try:  # the first attempt outside tenacity: the common case pays no retry machinery
-            replies = await self._bounded_attempt(run, deadline_at)
+            if run is None:  # the hot path: the call alone, no pipeline and no bookkeeping
+                failure: Exception | None = None
+                try:
+                    reply = await self._send_one(batch[0], deadline_at)
+                except Exception as exc:
+                    reply, failure = None, exc
+                if failure is None and not isinstance(reply, BaseException):
+                    self.health.success()
+                    return [reply]
+                run = self._new_run(batch)
+                replies = await self._resume(run, reply, failure, deadline_at)
+            else:
+                replies = await self._bounded_attempt(run, deadline_at)
             self.health.success()
             return replies
         except Exception as exc:
+            assert run is not None
             if not run.may_retry(exc) or time.monotonic() >= deadline_at:
                 raise
         async for attempt in AsyncRetrying(**self.policy.tenacity_kwargs(deadline_at, run.may_retry)):
@@ -455,8 +553,12 @@ class AsyncShell(_ShellBase):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:
+        """Run ``op`` to its end: its batches executed with retries under one deadline
+        (``RetryPolicy.deadline`` from now); every Redis fault raised as ``public_error`` maps it."""
         deadline_at = self.policy.deadline_at()
         try:
+            if isinstance(op, Single):  # the hot path: one call, no generator to drive
+                return _finish(op, (await self.execute([op.start()], deadline_at))[0])
             return await adrive(op, lambda batch: self.execute(batch, deadline_at))
         except Exception as exc:
             error = self._error(exc, operation, request_id)
