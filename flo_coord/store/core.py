@@ -866,9 +866,7 @@ class _Append(Single[AppendAck | None]):
         self.core, self.rid, self.rk, self.chunks, self.seq, self.epoch = core, rid, rk, chunks, seq, epoch
 
     def start(self) -> Call:
-        core, rid, chunks, epoch = self.core, self.rid, self.chunks, self.epoch
-        if epoch is not None:
-            core._check_generation(rid, epoch)
+        core, rid, chunks = self.core, self.rid, self.chunks
         self.held = held = core._held.get(rid)
         number = self.seq
         if number is None:
@@ -878,7 +876,8 @@ class _Append(Single[AppendAck | None]):
             text_, tokens = chunks[0], count_tokens(chunks[0])
         else:
             text_, tokens = "".join(chunks), sum(count_tokens(c) for c in chunks)
-        call, self.epoch = core._fenced(APPEND, self.rk, rid, number, text_, tokens, epoch=epoch)
+        # _fenced checks the generation (``epoch`` given) before anything is sent
+        call, self.epoch = core._fenced(APPEND, self.rk, rid, number, text_, tokens, epoch=self.epoch)
         return call
 
     def finish(self, reply: Any) -> AppendAck | None:

@@ -213,6 +213,7 @@ class FailoverManager(_Facade):
         return HeartbeatThread(self, interval).start()
 
     def close(self) -> None:
+        self.shell.close()
         self.redis.close()
 
     def __enter__(self) -> FailoverManager:
@@ -351,6 +352,7 @@ class AsyncFailoverManager(_Facade):
         return HeartbeatTask(self, interval).start()
 
     async def aclose(self) -> None:
+        await self.shell.aclose()
         await self.redis.aclose()
 
     async def __aenter__(self) -> AsyncFailoverManager:
