@@ -253,19 +253,18 @@ class _ShellBase:
         return call.args
 
     def _fast(self, batch: list[Call]) -> bool:
-        """Whether a batch takes the hot path: one script call (never blocking nor XADD)
-        that needs no WAIT after it. It is sent as is; only a fault or an error reply
-        builds the bookkeeping (``_Run``) the other batches start with."""
-        if len(batch) != 1:
-            return False
-        call = batch[0]
-        return isinstance(call, Eval) and (self.durability == "primary" or call.script.sha not in _DURABLE_SCRIPTS)
+        """Whether a batch takes the hot path: script calls only (never blocking, never an
+        XADD) that need no WAIT after them. They are sent as they are; only a fault or an
+        error reply builds the bookkeeping (``_Run``) the other batches start with."""
+        if self.durability == "primary":
+            return all(isinstance(call, Eval) for call in batch)
+        return all(isinstance(call, Eval) and call.script.sha not in _DURABLE_SCRIPTS for call in batch)
 
-    def _after_error_reply(self, run: _Run, reply: BaseException) -> dict[Script, BaseException] | list[Any]:
-        """Judge the error reply of a hot-path call as ``_attempt`` judges a pipeline's: the
-        scripts to load (then the attempt goes on), the replies (an error the operation
+    def _judge(self, run: _Run, replies: list[Any]) -> dict[Script, BaseException] | list[Any]:
+        """Judge hot-path replies holding an error as ``_attempt`` judges a pipeline's: the
+        scripts to load (then the attempt goes on), the replies (errors the operation
         judges), or the fault raised (transient: retried)."""
-        missing = run.absorb([0], [reply])
+        missing = run.absorb(list(range(len(replies))), replies)
         if missing:
             return missing
         fault = run.fault()
@@ -383,7 +382,9 @@ class SyncShell(_ShellBase):
         return float(timeout) if isinstance(timeout, int | float) else 0.0
 
     def _send(self, calls: list[Call]) -> list[Any]:
-        if len(calls) == 1:  # the hot path: skip the pipeline object
+        if self._hot is not None and all(isinstance(call, Eval) for call in calls):
+            return self._hot.exchange([self._args(call) for call in calls])
+        if len(calls) == 1:  # skip the pipeline object
             try:
                 return [self.client.execute_command(*self._args(calls[0]))]
             except rex.ResponseError as exc:
@@ -412,12 +413,12 @@ class SyncShell(_ShellBase):
             raise fault
         return run.replies
 
-    def _resume(self, run: _Run, reply: Any, failure: Exception | None) -> list[Any]:
+    def _resume(self, run: _Run, replies: list[Any] | None, failure: Exception | None) -> list[Any]:
         """The rest of a hot-path first attempt that got a fault or an error reply."""
-        if failure is not None:
-            run.failed([0], failure)
-            raise failure
-        judged = self._after_error_reply(run, reply)
+        if failure is not None or replies is None:
+            run.failed(list(range(len(run.batch))), failure or rex.ConnectionError("no reply"))
+            raise failure or rex.ConnectionError("no reply")
+        judged = self._judge(run, replies)
         if isinstance(judged, list):
             return judged
         self.scripting.load(self.client, judged)
@@ -428,20 +429,18 @@ class SyncShell(_ShellBase):
         deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
         run = self._new_run(batch) if not self._fast(batch) else None
         try:  # the first attempt outside tenacity: the common case pays no retry machinery
-            if run is None:  # the hot path: the call alone, no pipeline and no bookkeeping
+            if run is None:  # the hot path: the calls as they are, no bookkeeping
+                replies: list[Any] | None = None
                 failure: Exception | None = None
                 try:
-                    args = self._args(batch[0])
-                    reply = self._hot.send(args) if self._hot is not None else self.client.execute_command(*args)
-                except rex.ResponseError as exc:
-                    reply = exc
+                    replies = self._send(batch)
                 except Exception as exc:
-                    reply, failure = None, exc
-                if failure is None and not isinstance(reply, BaseException):
+                    failure = exc
+                if replies is not None and not any(isinstance(r, BaseException) for r in replies):
                     self.health.success()
-                    return [reply]
+                    return replies
                 run = self._new_run(batch)
-                replies = self._resume(run, reply, failure)
+                replies = self._resume(run, replies, failure)
             else:
                 replies = self._attempt(run)
             self.health.success()
@@ -487,7 +486,9 @@ class AsyncShell(_ShellBase):
             await self._hot.aclose()
 
     async def _send(self, calls: list[Call]) -> list[Any]:
-        if len(calls) == 1:  # the hot path: skip the pipeline object
+        if self._hot is not None and all(isinstance(call, Eval) for call in calls):
+            return await self._hot.exchange([self._args(call) for call in calls])
+        if len(calls) == 1:  # skip the pipeline object
             try:
                 return [await self.client.execute_command(*self._args(calls[0]))]
             except rex.ResponseError as exc:
@@ -526,26 +527,24 @@ class AsyncShell(_ShellBase):
             run.failed(indexes, exc)
             raise rex.TimeoutError("no reply before the retry deadline") from exc
 
-    async def _send_one(self, call: Call, deadline_at: float) -> Any:
-        """The hot path's attempt: one script call (never blocking), cut at the deadline like
-        any attempt; an error reply is returned, not raised."""
+    async def _send_fast(self, batch: list[Call], deadline_at: float) -> list[Any]:
+        """The hot path's attempt: script calls (never blocking), cut at the deadline like
+        any attempt; error replies are returned, not raised."""
         budget = max(deadline_at - time.monotonic(), min(_MIN_ATTEMPT, self.policy.deadline))
         try:
             async with asyncio.timeout(budget):
-                if self._hot is not None:
-                    return await self._hot.send(self._args(call))
-                return await self.client.execute_command(*self._args(call))
-        except rex.ResponseError as exc:
-            return exc
+                return await self._send(batch)
         except TimeoutError as exc:
             raise rex.TimeoutError("no reply before the retry deadline") from exc
 
-    async def _resume(self, run: _Run, reply: Any, failure: Exception | None, deadline_at: float) -> list[Any]:
+    async def _resume(
+        self, run: _Run, replies: list[Any] | None, failure: Exception | None, deadline_at: float
+    ) -> list[Any]:
         """The rest of a hot-path first attempt that got a fault or an error reply."""
-        if failure is not None:
-            run.failed([0], failure)
-            raise failure
-        judged = self._after_error_reply(run, reply)
+        if failure is not None or replies is None:
+            run.failed(list(range(len(run.batch))), failure or rex.ConnectionError("no reply"))
+            raise failure or rex.ConnectionError("no reply")
+        judged = self._judge(run, replies)
         if isinstance(judged, list):
             return judged
         await self.scripting.aload(self.client, judged)
@@ -556,17 +555,18 @@ class AsyncShell(_ShellBase):
         deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
         run = self._new_run(batch) if not self._fast(batch) else None
         try:  # the first attempt outside tenacity: the common case pays no retry machinery
-            if run is None:  # the hot path: the call alone, no pipeline and no bookkeeping
+            if run is None:  # the hot path: the calls as they are, no bookkeeping
+                replies: list[Any] | None = None
                 failure: Exception | None = None
                 try:
-                    reply = await self._send_one(batch[0], deadline_at)
+                    replies = await self._send_fast(batch, deadline_at)
                 except Exception as exc:
-                    reply, failure = None, exc
-                if failure is None and not isinstance(reply, BaseException):
+                    failure = exc
+                if replies is not None and not any(isinstance(r, BaseException) for r in replies):
                     self.health.success()
-                    return [reply]
+                    return replies
                 run = self._new_run(batch)
-                replies = await self._resume(run, reply, failure, deadline_at)
+                replies = await self._resume(run, replies, failure, deadline_at)
             else:
                 replies = await self._bounded_attempt(run, deadline_at)
             self.health.success()
@@ -671,25 +671,32 @@ class _SyncHot(_HotConnection):
         super().__init__(client)
         self.lock = threading.Lock()
 
-    def send(self, args: tuple[Any, ...]) -> Any:
-        if not self.lock.acquire(blocking=False):  # another thread is using it
-            return self._borrowed(args)
+    def exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` at once and read their replies (error replies as exceptions)."""
+        if not self.lock.acquire(blocking=False):  # another thread is using it: borrow one
+            conn = self.pool.get_connection(*self.name_args)
+            try:
+                return self._exchange(conn, commands)
+            finally:
+                self.pool.release(conn)
         try:
             if self.conn is None or not self._mine():
                 self.conn = self.pool.get_connection(*self.name_args)
-            conn = self.conn
-            conn.send_command(*args)  # packed by redis-py's sync packer (hiredis when installed)
-            return conn.read_response()
+            return self._exchange(self.conn, commands)
         finally:
             self.lock.release()
 
-    def _borrowed(self, args: tuple[Any, ...]) -> Any:
-        conn = self.pool.get_connection(*self.name_args)
-        try:
-            conn.send_command(*args)
-            return conn.read_response()
-        finally:
-            self.pool.release(conn)
+    @staticmethod
+    def _exchange(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        # packed by redis-py's sync packer (hiredis when installed)
+        conn.send_packed_command(conn.pack_commands(commands) if len(commands) > 1 else conn.pack_command(*commands[0]))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except rex.ResponseError as exc:
+                replies.append(exc)
+        return replies
 
     def close(self) -> None:
         with self.lock:
@@ -708,34 +715,41 @@ class _AsyncHot(_HotConnection):
         # hiredis packs in one C call, as redis-py's sync client does, for the default encoding
         self.hiredis = _hiredis_pack is not None and utf8 and kwargs.get("encoding_errors", "strict") == "strict"
 
-    def _pack(self, conn: Any, args: tuple[Any, ...]) -> Any:
+    def _pack(self, conn: Any, commands: list[tuple[Any, ...]]) -> Any:
         if not self.hiredis:
-            return conn.pack_command(*args)
+            return conn.pack_commands(commands) if len(commands) > 1 else conn.pack_command(*commands[0])
         try:
-            return _hiredis_pack(args)
+            if len(commands) == 1:
+                return _hiredis_pack(commands[0])
+            return b"".join([_hiredis_pack(args) for args in commands])
         except TypeError as exc:  # as redis-py's packers say it: an argument of no Redis type
             raise rex.DataError(str(exc)) from None
 
-    async def send(self, args: tuple[Any, ...]) -> Any:
-        if self.busy:  # another task is using it
-            return await self._borrowed(args)
+    async def exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` at once and read their replies (error replies as exceptions)."""
+        if self.busy:  # another task is using it: borrow one
+            conn = await self.pool.get_connection(*self.name_args)
+            try:
+                return await self._exchange(conn, commands)
+            finally:
+                await self.pool.release(conn)
         self.busy = True
         try:
             if self.conn is None or not self._mine():
                 self.conn = await self.pool.get_connection(*self.name_args)
-            conn = self.conn
-            await conn.send_packed_command(self._pack(conn, args))
-            return await conn.read_response()
+            return await self._exchange(self.conn, commands)
         finally:
             self.busy = False
 
-    async def _borrowed(self, args: tuple[Any, ...]) -> Any:
-        conn = await self.pool.get_connection(*self.name_args)
-        try:
-            await conn.send_packed_command(self._pack(conn, args))
-            return await conn.read_response()
-        finally:
-            await self.pool.release(conn)
+    async def _exchange(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        await conn.send_packed_command(self._pack(conn, commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except rex.ResponseError as exc:
+                replies.append(exc)
+        return replies
 
     async def aclose(self) -> None:
         conn, self.conn = self.conn, None
