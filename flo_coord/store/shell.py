@@ -382,7 +382,7 @@ class SyncShell(_ShellBase):
         return float(timeout) if isinstance(timeout, int | float) else 0.0
 
     def _send(self, calls: list[Call]) -> list[Any]:
-        if self._hot is not None and all(isinstance(call, Eval) for call in calls):
+        if self._hot is not None and all(type(call) is Eval for call in calls):
             return self._hot.exchange([self._args(call) for call in calls])
         if len(calls) == 1:  # skip the pipeline object
             try:
@@ -487,7 +487,7 @@ class AsyncShell(_ShellBase):
             await self._hot.aclose()
 
     async def _send(self, calls: list[Call]) -> list[Any]:
-        if self._hot is not None and all(isinstance(call, Eval) for call in calls):
+        if self._hot is not None and all(type(call) is Eval for call in calls):
             return await self._hot.exchange([self._args(call) for call in calls])
         if len(calls) == 1:  # skip the pipeline object
             try:
@@ -697,13 +697,18 @@ class _HotConnection:
     def __init__(self, client: Any) -> None:
         self.pool = client.connection_pool
         self.conn: Any = None
-        self.pid = os.getpid()
+        self.forks = _forks[0]
         # redis-py < 5.3 requires a command name here; later versions warn when one is given
         params = inspect.signature(self.pool.get_connection).parameters
         name = params.get("command_name")
         self.name_args: tuple[str, ...] = (
             ("FCALL",) if name is not None and name.default is inspect.Parameter.empty else ()
         )
+        kwargs = self.pool.connection_kwargs
+        utf8 = str(kwargs.get("encoding", "utf-8")).lower().replace("_", "-") in ("utf-8", "utf8")
+        # hiredis packs a command in one C call, as redis-py's sync client does (its asyncio
+        # packer is Python code: 15 us for an APPEND's 12 arguments), for the default encoding
+        self.hiredis = _hiredis_pack is not None and utf8 and kwargs.get("encoding_errors", "strict") == "strict"
 
     @staticmethod
     def usable(client: Any, asynchronous: bool) -> bool:
@@ -719,12 +724,32 @@ class _HotConnection:
             and not any(name in client.response_callbacks for name in ("FCALL", "EVALSHA"))
         )
 
-    def _mine(self) -> bool:
-        """False in a forked child: the inherited socket is the parent's."""
-        if self.pid != os.getpid():
-            self.conn, self.pid = None, os.getpid()
-            return False
-        return True
+    def _kept(self) -> Any:
+        """The kept connection, or None: none yet, or (in a forked child) the parent's."""
+        if self.forks != _forks[0]:  # the inherited socket is the parent's: leave it alone
+            self.conn, self.forks = None, _forks[0]
+        return self.conn
+
+    def _pack(self, conn: Any, commands: list[tuple[Any, ...]]) -> Any:
+        if not self.hiredis:
+            return conn.pack_commands(commands) if len(commands) > 1 else conn.pack_command(*commands[0])
+        try:
+            if len(commands) == 1:
+                return [_hiredis_pack(commands[0])]  # a list: the sync send_packed_command iterates it
+            return [b"".join([_hiredis_pack(args) for args in commands])]
+        except TypeError as exc:  # as redis-py's packers say it: an argument of no Redis type
+            raise rex.DataError(str(exc)) from None
+
+
+#: Forks of this process so far (a kept connection must not be used across one).
+_forks = [0]
+
+
+def _forked() -> None:
+    _forks[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class _SyncHot(_HotConnection):
@@ -741,16 +766,20 @@ class _SyncHot(_HotConnection):
             finally:
                 self.pool.release(conn)
         try:
-            if self.conn is None or not self._mine():
-                self.conn = self.pool.get_connection(*self.name_args)
-            return self._exchange(self.conn, commands)
+            conn = self._kept()
+            if conn is None:
+                conn = self.conn = self.pool.get_connection(*self.name_args)
+            return self._exchange(conn, commands)
         finally:
             self.lock.release()
 
-    @staticmethod
-    def _exchange(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-        # packed by redis-py's sync packer (hiredis when installed)
-        conn.send_packed_command(conn.pack_commands(commands) if len(commands) > 1 else conn.pack_command(*commands[0]))
+    def _exchange(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        conn.send_packed_command(self._pack(conn, commands))
+        if len(commands) == 1:
+            try:
+                return [conn.read_response()]
+            except rex.ResponseError as exc:
+                return [exc]
         replies: list[Any] = []
         for _ in commands:
             try:
@@ -761,30 +790,15 @@ class _SyncHot(_HotConnection):
 
     def close(self) -> None:
         with self.lock:
-            if self.conn is not None and self._mine():
-                self.pool.release(self.conn)
-            self.conn = None
+            conn, self.conn = self._kept(), None
+            if conn is not None:
+                self.pool.release(conn)
 
 
 class _AsyncHot(_HotConnection):
     def __init__(self, client: Any) -> None:
         super().__init__(client)
         self.busy = False
-        kwargs = self.pool.connection_kwargs
-        utf8 = kwargs.get("encoding", "utf-8").lower().replace("_", "-") in ("utf-8", "utf8")
-        # redis-py's asyncio packer is Python code (15 us for an APPEND's 12 arguments);
-        # hiredis packs in one C call, as redis-py's sync client does, for the default encoding
-        self.hiredis = _hiredis_pack is not None and utf8 and kwargs.get("encoding_errors", "strict") == "strict"
-
-    def _pack(self, conn: Any, commands: list[tuple[Any, ...]]) -> Any:
-        if not self.hiredis:
-            return conn.pack_commands(commands) if len(commands) > 1 else conn.pack_command(*commands[0])
-        try:
-            if len(commands) == 1:
-                return _hiredis_pack(commands[0])
-            return b"".join([_hiredis_pack(args) for args in commands])
-        except TypeError as exc:  # as redis-py's packers say it: an argument of no Redis type
-            raise rex.DataError(str(exc)) from None
 
     async def exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` at once and read their replies (error replies as exceptions)."""
@@ -796,9 +810,10 @@ class _AsyncHot(_HotConnection):
                 await self.pool.release(conn)
         self.busy = True
         try:
-            if self.conn is None or not self._mine():
-                self.conn = await self.pool.get_connection(*self.name_args)
-            return await self._exchange(self.conn, commands)
+            conn = self._kept()
+            if conn is None:
+                conn = self.conn = await self.pool.get_connection(*self.name_args)
+            return await self._exchange(conn, commands)
         finally:
             self.busy = False
 
@@ -813,8 +828,8 @@ class _AsyncHot(_HotConnection):
         return replies
 
     async def aclose(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None and not self.busy and self.pid == os.getpid():
+        conn, self.conn = (None if self.busy else self._kept()), None
+        if conn is not None:
             await self.pool.release(conn)
 
 
