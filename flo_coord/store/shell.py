@@ -686,7 +686,9 @@ class _HotConnection:
     is in use (another task or thread), the call borrows one from the pool as
     ``execute_command`` would. A connection that fails is disconnected by redis-py itself
     (``send_packed_command`` and ``read_response`` do, on any error or cancellation), and
-    reconnects on its next use; in a forked child the parent's connection is left alone.
+    reconnects on its next use with ``connect()``, as the pool would (a Sentinel-managed
+    connection asks the Sentinels for the primary there); in a forked child the parent's
+    connection is left alone.
     An error reply is raised, as from ``execute_command``. ``close``/``aclose`` hand it back.
 
     Only for plain and Sentinel-managed clients (``usable``): a Cluster client, a
@@ -774,6 +776,8 @@ class _SyncHot(_HotConnection):
             self.lock.release()
 
     def _exchange(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if not getattr(conn, "is_connected", False):
+            conn.connect()  # as the pool does: a Sentinel-managed connection finds the primary here
         conn.send_packed_command(self._pack(conn, commands))
         if len(commands) == 1:
             try:
@@ -818,6 +822,10 @@ class _AsyncHot(_HotConnection):
             self.busy = False
 
     async def _exchange(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if not getattr(conn, "is_connected", False):
+            # as the pool does: a Sentinel-managed connection finds the primary here (its
+            # send_packed_command would reconnect to the address it had)
+            await conn.connect()
         await conn.send_packed_command(self._pack(conn, commands))
         replies: list[Any] = []
         for _ in commands:
