@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from itertools import chain
 from types import TracebackType
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -113,6 +114,9 @@ class Single(Generator[list[Call], list[Any], T], Generic[T]):
 
     __slots__ = ("_started",)
 
+    def __init__(self) -> None:
+        self._started = False
+
     def start(self) -> Call:
         raise NotImplementedError
 
@@ -120,7 +124,7 @@ class Single(Generator[list[Call], list[Any], T], Generic[T]):
         raise NotImplementedError
 
     def send(self, value: list[Any] | None) -> list[Call]:
-        if not getattr(self, "_started", False):
+        if not self._started:
             if value is not None:
                 raise TypeError("can't send non-None value to a just-started operation")
             self._started = True
@@ -873,7 +877,12 @@ class _Append(Single[AppendAck | None]):
     __slots__ = ("chunks", "core", "epoch", "held", "number", "rid", "seq")
 
     def __init__(self, core: FailoverCore, rid: str, chunks: list[str], seq: int | None, epoch: int | None) -> None:
-        self.core, self.rid, self.chunks, self.seq, self.epoch = core, rid, chunks, seq, epoch
+        self._started = False  # (Single.__init__, inlined: one of these per append)
+        self.core = core
+        self.rid = rid
+        self.chunks = chunks
+        self.seq = seq
+        self.epoch = epoch
 
     def start(self) -> Call:
         core, rid, chunks = self.core, self.rid, self.chunks
@@ -957,9 +966,9 @@ def merge_appends(batch: list[Call]) -> tuple[list[Call], Callable[[list[Any]], 
     groups = [appends[g : g + MAX_MERGED_APPENDS] for g in range(0, len(appends), MAX_MERGED_APPENDS)]
     merged: list[Call] = []
     for group in groups:
-        calls = [batch[i] for i in group]
-        keys = tuple(key for call in calls for key in call.keys)  # type: ignore[union-attr]
-        args = tuple(arg for call in calls for arg in call.args)  # type: ignore[union-attr]
+        calls: list[Eval] = [batch[i] for i in group]  # type: ignore[misc]  # APPEND calls only
+        keys = tuple(chain.from_iterable([call.keys for call in calls]))
+        args = tuple(chain.from_iterable([call.args for call in calls]))
         merged.append(Eval(APPEND_MANY, keys, (len(calls), *args)))
 
     def unmerge(replies: list[Any]) -> list[Any]:
