@@ -166,8 +166,12 @@ def together(ops: list[Operation[Any]]) -> Operation[list[Any]]:
     return results
 
 
-class AppendAck(msgspec.Struct, frozen=True):
-    """Redis acknowledged an append: the text up to ``length`` bytes is committed."""
+class AppendAck(msgspec.Struct, frozen=True, gc=False):
+    """Redis acknowledged an append: the text up to ``length`` bytes is committed.
+
+    (``gc=False``: only numbers inside, so the cyclic garbage collector need not track one
+    per append; fewer tracked objects, shorter full collections in a busy process.)
+    """
 
     applied: bool  #: False when ``seq`` was already applied (a retried append)
     seq: int
