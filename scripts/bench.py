@@ -37,6 +37,7 @@ import array
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -1303,6 +1304,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--gateway-samples", type=int, help="TTFT streams per path (default 200; quick 50)")
     p.add_argument("--gateway-streams", type=int, help="concurrent streaming clients (default 200; quick 50)")
+    p.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() the objects that exist after start-up, as a long-running service may (fewer, shorter "
+        "full collections); off by default",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
@@ -1347,6 +1354,9 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM unwinds like Ctrl-C, so the throwaway redis-server and workers are stopped.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
     with redis_target(args) as (url, server):
         client = redis.Redis.from_url(url)
         env = Env(args, url, client, server, random.Random(args.seed))
@@ -1356,6 +1366,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": shlex.join(["python", "scripts/bench.py", *(sys.argv[1:] if argv is None else argv)]),
                 "redis": "embedded redis-server" if server else "external (--redis-url)",
                 "quick": args.quick,
+                "gc_freeze": args.gc_freeze,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
             }
         )
