@@ -14,6 +14,13 @@ the calls of the batch that have no reply yet; a batch with a call that is not i
 (XADD) is re-sent only when the fault proves that call did not run. The asyncio shell cuts
 every attempt at the deadline; a sync attempt is bounded by its client's socket timeout.
 
+The hot path (issue 12): a batch of script calls that needs no WAIT (an append, the
+batcher's merged appends, heartbeats) is sent as it is on a connection the shell keeps
+(``_HotConnection``: no per-call pool lending; packed by hiredis), its first attempt cut by
+one coarse timer (``_Cutter``) instead of a timer per call; a one-call operation
+(``core.Single``) runs without a generator. Only a fault or an error reply builds the
+bookkeeping of the general path, so retries, reloads and errors behave exactly as there.
+
 Durability: ``durability="replica"`` makes every batch that writes committed state (start,
 append, finish) end with ``SET <key>:wait`` + ``WAIT 1 <wait_timeout_ms>`` on the same
 connection, and a batch is acknowledged only once a replica has everything up to that SET
