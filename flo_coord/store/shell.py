@@ -379,7 +379,7 @@ class SyncShell(_ShellBase):
         self._hot = _SyncHot(self.client) if _HotConnection.usable(self.client, False) else None
 
     def close(self) -> None:
-        """Hand the connection kept for one-call batches back to the pool (before the client closes)."""
+        """Close the connection kept for the hot path (the manager's ``close`` calls it)."""
         if self._hot is not None:
             self._hot.close()
 
@@ -489,7 +489,7 @@ class AsyncShell(_ShellBase):
         self._cutter = _Cutter()
 
     async def aclose(self) -> None:
-        """Hand the connection kept for one-call batches back to the pool (before the client closes)."""
+        """Close the connection kept for the hot path (the manager's ``aclose`` calls it)."""
         if self._hot is not None:
             await self._hot.aclose()
 
@@ -684,19 +684,21 @@ class _Cutter:
 
 
 class _HotConnection:
-    """One connection of the client's pool that a shell keeps for its one-call batches.
+    """A connection a shell keeps for its batches of script calls, beside the client's pool.
 
     Why: lending a connection costs redis-py 8 more than Redis spends running the APPEND
     script (a lock, a non-blocking read to check the socket is clean, observability
     counters: about 30 us per command on the benchmark machine, where an HSET round trip
-    takes 90 us). A one-call batch on the kept connection is pack, send and read; when it
-    is in use (another task or thread), the call borrows one from the pool as
-    ``execute_command`` would. A connection that fails is disconnected by redis-py itself
+    takes 90 us). A batch on the kept connection is pack, send and read; when it is in use
+    (another task or thread), the call borrows one from the pool as ``execute_command``
+    would. The kept connection is made like the pool's (its class and arguments) but is
+    not taken from it, so managers sharing one client never exhaust its pool; the shell's
+    ``close``/``aclose`` (the managers' ``close``/``aclose``) disconnect it, and so does
+    garbage collection. A connection that fails is disconnected by redis-py itself
     (``send_packed_command`` and ``read_response`` do, on any error or cancellation), and
     reconnects on its next use with ``connect()``, as the pool would (a Sentinel-managed
     connection asks the Sentinels for the primary there); in a forked child the parent's
-    connection is left alone.
-    An error reply is raised, as from ``execute_command``. ``close``/``aclose`` hand it back.
+    connection is left alone. Error replies come back as exceptions in the reply list.
 
     Only for plain and Sentinel-managed clients (``usable``): a Cluster client, a
     single-connection client, one with a reply callback for scripts, or any other class
@@ -734,9 +736,12 @@ class _HotConnection:
         )
 
     def _kept(self) -> Any:
-        """The kept connection, or None: none yet, or (in a forked child) the parent's."""
-        if self.forks != _forks[0]:  # the inherited socket is the parent's: leave it alone
+        """The kept connection, made on first use (in a forked child: a new one; the inherited
+        socket is the parent's, left alone)."""
+        if self.forks != _forks[0]:
             self.conn, self.forks = None, _forks[0]
+        if self.conn is None:
+            self.conn = self.pool.connection_class(**self.pool.connection_kwargs)
         return self.conn
 
     def _pack(self, conn: Any, commands: list[tuple[Any, ...]]) -> Any:
@@ -775,10 +780,7 @@ class _SyncHot(_HotConnection):
             finally:
                 self.pool.release(conn)
         try:
-            conn = self._kept()
-            if conn is None:
-                conn = self.conn = self.pool.get_connection(*self.name_args)
-            return self._exchange(conn, commands)
+            return self._exchange(self._kept(), commands)
         finally:
             self.lock.release()
 
@@ -801,9 +803,9 @@ class _SyncHot(_HotConnection):
 
     def close(self) -> None:
         with self.lock:
-            conn, self.conn = self._kept(), None
+            conn, self.conn = (self.conn if self.forks == _forks[0] else None), None
             if conn is not None:
-                self.pool.release(conn)
+                conn.disconnect()
 
 
 class _AsyncHot(_HotConnection):
@@ -821,10 +823,7 @@ class _AsyncHot(_HotConnection):
                 await self.pool.release(conn)
         self.busy = True
         try:
-            conn = self._kept()
-            if conn is None:
-                conn = self.conn = await self.pool.get_connection(*self.name_args)
-            return await self._exchange(conn, commands)
+            return await self._exchange(self._kept(), commands)
         finally:
             self.busy = False
 
@@ -843,9 +842,9 @@ class _AsyncHot(_HotConnection):
         return replies
 
     async def aclose(self) -> None:
-        conn, self.conn = (None if self.busy else self._kept()), None
+        conn, self.conn = (self.conn if self.forks == _forks[0] else None), None
         if conn is not None:
-            await self.pool.release(conn)
+            await conn.disconnect()
 
 
 def drive(op: Operation[T], execute: Callable[[list[Call]], list[Any]]) -> T:
