@@ -36,10 +36,7 @@ from flo_coord.models import (
     Takeover,
 )
 from flo_coord.ownership import AsyncReaper, HeartbeatTask, HeartbeatThread, Reaper
-from flo_coord.store.core import AppendAck
-from flo_coord.store.facade import AsyncFailoverManager, FailoverManager
-from flo_coord.store.retry import RetryPolicy
-from flo_coord.store.validation import Limits
+from flo_coord.store import AppendAck, AsyncFailoverManager, FailoverManager, Limits, RetryPolicy, StoreObserver
 
 __version__ = "0.1.0"
 
@@ -78,6 +75,7 @@ __all__ = [
     "RequestOutcome",
     "RetryPolicy",
     "ServingBackend",
+    "StoreObserver",
     "StreamState",
     "StreamingContext",
     "Takeover",

@@ -1,4 +1,9 @@
-"""Typed errors. Every error flo_coord raises on purpose derives from FloCoordError."""
+"""Typed errors. Every error flo_coord raises on purpose derives from FloCoordError.
+
+Bad input is a ValidationError (a ValueError too) raised before anything touches Redis;
+a declared constraint that fails (``flo_coord.constraints``) is reported through it with the
+field, the value and what is allowed (README "Input limits", "Failure handling").
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ class FloCoordError(Exception):
 
 
 class ValidationError(FloCoordError, ValueError):
-    """Bad input from the caller. Raised before anything touches Redis."""
+    """Bad input from the caller (an id, a text, a number out of range, a request of the wrong
+    shape). Raised before anything touches Redis; never msgspec's own ValidationError."""
 
 
 class ConfigError(ValidationError):
-    """An invalid configuration value or file."""
+    """An invalid configuration value or file (a TOML key, a config Struct's field, a
+    deployment, a model group); the message names the key or field."""
 
 
 class PoisonRequestError(ValidationError):

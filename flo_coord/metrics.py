@@ -1,19 +1,23 @@
 """Prometheus metrics of one worker (the optional ``metrics`` extra: ``pip install 'flo-coord[metrics]'``).
 
 ``prometheus_client`` is imported only when metrics are created, so the package works
-without it. The numbers come from :class:`ObservedManager`, an ``AsyncFailoverManager``
-that times and counts the calls a Coordinator makes (appends, attempts, claims,
-heartbeats, finishes); hand it to ``Coordinator(manager=...)``. ``worker --metrics-port``
-does exactly that and serves ``/metrics``.
+without it. ``WorkerMetrics`` is a ``StoreObserver`` (``flo_coord.store.observer``): hand
+it to a facade, ``AsyncFailoverManager(..., observer=metrics)``, and the facade reports
+the calls a Coordinator makes through it (starts, appends, attempts, claims, heartbeats,
+finishes); ``track_active(manager)`` adds the gauges read at each scrape. ``worker
+--metrics-port`` does exactly that and serves ``/metrics`` (README "Metrics and logs").
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flo_coord.errors import FloCoordError, LeaseLostError
-from flo_coord.store.facade import AsyncFailoverManager
+from flo_coord.errors import FloCoordError
+from flo_coord.store import StoreObserver
+
+if TYPE_CHECKING:
+    from flo_coord.store.facade import AsyncFailoverManager
 
 #: (name as exposed, type, help). Counters are exposed with the ``_total`` suffix.
 METRICS: tuple[tuple[str, str, str], ...] = (
@@ -58,8 +62,12 @@ def available() -> bool:
     return True
 
 
-class WorkerMetrics:
-    """The metrics of one worker, in a registry of their own (several workers may share a process)."""
+class WorkerMetrics(StoreObserver):
+    """The metrics of one worker, in a registry of their own (several workers may share a process).
+
+    ``registry``: a ``prometheus_client.CollectorRegistry`` (default: a new one). Raises
+    MetricsUnavailableError without prometheus_client. Names, types and help: ``METRICS``.
+    """
 
     def __init__(self, registry: Any = None) -> None:
         prom = _prometheus()
@@ -85,12 +93,37 @@ class WorkerMetrics:
     def track_active(self, manager: AsyncFailoverManager) -> None:
         """Report ``manager``'s held requests as the active gauge, read at each scrape."""
         self.active.set_function(lambda: len(manager.held()))
-        health = manager.shell.health
+        health = manager.health
         self.redis_available.set_function(lambda: 1.0 if health.available else 0.0)
         self.redis_outages.set_function(lambda: float(health.outages))
         self.redis_last_success_age.set_function(
             lambda: time.monotonic() - health.last_success if health.last_success is not None else float("nan")
         )
+
+    # ------------------------------------------------ StoreObserver: what the facade reports
+
+    def on_started(self) -> None:
+        self.started.inc()
+
+    def on_appended(self, chars: int, seconds: float) -> None:
+        self.append_latency.observe(seconds)
+        self.committed_chars.inc(chars)
+
+    def on_lease_lost(self) -> None:
+        self.lease_lost.inc()
+
+    def on_attempt(self, backend: str, result: str) -> None:
+        self.attempts.labels(backend=backend, result=result).inc()
+
+    def on_claimed(self, prefix_chars: int) -> None:
+        self.takeovers.inc()
+        self.takeover_prefix_chars.inc(prefix_chars)
+
+    def on_heartbeat(self, renewed: int) -> None:
+        self.lease_renewals.inc(renewed)
+
+    def on_finished(self, state: str) -> None:
+        self.finished.labels(state=state).inc()
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns the bound port.
@@ -112,68 +145,3 @@ class WorkerMetrics:
     def render(self) -> bytes:
         """The exposition text (what ``/metrics`` serves)."""
         return bytes(_prometheus().generate_latest(self.registry))
-
-
-class ObservedManager(AsyncFailoverManager):
-    """An AsyncFailoverManager that records what its Coordinator does into ``metrics``."""
-
-    def __init__(self, metrics: WorkerMetrics, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.metrics = metrics
-        metrics.track_active(self)
-
-    async def start_tracking(self, request_id: str, prompt: str | None, backend: Any = None, **options: Any) -> Any:
-        ctx = await super().start_tracking(request_id, prompt, backend, **options)
-        self.metrics.started.inc()
-        return ctx
-
-    async def append_tokens(self, request_id: str, tokens: str, *, seq: int | None = None, **kw: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            ack = await super().append_tokens(request_id, tokens, seq=seq, **kw)
-        except LeaseLostError:
-            self.metrics.lease_lost.inc()
-            raise
-        self.metrics.append_latency.observe(time.perf_counter() - started)
-        self.metrics.committed_chars.inc(len(tokens))
-        return ack
-
-    async def record_attempt(self, attempt: Any, *, mark_failed: bool = True) -> None:
-        if attempt is not None and attempt.result is not None:
-            self.metrics.attempts.labels(backend=str(attempt.backend), result=attempt.result.name).inc()
-        await super().record_attempt(attempt, mark_failed=mark_failed)
-
-    async def claim(self, request_id: str) -> Any:
-        ctx = await super().claim(request_id)
-        if ctx is not None:
-            self._took_over([ctx])
-        return ctx
-
-    async def claim_orphans(self, limit: int = 100) -> Any:
-        claimed = await super().claim_orphans(limit)
-        self._took_over(claimed)
-        return claimed
-
-    def _took_over(self, claimed: list[Any]) -> None:
-        for ctx in claimed:
-            self.metrics.takeovers.inc()
-            self.metrics.takeover_prefix_chars.inc(len(ctx.generated_prefix))
-
-    async def heartbeat(self) -> int:
-        renewed = await super().heartbeat()
-        self.metrics.lease_renewals.inc(renewed)
-        return renewed
-
-    async def complete(
-        self, request_id: str, *, backend: str | None = None, model: str | None = None, **ending: Any
-    ) -> bool:
-        done = await super().complete(request_id, backend=backend, model=model, **ending)
-        if done:
-            self.metrics.finished.labels(state="completed").inc()
-        return done
-
-    async def fail(self, request_id: str, reason: str, *, kind: str = "GenerationError", **ending: Any) -> bool:
-        done = await super().fail(request_id, reason, kind=kind, **ending)
-        if done:
-            self.metrics.finished.labels(state="failed").inc()
-        return done

@@ -1,6 +1,9 @@
 """The schema: pure data types of the failover protocol. No I/O here.
 
-Names mirror batuta's ``serve::failover`` (and ``serve::backends::ServingBackend``).
+Names, fields and defaults mirror batuta's ``serve::failover`` (failover.rs; see
+/work/shared/reference) and ``serve::backends::ServingBackend``/``PrivacyTier``; the fields
+flo_coord adds (ownership, usage, cancellation, ...) default so the original JSON still
+decodes. Constraints on fields are declared types from ``flo_coord.constraints``.
 """
 
 from __future__ import annotations
@@ -11,24 +14,30 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
+from flo_coord import defaults
+from flo_coord.constraints import (
+    DEPLOYMENT_NAME_PATTERN,
+    Checked,
+    DeploymentName,
+    NonNegativeInt,
+    PositiveSeconds,
+    convert,
+)
 from flo_coord.errors import ConfigError, ValidationError
 
 # --------------------------------------------------------------------------- backends
 
-#: What a deployment name may be: it keys breakers, capability memory, in-flight counts and
-#: the comma-separated failed set in Redis, so no commas, spaces or control characters.
-DEPLOYMENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$"
 _DEPLOYMENT_NAME = re.compile(DEPLOYMENT_NAME_PATTERN)
-DeploymentName = Annotated[str, msgspec.Meta(pattern=DEPLOYMENT_NAME_PATTERN)]
 
 
 def is_deployment_name(name: object) -> bool:
-    """True when ``name`` is a string usable as a deployment name (DEPLOYMENT_NAME_PATTERN)."""
+    """True when ``name`` is a str matching DEPLOYMENT_NAME_PATTERN (a usable deployment name)."""
     return isinstance(name, str) and _DEPLOYMENT_NAME.fullmatch(name) is not None
 
 
 class ServingBackend(enum.StrEnum):
-    """Where a model is served. Serialised as the exact Rust variant name."""
+    """Where a model is served: batuta's 22 ``ServingBackend`` variants (8 local, 12 remote,
+    2 serverless), serialised as the exact Rust variant name."""
 
     # local
     Realizar = "Realizar"
@@ -57,15 +66,19 @@ class ServingBackend(enum.StrEnum):
     CloudflareWorkers = "CloudflareWorkers"
 
     def is_local(self) -> bool:
+        """True for the 8 local servers (Realizar, Ollama, LlamaCpp, Llamafile, Candle, Vllm, Tgi, LocalAI)."""
         return self in _LOCAL
 
     def is_remote(self) -> bool:
+        """True for every variant that is not local (serverless ones included), as in batuta."""
         return not self.is_local()
 
     def is_serverless(self) -> bool:
+        """True for AwsLambda, CloudflareWorkers and Modal."""
         return self in _SERVERLESS
 
     def api_host(self) -> str | None:
+        """The provider's API host name (e.g. "api.groq.com"); None for local servers."""
         return _API_HOSTS.get(self)
 
     @classmethod
@@ -111,6 +124,8 @@ class PrivacyTier(enum.StrEnum):
     Standard = "Standard"
 
     def allows(self, backend: ServingBackend) -> bool:
+        """Whether a prompt of this tier may go to ``backend``: Sovereign only local servers,
+        Private local plus AzureOpenAI, AwsBedrock, GoogleVertex and AwsLambda, Standard any."""
         if self is PrivacyTier.Standard:
             return True
         if self is PrivacyTier.Sovereign:
@@ -150,6 +165,8 @@ class _Variant:
 
     @classmethod
     def from_wire(cls, value: Any) -> Any:
+        """The value of ``to_wire`` output (a unit name, or a one-item ``{name: message}``);
+        ValueError for anything else."""
         if isinstance(value, str) and value in cls._UNIT_NAMES:  # type: ignore[attr-defined]
             return getattr(cls, value)
         if isinstance(value, dict) and len(value) == 1:
@@ -200,6 +217,7 @@ class FailoverResult(_Variant):
         return cls("BackendError", _message(message))
 
     def is_failure(self) -> bool:
+        """True for every result but Success."""
         return self.name != "Success"
 
 
@@ -211,11 +229,15 @@ for _cls in (StreamState, FailoverResult):
 
 
 def count_tokens(text: str) -> int:
-    """The original's rough estimate: whitespace-separated words, at least 1 per append."""
+    """The original's rough estimate (``StreamingContext::append``): whitespace-separated
+    words of ``text``, at least 1 per append (so "" counts 1)."""
     return max(1, len(text.split()))
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
+    """One chat message: ``role`` ("system", "developer", "user", "assistant") and its text
+    ``content`` (OpenAI's message shape). Checked by ``validation.messages`` at the public edge."""
+
     role: str
     content: str
 
@@ -262,13 +284,16 @@ class StreamingContext(msgspec.Struct, kw_only=True):
 
     @classmethod
     def new(cls, prompt: str, request_id: str) -> StreamingContext:
+        """A fresh context (no prefix, 0 tokens), as ``StreamingContext::new``."""
         return cls(prompt=prompt, request_id=request_id)
 
     def append(self, tokens: str) -> None:
+        """Add ``tokens`` to the prefix and ``count_tokens(tokens)`` to ``token_count`` (in memory only)."""
         self.generated_prefix += tokens
         self.token_count += count_tokens(tokens)
 
     def continuation_prompt(self) -> str:
+        """The prompt followed by the committed prefix, no separator (the original's)."""
         return self.prompt + self.generated_prefix if self.generated_prefix else self.prompt
 
     def worth_recovering(self, min_tokens: int = 5) -> bool:
@@ -277,11 +302,14 @@ class StreamingContext(msgspec.Struct, kw_only=True):
 
     @property
     def stream_state(self) -> StreamState:
+        """``state`` (and ``state_reason``) as a StreamState value; Pending for an unknown name."""
         if self.state == "Failed":
             return StreamState.Failed(self.state_reason or "")
         return getattr(StreamState, self.state, StreamState.Pending)
 
     def lease_remaining(self, now: float) -> float | None:
+        """Seconds of lease left at ``now`` (epoch seconds, the Redis clock), negative once
+        expired; None when nobody owns the request."""
         return None if self.lease_deadline is None else self.lease_deadline - now
 
 
@@ -289,55 +317,47 @@ class StreamingContext(msgspec.Struct, kw_only=True):
 
 
 def _default_fallback_order() -> list[ServingBackend]:
-    return [ServingBackend.Realizar, ServingBackend.Ollama, ServingBackend.Together, ServingBackend.Groq]
+    return [ServingBackend(name) for name in defaults.FALLBACK_ORDER]
 
 
-class FailoverConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Failover policy; the original's fields and defaults (failover_timeout in seconds)."""
+class FailoverConfig(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+    """Failover policy: batuta's ``FailoverConfig`` fields and defaults (failover.rs).
 
-    max_retries: int = 2
-    failover_timeout: float = 30.0
-    min_tokens_for_recovery: int = 5
+    - ``max_retries``: failovers allowed per request, an integer >= 0 (default 2);
+    - ``failover_timeout``: seconds one request may spend failing over, 0.001 to ten years (30);
+    - ``min_tokens_for_recovery``: committed tokens before a takeover is worth it, >= 0 (5);
+    - ``include_prefix``: continue from the committed prefix (True);
+    - ``fallback_order``: ServingBackends tried in order, at least one (Realizar, Ollama,
+      Together, Groq).
+
+    Constructing one with a value outside these, or decoding one (``from_json``,
+    ``from_dict``, a TOML ``[failover]`` table), raises ConfigError naming the field.
+    """
+
+    max_retries: NonNegativeInt = defaults.MAX_RETRIES
+    failover_timeout: PositiveSeconds = defaults.FAILOVER_TIMEOUT
+    min_tokens_for_recovery: NonNegativeInt = defaults.MIN_TOKENS_FOR_RECOVERY
     include_prefix: bool = True
-    fallback_order: list[ServingBackend] = msgspec.field(default_factory=_default_fallback_order)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ConfigError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
-        if isinstance(self.failover_timeout, bool) or not isinstance(self.failover_timeout, int | float):
-            raise ConfigError(f"failover_timeout must be a number of seconds, got {self.failover_timeout!r}")
-        if not self.failover_timeout > 0 or self.failover_timeout == float("inf"):
-            raise ConfigError(f"failover_timeout must be a finite number > 0, got {self.failover_timeout!r}")
-        if isinstance(self.min_tokens_for_recovery, bool) or not isinstance(self.min_tokens_for_recovery, int):
-            raise ConfigError(f"min_tokens_for_recovery must be an integer, got {self.min_tokens_for_recovery!r}")
-        if self.min_tokens_for_recovery < 0:
-            raise ConfigError(f"min_tokens_for_recovery must be >= 0, got {self.min_tokens_for_recovery}")
-        if not isinstance(self.include_prefix, bool):
-            raise ConfigError(f"include_prefix must be a bool, got {self.include_prefix!r}")
-        if not isinstance(self.fallback_order, list) or not self.fallback_order:
-            raise ConfigError("fallback_order must list at least one backend")
-        self.fallback_order = [
-            b if isinstance(b, ServingBackend) else ServingBackend.parse(b) for b in self.fallback_order
-        ]
-        self.failover_timeout = float(self.failover_timeout)
+    fallback_order: Annotated[
+        list[ServingBackend], msgspec.Meta(min_length=1, description="a list of at least one ServingBackend name")
+    ] = msgspec.field(default_factory=_default_fallback_order)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> FailoverConfig:
-        """Decode a JSON config. Anything invalid (syntax, unknown backend, bad value) raises ConfigError."""
-        if not isinstance(data, bytes | bytearray | memoryview | str):
-            raise ConfigError(f"failover config must be JSON bytes or str, got {type(data).__name__}")
+        """Decode a JSON object (bytes or str). Anything invalid (syntax, unknown backend, bad
+        value, a non-text argument) raises ConfigError."""
         try:
-            return msgspec.json.decode(data, type=cls)
-        except (msgspec.DecodeError, RecursionError, UnicodeEncodeError) as exc:  # incl. msgspec.ValidationError
+            parsed = msgspec.json.decode(data)
+        except (msgspec.DecodeError, TypeError, RecursionError, UnicodeEncodeError) as exc:
+            # TypeError: not bytes or str; UnicodeEncodeError: a str with a lone surrogate
             raise ConfigError(f"invalid failover config: {exc}") from None
+        return cls.from_dict(parsed)
 
     @classmethod
     def from_dict(cls, data: Any) -> FailoverConfig:
-        """Build a config from plain data (e.g. a parsed TOML table); ConfigError when invalid."""
-        try:
-            return msgspec.convert(data, type=cls)
-        except msgspec.ValidationError as exc:
-            raise ConfigError(f"invalid failover config: {exc}") from None
+        """A config from plain data (a dict, e.g. a parsed TOML table); ConfigError when invalid."""
+        config: FailoverConfig = convert(data, cls)
+        return config
 
 
 # ---------------------------------------------------------------------------- history
@@ -361,7 +381,9 @@ class FailoverAttempt(msgspec.Struct, kw_only=True, tag="attempt", tag_field="ki
 
 
 class Takeover(msgspec.Struct, kw_only=True, tag="takeover", tag_field="kind"):
-    """A change of owner of one request, recorded in the same history stream."""
+    """A change of owner of one request, recorded in the same history stream (flo_coord's own):
+    ``old_owner`` (None: nobody held it) -> ``new_owner`` at fencing ``epoch``, ``at`` the
+    Redis server time (epoch seconds), ``prefix_chars`` committed characters taken over."""
 
     request_id: str
     old_owner: str | None
@@ -375,7 +397,9 @@ HistoryEntry = FailoverAttempt | Takeover
 
 
 class FailoverRequest(msgspec.Struct, kw_only=True):
-    """A failover request prepared for retry."""
+    """A failover request prepared for retry (``prepare_failover``, as the original's):
+    the committed ``generated_prefix`` and ``token_count``, the chat ``messages`` if any,
+    and ``next_backend`` from ``fallback_order`` (None when none is left)."""
 
     request_id: str
     prompt: str
@@ -395,11 +419,15 @@ class FailoverStats(msgspec.Struct, kw_only=True):
     takeovers: int = 0
 
     def success_rate(self) -> float:
+        """Successful attempts as a percentage 0..100 of ``total_attempts``; 0.0 with none."""
         return 0.0 if self.total_attempts == 0 else self.successful / self.total_attempts * 100.0
 
 
 class RequestOutcome(msgspec.Struct, kw_only=True):
-    """What is left of a finished request for its retention period."""
+    """What is left of a finished request for its retention period (the ``result`` hash):
+    ``state`` Completed or Failed (``error`` and ``error_kind`` then say why), the last
+    ``owner``/``epoch``, the ``backend``/``model`` that answered, ``token_count``,
+    ``finished_at`` (Redis server time, epoch seconds)."""
 
     request_id: str
     state: Literal["Completed", "Failed"]

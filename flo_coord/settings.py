@@ -85,6 +85,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from flo_coord import defaults
+from flo_coord.constraints import Checked, Namespace, Port, PositiveSeconds, Seconds, convert
 from flo_coord.errors import ConfigError
 from flo_coord.execution.backends import BackendSpec
 from flo_coord.execution.breaker import BreakerConfig
@@ -92,9 +93,10 @@ from flo_coord.execution.coordinator import ExecutorConfig
 from flo_coord.execution.groups import ModelGroup, Router, check_unique
 from flo_coord.models import FailoverConfig
 
-#: Environment variables that override the file (and are overridden by flags).
+#: Every ``FLO_*`` environment variable flo_coord reads, each named once. These override the
+#: file (and are overridden by flags): variable -> (section, key) of the TOML file.
 ENVIRONMENT = {
-    "FLO_REDIS_URL": ("redis", "url"),
+    defaults.REDIS_URL_ENV: ("redis", "url"),
     "FLO_NAMESPACE": ("redis", "namespace"),
     "FLO_DURABILITY": ("redis", "durability"),
     "FLO_LEASE_TTL": ("ownership", "lease_ttl"),
@@ -103,37 +105,66 @@ ENVIRONMENT = {
 }
 #: Environment variable naming the TOML file when no ``--config`` flag is given.
 CONFIG_ENV = "FLO_CONFIG"
+#: Settings that exist only on the command line (not in the TOML file): CLI setting -> variable
+#: (read by ``flo_coord.cli.common.env_value``).
+CLI_ENVIRONMENT = {
+    "worker_id": "FLO_WORKER_ID",
+    "concurrency": "FLO_CONCURRENCY",
+    "metrics_port": "FLO_METRICS_PORT",
+    "log_format": "FLO_LOG_FORMAT",
+    "log_level": "FLO_LOG_LEVEL",
+}
 
 
-class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class RedisSettings(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+    """``[redis]``: where the store lives. ``url`` (``$FLO_REDIS_URL``), ``namespace`` (the key
+    prefix, ``$FLO_NAMESPACE``), ``durability`` ("primary", or "replica": WAIT for one replica
+    on each write, ``$FLO_DURABILITY``). ConfigError when a value is invalid."""
+
     url: str = defaults.REDIS_URL
-    namespace: str = defaults.NAMESPACE
-    durability: Literal["primary", "replica"] = "primary"
+    namespace: Namespace = defaults.NAMESPACE
+    durability: Literal["primary", "replica"] = defaults.DURABILITY  # type: ignore[assignment]
 
 
-class OwnershipSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    lease_ttl: float = defaults.LEASE_TTL
-    max_age: float = defaults.MAX_AGE
-    retention: float = defaults.RETENTION
+class OwnershipSettings(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+    """``[ownership]``, in seconds (0.001 to ten years): ``lease_ttl`` a worker owns a request
+    without renewing (``$FLO_LEASE_TTL``), ``max_age`` after which the keys of a request nobody
+    completes expire, ``retention`` a finished answer stays followable. ConfigError when invalid."""
+
+    lease_ttl: PositiveSeconds = defaults.LEASE_TTL
+    max_age: PositiveSeconds = defaults.MAX_AGE
+    retention: PositiveSeconds = defaults.RETENTION
 
 
-class GatewaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """``flo-coord serve``: the OpenAI-compatible HTTP gateway (docs/GATEWAY.md)."""
+class GatewaySettings(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+    """``[gateway]``: ``flo-coord serve``, the OpenAI-compatible HTTP gateway (docs/GATEWAY.md).
 
-    host: str = "127.0.0.1"
-    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    ``host``/``port`` it listens on (``$FLO_GATEWAY_HOST``/``$FLO_GATEWAY_PORT``); ``keys_env``:
+    NAMES of variables holding bearer keys; ``key_hashes``: ``sha256:<hex>`` of bearer keys (no
+    key at all: no auth); ``on_disconnect``: "keep" or "cancel" a request its client left, after
+    ``disconnect_grace`` seconds; ``cors_origins``: allowed origins (none: CORS off);
+    ``max_body_bytes``: larger bodies get a 413; ``follow_wait``: seconds a resume waits for a
+    request to appear. ConfigError when a value is invalid.
+    """
+
+    host: str = defaults.GATEWAY_HOST
+    port: Port = defaults.GATEWAY_PORT
     keys_env: list[str] = msgspec.field(default_factory=list)
-    key_hashes: list[Annotated[str, msgspec.Meta(pattern="^sha256:[0-9a-f]{64}$")]] = msgspec.field(
-        default_factory=list
-    )
+    key_hashes: list[
+        Annotated[str, msgspec.Meta(pattern="^sha256:[0-9a-f]{64}$", description="sha256:<64 hex digits>")]
+    ] = msgspec.field(default_factory=list)
     on_disconnect: Literal["keep", "cancel"] = "keep"
-    disconnect_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    disconnect_grace: Seconds = defaults.DISCONNECT_GRACE
     cors_origins: list[str] = msgspec.field(default_factory=list)
-    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = defaults.MAX_PROMPT_BYTES + 65536
-    follow_wait: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, description="an integer >= 1024")] = defaults.MAX_BODY_BYTES
+    follow_wait: Seconds = defaults.FOLLOW_WAIT
 
 
-class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Settings(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+    """The whole configuration: one field per TOML section (module docstring), each with its
+    defaults. Deployment names must be unique and every model group must name known
+    deployments its privacy tier allows: ConfigError otherwise."""
+
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     ownership: OwnershipSettings = msgspec.field(default_factory=OwnershipSettings)
     failover: FailoverConfig = msgspec.field(default_factory=FailoverConfig)
@@ -141,12 +172,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     backends: list[BackendSpec] = msgspec.field(default_factory=list)
     models: list[ModelGroup] = msgspec.field(default_factory=list)
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
 
-    def __post_init__(self) -> None:
+    def _finish(self) -> None:
         check_unique(self.backends)
         Router(self.models, {spec.name: spec.backend for spec in self.backends})  # raises ConfigError
-
-    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
 
     def manager_options(self) -> dict[str, Any]:
         """Keyword arguments for ``AsyncFailoverManager`` and its subclasses, after the config."""
@@ -219,17 +249,10 @@ def load_settings(
             ) from None
     data = _merge(data, _environment(environ))
     data = _merge(data, overrides or {})
-    try:
-        if backends:
-            # the file's own entries are still checked (a typo there is an error), then replaced
-            msgspec.convert(data.get("backends", []), list[BackendSpec], strict=False)
-            data["backends"] = msgspec.to_builtins(backends)
-        # strict=False lets environment strings ("2.5") become numbers where the schema says so.
-        return msgspec.convert(data, Settings, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from None
-
-
-def decode_failover_config(data: bytes | str) -> FailoverConfig:
-    """A FailoverConfig from JSON; every problem is a ConfigError."""
-    return FailoverConfig.from_json(data)
+    if backends:
+        # the file's own entries are still checked (a typo there is an error), then replaced
+        convert(data.get("backends", []), list[BackendSpec], strict=False, label="invalid configuration: backends")
+        data["backends"] = msgspec.to_builtins(backends)
+    # strict=False lets environment strings ("2.5") become numbers where the schema says so.
+    settings: Settings = convert(data, Settings, strict=False, label="invalid configuration: ")
+    return settings

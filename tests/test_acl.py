@@ -42,8 +42,8 @@ from flo_coord import (
 from flo_coord.cli.common import UsageError, check_redis
 from flo_coord.errors import ConfigError
 from flo_coord.execution.delivery import follow
-from flo_coord.execution.queue import Submission, ack, ensure_group, reclaim, submit, take
 from flo_coord.store import functions
+from flo_coord.store.queue import Submission, ack, ensure_group, reclaim, submit, take
 from flo_coord.store.scripts import HEARTBEAT as HEARTBEAT_SCRIPT
 from flo_coord.testing.embedded import RedisServer, _wait_until
 

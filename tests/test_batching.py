@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from flo_coord import CorruptStateError
+from flo_coord import CoordinatorUnavailableError, CorruptStateError
 from flo_coord.store.core import merge_appends
 from flo_coord.store.scripts import APPEND, APPEND_MANY
 
@@ -120,4 +120,43 @@ async def test_offered_tokens_are_committed_in_order_and_their_futures_resolve(s
     with pytest.raises(ValidationError):
         manager.offer_tokens("bad id", "x")
     assert (await manager.get_context("req-1")).token_count == 50
+    await manager.aclose()
+
+
+def test_an_append_whose_reply_was_lost_is_resent_first_under_its_own_seq(store):
+    manager = store.manager(worker_id="w")
+    manager.start_tracking("req-1", "p")
+    manager.append_tokens("req-1", "one ")
+    op = manager.core.append_tokens("req-1", "two ")
+    manager.shell.execute(next(op))  # Redis applies "two " under seq 2...
+    with pytest.raises(ConnectionError):
+        op.throw(ConnectionError("reply lost"))  # ...but the reply never arrives: the outcome is unknown
+    ack = manager.append_tokens("req-1", "three")
+    # "two " was settled first under seq 2 (DUP), so "three" got seq 3 and was not taken for its duplicate
+    assert ack is not None and ack.applied and ack.seq == 3
+    assert manager.get_context("req-1").generated_prefix == "one two three"
+    manager.close()
+
+
+async def test_a_shared_round_trip_that_failed_leaves_each_append_unknown_and_settled_later(store):
+    manager = store.async_manager(worker_id="w")
+    ids = ["req-1", "req-2", "req-3"]
+    for rid in ids:
+        await manager.start_tracking(rid, "p")
+    shared = manager.shell.run_batch
+
+    async def applied_but_reply_lost(batch, *args):
+        await shared(batch, *args)
+        raise CoordinatorUnavailableError("append_tokens", None, ConnectionError("reply lost"))
+
+    manager.shell.run_batch = applied_but_reply_lost
+    # the first goes alone at once; the other two share one commit (run_together), whose reply is lost
+    results = await asyncio.gather(*(manager.append_tokens(rid, "one ") for rid in ids), return_exceptions=True)
+    assert not isinstance(results[0], BaseException)
+    for rid, result in zip(ids[1:], results[1:], strict=True):
+        assert isinstance(result, CoordinatorUnavailableError) and result.request_id == rid
+    manager.shell.run_batch = shared
+    await asyncio.gather(*(manager.append_tokens(rid, "two") for rid in ids))
+    for rid in ids:
+        assert (await manager.get_context(rid)).generated_prefix == "one two"
     await manager.aclose()

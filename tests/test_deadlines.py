@@ -21,7 +21,7 @@ import pytest
 from conftest import require_redis_server
 from test_redis_faults import SYNC_CALLS, _attempt
 
-from flo_coord import AsyncFailoverManager, CoordinatorUnavailableError, FailoverManager, RetryPolicy, ServingBackend
+from flo_coord import AsyncFailoverManager, CoordinatorUnavailableError, FailoverManager, RetryPolicy
 from flo_coord.execution.backends import BackendSpec
 from flo_coord.execution.coordinator import Coordinator
 from flo_coord.store.shell import DEADLINE_MARGIN
@@ -36,8 +36,6 @@ ASYNC_CALLS = [
     *SYNC_CALLS,
     ("record_attempt", (_attempt(),), {}, "req-1"),
     ("append_direct", ("req-1", "y"), {}, "req-1"),
-    ("set_current_backend", ("req-1", ServingBackend.Groq), {}, "req-1"),
-    ("set_usage", ("req-1", {"completion_tokens": 1}), {}, "req-1"),
 ]
 
 

@@ -160,24 +160,24 @@ async def test_requests_spread_by_in_flight_count_across_the_fleet(make: Make) -
             streams.append(stream)
             tasks.append(asyncio.create_task(collect(stream)))
             assert first == full_answer(PROMPT)[0]
-        counts = await workers[0].manager.shell.run(workers[0].inflight.counts(["vllm-a", "vllm-b"]), "t")
+        counts = await workers[0].inflight.counts(["vllm-a", "vllm-b"])
         assert counts == {"vllm-a": 3, "vllm-b": 3}  # the least busy one each time, whichever worker picked
         await asyncio.gather(*tasks)
         assert (served(slow, "a-m"), served(slow, "b-m")) == (3, 3)
-        counts = await workers[1].manager.shell.run(workers[1].inflight.counts(["vllm-a", "vllm-b"]), "t")
+        counts = await workers[1].inflight.counts(["vllm-a", "vllm-b"])
         assert counts == {"vllm-a": 0, "vllm-b": 0}  # every call released when it ended
 
 
 async def test_in_flight_counts_of_a_dead_worker_expire(make: Make, fake: FakeLLMServer) -> None:
-    from flo_coord.execution.groups import InFlight
+    from flo_coord.store.inflight import InFlightStore
 
     co = make([vllm("vllm-a", fake.base_url, "a-m")], [])
-    ghost = InFlight(co.manager.core.keys, ttl=1.0)  # a worker that counted a call, then died
-    shell = co.manager.shell
-    assert (await shell.run(ghost.pick([("vllm-a", 1.0)], "ghost/r1"), "t"))[0] == "vllm-a"
-    assert await shell.run(co.inflight.counts(["vllm-a"]), "t") == {"vllm-a": 1}
+    m = co.manager
+    ghost = InFlightStore(m.core, m.shell, m.breakers, ttl=1.0)  # a worker that counted a call, then died
+    assert (await ghost.pick([("vllm-a", 1.0)], "ghost/r1"))[0] == "vllm-a"
+    assert await co.inflight.counts(["vllm-a"]) == {"vllm-a": 1}
     await asyncio.sleep(1.2)
-    assert await shell.run(co.inflight.counts(["vllm-a"]), "t") == {"vllm-a": 0}
+    assert await co.inflight.counts(["vllm-a"]) == {"vllm-a": 0}
 
 
 async def test_independent_operations_share_round_trips_and_keep_their_results(make: Make) -> None:
@@ -194,9 +194,9 @@ async def test_independent_operations_share_round_trips_and_keep_their_results(m
 
     shell.execute = counting  # type: ignore[method-assign]
     ops = [
-        co.breaker.allow("vllm-a", member),
-        co.inflight.pick([("vllm-b", 1.0)], member),
-        co.inflight.counts(["vllm-b"]),
+        co.manager.breakers.allow_op("vllm-a", member, co.breaker.config.probe_ttl),
+        co.inflight.pick_op([("vllm-b", 1.0)], member),
+        co.inflight.counts_op(["vllm-b"]),
     ]
     decision, (picked, before), counts = await shell.run(together(ops), "t")
     # counts takes two steps (TIME, then its read, which sees the pick): two round trips, not four
@@ -218,7 +218,7 @@ async def test_one_deployment_down_the_other_serves_all_and_its_breaker_opens_fo
     down = [e for e in history if isinstance(e, FailoverAttempt) and e.backend == "vllm-down"]
     assert 1 <= len(down) <= 2  # threshold failures (from either worker), then never again
     for worker in workers:  # open for everyone, whoever saw the failures
-        state = await worker.manager.shell.run(worker.breaker.allow("vllm-down", f"probe-{worker.worker_id}"), "t")
+        state = await worker.breaker.allow("vllm-down", f"probe-{worker.worker_id}")
         assert state == "OPEN"
     if len(down) < 2:  # every request that picked it failed over; the rest never tried it
         assert all(e.result is not None and e.result.is_failure() for e in down)
@@ -312,8 +312,8 @@ def test_without_models_each_deployment_model_is_a_group_then_the_fallback_order
 async def test_a_default_group_fails_over_through_the_fallback_order_for_streams_and_submissions(
     make: Make, fake: FakeLLMServer
 ) -> None:
-    from flo_coord.execution import queue
     from flo_coord.execution.worker import Worker
+    from flo_coord.store import queue
 
     specs = [
         vllm("d-down", dead_url(), "down-m"),
@@ -545,15 +545,15 @@ async def test_a_worker_with_the_least_privilege_acl_runs_model_groups(
     async with Coordinator(specs, models=[group], url=url, namespace=namespace, executor=FAST) as co:
         for _ in range(3):
             assert await collect(co.stream(rid(), PROMPT, model="llama")) == ANSWER
-        counts = await co.manager.shell.run(co.inflight.counts(["vllm-a", "vllm-b"]), "t")
+        counts = await co.inflight.counts(["vllm-a", "vllm-b"])
     assert counts == {"vllm-a": 0, "vllm-b": 0} and "in-flight" not in caplog.text  # picked and released
     admin.execute_command("ACL", "DELUSER", f"worker-{namespace}")
     admin.close()
 
 
 async def test_a_submitted_request_runs_through_its_model_group(redis_server: Any, fake: FakeLLMServer) -> None:
-    from flo_coord.execution import queue
     from flo_coord.execution.worker import Worker
+    from flo_coord.store import queue
 
     specs = [vllm("d-one", fake.base_url, "one-m")]
     co = Coordinator(

@@ -31,11 +31,11 @@ from flo_coord import (
     Takeover,
 )
 from flo_coord.errors import UnknownRequestError
-from flo_coord.execution import queue
 from flo_coord.execution.backends import BackendSpec
 from flo_coord.execution.breaker import BreakerConfig
 from flo_coord.execution.coordinator import Coordinator, ExecutorConfig, estimate_tokens
 from flo_coord.execution.worker import Worker
+from flo_coord.store import queue
 from flo_coord.store.core import FailoverCore
 from flo_coord.testing.fakellm import FakeLLMServer, full_answer, full_answer_text, render_messages
 

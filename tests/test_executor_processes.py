@@ -24,7 +24,7 @@ import pytest_asyncio
 
 from flo_coord import AsyncFailoverManager, Takeover
 from flo_coord.execution.delivery import follow
-from flo_coord.execution.queue import Submission, submit
+from flo_coord.store.queue import Submission, submit
 from flo_coord.testing.fakellm import FakeLLMServerThread, full_answer_text
 
 WORKER_MAIN = str(Path(__file__).with_name("worker_main.py"))

@@ -48,11 +48,12 @@ from flo_coord import (
     StreamState,
 )
 from flo_coord.execution.backends import BackendSpec
-from flo_coord.execution.breaker import BreakerConfig, CircuitBreaker
+from flo_coord.execution.breaker import BreakerConfig
 from flo_coord.execution.coordinator import Coordinator
 from flo_coord.execution.delivery import follow
 from flo_coord.redact import redact_secrets
 from flo_coord.settings import load_settings
+from flo_coord.store.breakers import BreakerStore
 from flo_coord.store.connection import connect
 from flo_coord.testing.embedded import RedisServer
 
@@ -242,7 +243,8 @@ def snapshot(raw: redis.Redis) -> dict[bytes, Any]:
 
 
 def operations(manager: FailoverManager, url: str, rid: str) -> list[tuple[str, Callable[[], Any]]]:
-    breaker = CircuitBreaker(manager.core.keys, "fz", BreakerConfig())
+    breaker = BreakerStore(manager.core, manager.shell)  # the store's breaker operations, run by the sync shell
+    policy = BreakerConfig()
 
     async def follow_it() -> list[str]:
         async with AsyncFailoverManager(url=url, namespace=NS) as reader:
@@ -274,8 +276,13 @@ def operations(manager: FailoverManager, url: str, rid: str) -> list[tuple[str, 
         ("stats", m.stats),
         ("history", m.history),
         ("follow", followed_briefly),
-        ("breaker.allow", lambda: m.shell.run(breaker.allow("Vllm"), "breaker")),
-        ("breaker.record", lambda: m.shell.run(breaker.record("Vllm", False), "breaker")),
+        ("breaker.allow", lambda: m.shell.run(breaker.allow_op("Vllm", "fz", policy.probe_ttl), "breaker")),
+        (
+            "breaker.record",
+            lambda: m.shell.run(
+                breaker.record_op("Vllm", False, policy.threshold, policy.window, policy.cooldown), "breaker"
+            ),
+        ),
         ("start_tracking", lambda: m.start_tracking(rid, "again")),
     ]
 

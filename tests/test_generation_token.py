@@ -22,8 +22,8 @@ import pytest_asyncio
 from flo_coord import FailoverConfig, LeaseLostError, ServingBackend
 from flo_coord.execution.backends import BackendSpec
 from flo_coord.execution.coordinator import Coordinator, ExecutorConfig
-from flo_coord.execution.queue import Submission, ensure_group, submit
 from flo_coord.execution.worker import Worker
+from flo_coord.store.queue import Submission, ensure_group, submit
 from flo_coord.testing.fakellm import FakeLLMServer, full_answer_text
 
 PROMPT = "Explain why a generation needs its own fencing token."

@@ -71,7 +71,7 @@ async def test_pool_exhausted_is_a_local_fault_that_fails_over(redis_server: Any
         history = await co.manager.history()
         assert sum("local capacity" in str(getattr(a, "result", "")) for a in history) == 4
         # four pool timeouts, more than the breaker threshold (3): it stays closed for everyone
-        assert await co.manager.shell.run(co.breaker.allow("Vllm"), "breaker") == "CLOSED"
+        assert await co.breaker.allow("Vllm") == "CLOSED"
         assert co.manager.held() == []
     finally:
         await co.aclose()
@@ -142,7 +142,7 @@ async def test_500_concurrent_streams_through_one_coordinator_all_exact(redis_se
             )
             assert texts == [full_answer_text(p, 12) for p in prompts]
             assert len(server.requests) == 500  # each on its first attempt: no pool timeout, no failover
-            assert await co.manager.shell.run(co.breaker.allow("Vllm"), "breaker") == "CLOSED"
+            assert await co.breaker.allow("Vllm") == "CLOSED"
         finally:
             await co.aclose()
 

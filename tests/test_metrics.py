@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import httpx
@@ -19,7 +20,8 @@ import pytest
 from conftest import require_redis_server
 
 from flo_coord import FailoverAttempt, FailoverResult, LeaseLostError, ServingBackend, logs
-from flo_coord.metrics import METRICS, MetricsUnavailableError, ObservedManager, WorkerMetrics
+from flo_coord.metrics import METRICS, MetricsUnavailableError, WorkerMetrics
+from flo_coord.store.facade import AsyncFailoverManager
 from flo_coord.testing.embedded import RedisServer, free_port
 from flo_coord.testing.fakellm import FakeLLMServerThread, full_answer_text
 
@@ -33,15 +35,20 @@ def _sample(text: str, name: str, labels: str = "") -> float:
     raise AssertionError(f"{name}{labels} not in metrics")
 
 
+def observed(metrics: WorkerMetrics, **kwargs: Any) -> AsyncFailoverManager:
+    """A manager that reports to ``metrics`` (as ``worker --metrics-port`` builds it)."""
+    manager = AsyncFailoverManager(observer=metrics, **kwargs)
+    metrics.track_active(manager)
+    return manager
+
+
 def test_observed_manager_counts_what_a_coordinator_does() -> None:
     server = fakeredis.FakeServer()
     metrics = WorkerMetrics()
 
     async def scenario() -> None:
         kw = {"namespace": f"m{uuid.uuid4().hex[:6]}"}
-        first = ObservedManager(
-            metrics, redis=fakeredis.FakeAsyncRedis(server=server), worker_id="a", lease_ttl=0.2, **kw
-        )
+        first = observed(metrics, redis=fakeredis.FakeAsyncRedis(server=server), worker_id="a", lease_ttl=0.2, **kw)
         await first.start_tracking("r1", "prompt", "Vllm")
         await first.append_tokens("r1", "Hello")
         await first.append_tokens("r1", " world")
@@ -54,15 +61,16 @@ def test_observed_manager_counts_what_a_coordinator_does() -> None:
         text = metrics.render().decode()
         assert _sample(text, "flo_active_requests") == 1
         await asyncio.sleep(0.3)  # a's lease runs out
-        second = ObservedManager(
-            WorkerMetrics(), redis=fakeredis.FakeAsyncRedis(server=server), worker_id="b", lease_ttl=5, **kw
+        second_metrics = WorkerMetrics()
+        second = observed(
+            second_metrics, redis=fakeredis.FakeAsyncRedis(server=server), worker_id="b", lease_ttl=5, **kw
         )
         (ctx,) = await second.claim_orphans()
         assert ctx.generated_prefix == "Hello world"
         with pytest.raises(LeaseLostError):
             await first.append_tokens("r1", "!")
         assert await second.complete("r1")
-        own = second.metrics.render().decode()
+        own = second_metrics.render().decode()
         assert _sample(own, "flo_takeovers_total") == 1
         assert _sample(own, "flo_takeover_prefix_chars_total") == len("Hello world")
         assert _sample(own, "flo_requests_finished_total", '{state="completed"}') == 1

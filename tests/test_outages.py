@@ -27,7 +27,7 @@ from test_executor_processes import Workers
 
 from flo_coord import AsyncFailoverManager, FloCoordError, RetryPolicy, defaults
 from flo_coord.execution.delivery import follow
-from flo_coord.execution.queue import Submission, submit
+from flo_coord.store.queue import Submission, submit
 from flo_coord.testing.embedded import RedisServer
 from flo_coord.testing.fakellm import FakeLLMServerThread, full_answer_text
 

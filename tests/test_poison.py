@@ -24,7 +24,7 @@ from test_executor_processes import Workers
 from flo_coord import AsyncFailoverManager
 from flo_coord.errors import RequestFailedError, UnknownRequestError, ValidationError
 from flo_coord.execution.delivery import follow
-from flo_coord.execution.queue import Submission, submit
+from flo_coord.store.queue import Submission, submit
 from flo_coord.testing.fakellm import FakeLLMServerThread, full_answer_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]

@@ -452,6 +452,8 @@ SYNC_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any], str | None]] = [
     ("next_backend_for", ("req-1",), {}, "req-1"),
     ("mark_backend_failed", ("req-1", ServingBackend.Vllm), {}, "req-1"),
     ("set_state", ("req-1", StreamState.Streaming), {}, "req-1"),
+    ("set_current_backend", ("req-1", ServingBackend.Groq), {}, "req-1"),
+    ("set_usage", ("req-1", {"completion_tokens": 3}), {}, "req-1"),
     ("prepare_failover", ("req-1",), {}, "req-1"),
     ("history", (), {}, None),
     ("stats", (), {}, None),
@@ -464,7 +466,20 @@ SYNC_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any], str | None]] = [
 
 
 #: Public methods that do no Redis I/O (or only start a background task / close).
-NO_IO = {"close", "aclose", "config", "held", "next_backend", "start_heartbeat", "with_defaults"}
+NO_IO = {
+    "close",
+    "aclose",
+    "config",
+    "held",
+    "next_backend",
+    "start_heartbeat",
+    "with_defaults",
+    # the async store's local state (store/surface.py)
+    "attach_stores",
+    "forget",
+    "holding",
+    "register_deployments",
+}
 
 
 def _public_io_methods(cls: type) -> set[str]:
@@ -534,8 +549,18 @@ async def test_every_async_call_fails_within_its_deadline_when_redis_is_gone() -
         ("record_attempt", (_attempt(),), {}, "req-1"),
         ("append_direct", ("req-1", "y"), {}, "req-1"),
         ("offer_tokens", ("req-1", "z"), {}, "req-1"),
-        ("set_current_backend", ("req-1", ServingBackend.Groq), {}, "req-1"),
-        ("set_usage", ("req-1", {"completion_tokens": 3}), {}, "req-1"),
+        # the async store's operations for the layers above (store/surface.py)
+        ("start_new", ("req-2", "prompt"), {}, "req-2"),
+        ("reject", ("req-1", "poison"), {"kind": "PoisonRequestError"}, "req-1"),
+        ("set_model_group", ("req-1", "m"), {}, "req-1"),
+        ("cancel", ("req-1",), {}, "req-1"),
+        ("cancel_flags", (["req-1"],), {}, None),
+        ("follow_read", ("req-1", 0), {}, "req-1"),
+        ("wait_feed", ("req-1", "0-0", 10), {}, "req-1"),
+        ("committed_text", ("req-1",), {}, "req-1"),
+        ("history_from", (), {}, None),
+        ("server_time", (), {}, None),
+        ("ping", (), {}, None),
     ]
     assert {c[0] for c in calls} == _public_io_methods(AsyncFailoverManager)
     results = await asyncio.gather(*(call(*c[:3]) for c in calls))
@@ -549,6 +574,53 @@ async def test_every_async_call_fails_within_its_deadline_when_redis_is_gone() -
         assert error.operation in expected
         # appends share round trips across requests, so the batcher's error may name no request
         assert error.request_id in (rid, None)
+    await manager.aclose()
+
+
+async def test_every_sub_store_call_fails_within_its_deadline_when_redis_is_gone() -> None:
+    """The operations of the layers above the store (breakers, in-flight counts, capability
+    memory, queue, gateway) fail typed and in time like every manager call."""
+    from flo_coord.store import Presentation, Submission
+
+    require_redis_server()
+    srv = RedisServer().start()
+    manager = AsyncFailoverManager(url=srv.url, namespace="gone", worker_id="w1", retry=RetryPolicy(deadline=DEADLINE))
+    srv.stop()
+    shape = Presentation(object="chat.completion", model="m", created=0)
+    calls = {
+        "breakers.allow": manager.breakers.allow("Vllm", "w1/r", probe_ttl=1.0),
+        "breakers.allow_each": manager.breakers.allow_each(["Vllm", "Groq"], "w1/r", probe_ttl=1.0),
+        "breakers.record": manager.breakers.record("Vllm", False, threshold=3, window=1.0, cooldown=1.0),
+        "inflight.pick": manager.inflight.pick([("a", 1.0)], "w1/r"),
+        "inflight.pick_if_allowed": manager.inflight.pick_if_allowed("a", 1.0, "w1/r", probe_ttl=1.0),
+        "inflight.release": manager.inflight.release("a", "w1/r"),
+        "inflight.renew": manager.inflight.renew({"w1/r": "a"}),
+        "inflight.counts": manager.inflight.counts(["a"]),
+        "capabilities.remember_missing": manager.capabilities.remember_missing("Vllm", "prefill", 1.0),
+        "capabilities.missing": manager.capabilities.missing([("Vllm", "prefill")]),
+        "queue.submit": manager.queue.submit(Submission(request_id="req-9", prompt="hi")),
+        "queue.ensure_group": manager.queue.ensure_group(),
+        "queue.take": manager.queue.take(1, 10),
+        "queue.reclaim": manager.queue.reclaim(1000, 1),
+        "queue.ack": manager.queue.ack("1-0"),
+        "gateway.claim_idempotency": manager.gateway.claim_idempotency("k", "h", "req-9", 1.0),
+        "gateway.save_presentation": manager.gateway.save_presentation("req-9", shape, 1.0),
+        "gateway.load_presentation": manager.gateway.load_presentation("req-9"),
+        "gateway.committed_length": manager.gateway.committed_length("req-9"),
+    }
+
+    async def timed(call: Any) -> tuple[BaseException | None, float]:
+        started = time.monotonic()
+        try:
+            await call
+        except Exception as exc:
+            return exc, time.monotonic() - started
+        return None, time.monotonic() - started
+
+    results = await asyncio.gather(*(timed(c) for c in calls.values()))
+    for name, (error, elapsed) in zip(calls, results, strict=True):
+        assert isinstance(error, CoordinatorUnavailableError), f"{name} raised {error!r}"
+        assert elapsed < DEADLINE + 1.5, f"{name} took {elapsed:.2f}s"
     await manager.aclose()
 
 

@@ -15,17 +15,16 @@ def cmd_install_functions(args: Any) -> int:
     library loaded, with --prune the libraries of other versions deleted, and the
     ``+fcall|<function>`` rules of the client ACL for this version.
     """
-    from flo_coord.store import functions
-    from flo_coord.store.connection import connect
+    from flo_coord.store import client_fcall_rules, connect, install_functions
 
     settings = load(args)
     check_redis(settings.redis.url)
     client = connect(settings.redis.url)
     try:
-        name, removed = functions.install(client, prune=args.prune)
+        name, removed = install_functions(client, prune=args.prune)
     finally:
         client.close()
-    rules = " ".join(functions.client_rules())
+    rules = " ".join(client_fcall_rules())
     if args.json:
         print(json.dumps({"library": name, "removed": removed, "client_fcall_rules": rules}))
     else:

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from flo_coord.cli import render
 from flo_coord.cli.common import CommandFailedError, UsageError, client_manager, load, redis_time, run, setup_logging
-from flo_coord.store.validation import CHAT_ROLES
+from flo_coord.store import CHAT_ROLES
 
 if TYPE_CHECKING:
-    from flo_coord.store.facade import AsyncFailoverManager
+    from flo_coord.store import AsyncFailoverManager
 
 RECONNECT_PAUSE = 1.0
 
@@ -26,11 +26,9 @@ def _emit_json(obj: Any) -> None:
 
 
 def _builtins(struct: Any) -> Any:
-    import msgspec
+    from flo_coord.store import as_builtins
 
-    from flo_coord.store.codec import json_encoder
-
-    return msgspec.json.decode(json_encoder.encode(struct))
+    return as_builtins(struct)
 
 
 # ------------------------------------------------------------------ streaming
@@ -83,10 +81,8 @@ async def stream_answer(
 
 async def _answer_chars(manager: AsyncFailoverManager, request_id: str) -> int:
     """Characters of ``request_id``'s committed answer (0 when nothing is stored)."""
-    from flo_coord.store.codec import text
-
-    raw = await manager.redis.get(manager.core.keys.request(request_id).text)
-    return len(text(raw)) if raw is not None else 0
+    answer = await manager.committed_text(request_id)
+    return len(answer) if answer is not None else 0
 
 
 async def _check_offset(manager: AsyncFailoverManager, request_id: str, offset: int) -> None:
@@ -209,11 +205,12 @@ def cmd_submit(args: Any) -> int:
 
 
 async def _submit(manager: AsyncFailoverManager, request_id: str, prompt: str | None, messages: Any, args: Any) -> int:
-    from flo_coord.execution import queue
+    from flo_coord.store import Submission
+
     try:
         if await _known(manager, request_id):
             raise UsageError(f"request id {request_id!r} is already in use; choose another --request-id")
-        submission = queue.Submission(
+        submission = Submission(
             request_id=request_id,
             prompt=prompt,
             messages=messages,
@@ -221,7 +218,7 @@ async def _submit(manager: AsyncFailoverManager, request_id: str, prompt: str | 
             max_tokens=args.max_tokens,
             model=args.model,
         )
-        await manager.shell.run(queue.submit(manager.core, submission), "submit", request_id)
+        await manager.queue.submit(submission)
     except BaseException:
         await manager.aclose()
         raise
@@ -259,7 +256,6 @@ def cmd_inspect(args: Any) -> int:
 
 async def _inspect(manager: AsyncFailoverManager, args: Any) -> int:
     from flo_coord.errors import UnknownRequestError
-    from flo_coord.store.codec import text
 
     rid = args.request_id
     try:
@@ -268,7 +264,7 @@ async def _inspect(manager: AsyncFailoverManager, args: Any) -> int:
         if ctx is None and outcome is None:
             raise UnknownRequestError(rid)
         now = await redis_time(manager)
-        raw = None if ctx is not None else await manager.redis.get(manager.core.keys.request(rid).text)
+        answer = None if ctx is not None else await manager.committed_text(rid)
     finally:
         await manager.aclose()
     limit = 10**9 if args.full else 70
@@ -298,7 +294,7 @@ async def _inspect(manager: AsyncFailoverManager, args: Any) -> int:
         print(render.pairs(rows))
         return 0
     assert outcome is not None
-    answer = text(raw) if raw is not None else ""
+    answer = answer if answer is not None else ""
     if args.json:
         _emit_json({"kind": "outcome", "outcome": _builtins(outcome), "answer": answer})
         return 0

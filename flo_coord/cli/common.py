@@ -18,14 +18,6 @@ log = logging.getLogger("flo_coord.cli")
 
 T = TypeVar("T")
 
-#: Environment variables of settings that exist only on the command line (not in the TOML file).
-CLI_ENVIRONMENT = {
-    "worker_id": "FLO_WORKER_ID",
-    "concurrency": "FLO_CONCURRENCY",
-    "metrics_port": "FLO_METRICS_PORT",
-    "log_format": "FLO_LOG_FORMAT",
-    "log_level": "FLO_LOG_LEVEL",
-}
 REDIS_HINT = "point --redis-url (or FLO_REDIS_URL) at a running Redis, or try 'flo-coord demo', which starts its own"
 
 
@@ -45,7 +37,9 @@ def redact(url: str) -> str:
 
 
 def env_value(key: str, cast: Callable[[str], T], what: str) -> T | None:
-    """A CLI-only setting from its environment variable (``CLI_ENVIRONMENT``), or None."""
+    """A CLI-only setting from its environment variable (``settings.CLI_ENVIRONMENT``), or None."""
+    from flo_coord.settings import CLI_ENVIRONMENT
+
     name = CLI_ENVIRONMENT[key]
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -142,7 +136,7 @@ def check_redis(url: str, timeout: float = 3.0, *, unreachable_ok: bool = False)
     import redis.exceptions as rex
 
     from flo_coord.errors import ConfigError
-    from flo_coord.store.connection import connect
+    from flo_coord.store import connect
 
     shown = redact(url)
     try:
@@ -170,10 +164,8 @@ async def wait_for_redis(manager: AsyncFailoverManager, url: str, stop: asyncio.
     backoff (``retry.outage_retrying``: capped, jittered exponential), logged once when the
     wait starts and once when it ends. Returns True once Redis answers, False when ``stop``
     is set first (SIGTERM while waiting: the caller exits cleanly)."""
-    import redis.exceptions as rex
-
     from flo_coord.errors import CoordinatorUnavailableError
-    from flo_coord.store.retry import outage_retrying
+    from flo_coord.store import outage_retrying
 
     waited = False
 
@@ -182,12 +174,15 @@ async def wait_for_redis(manager: AsyncFailoverManager, url: str, stop: asyncio.
         async for attempt in outage_retrying():
             with attempt:
                 try:
-                    await manager.redis.ping()
-                except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+                    await manager.ping()
+                except CoordinatorUnavailableError as exc:
+                    cause = exc.cause
                     if not waited:
-                        log.warning("Redis at %s is unreachable (%s); waiting for it (SIGTERM stops)", redact(url), exc)
+                        log.warning(
+                            "Redis at %s is unreachable (%s); waiting for it (SIGTERM stops)", redact(url), cause
+                        )
                         waited = True
-                    raise CoordinatorUnavailableError("startup", None, exc) from exc
+                    raise CoordinatorUnavailableError("startup", None, cause) from cause
 
     pinging, stopping = asyncio.ensure_future(ping()), asyncio.ensure_future(stop.wait())
     try:
@@ -207,7 +202,7 @@ async def wait_for_redis(manager: AsyncFailoverManager, url: str, stop: asyncio.
 
 def client_manager(settings: Settings, worker_id: str | None = None) -> AsyncFailoverManager:
     """An AsyncFailoverManager for a client command (checked Redis first)."""
-    from flo_coord.store.facade import AsyncFailoverManager
+    from flo_coord.store import AsyncFailoverManager
 
     check_redis(settings.redis.url)
     return AsyncFailoverManager(
@@ -228,12 +223,12 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 async def redis_time(manager: AsyncFailoverManager) -> float:
     """The Redis server's clock (leases are measured on it)."""
-    seconds, micros = await manager.redis.time()
-    return int(seconds) + int(micros) / 1e6
+    return await manager.server_time()
 
 
 def setup_logging(args: Any, default_level: str = "WARNING", **fields: Any) -> None:
     from flo_coord import logs
+
     fmt = pick(getattr(args, "log_format", None), "log_format", str, "a log format", "kv")
     level = pick(getattr(args, "log_level", None), "log_level", str, "a log level", default_level)
     if fmt not in logs.FORMATS:

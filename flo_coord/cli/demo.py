@@ -252,7 +252,7 @@ class Demo:
 
     def _require_unused_namespace(self) -> None:
         """Against a user's Redis, the demo runs only in a namespace nobody uses (its request ids would collide)."""
-        from flo_coord.store.connection import connect
+        from flo_coord.store import connect
 
         client = connect(self.redis_url, timeout=3.0)
         try:
@@ -270,7 +270,7 @@ class Demo:
         if self.args.namespace:
             return
         with contextlib.suppress(Exception):
-            from flo_coord.store.connection import connect
+            from flo_coord.store import connect
 
             client = connect(self.redis_url, timeout=3.0)
             try:
@@ -310,7 +310,7 @@ class Demo:
     async def run(self) -> bool:
         import httpx
 
-        from flo_coord.store.facade import AsyncFailoverManager
+        from flo_coord.store import AsyncFailoverManager
 
         self._make_tracks()
         # The clients use only HTTP; this read-only connection feeds the view (owners, takeovers, failovers).
@@ -478,16 +478,13 @@ class Demo:
 
     async def _poll_history(self, manager: Any) -> None:
         from flo_coord.models import Takeover
-        from flo_coord.store.codec import decode_history, pairs, text
 
-        entries = await manager.redis.xrange(manager.core.keys.history, min=self.history_id, max="+", count=500)
+        entries = await manager.history_from(self.history_id, 500)
         by_id = {t.server_id: t for t in self.tracks if t.server_id}
-        for entry_id, fields in entries:
-            entry_id = text(entry_id)
+        for entry_id, entry in entries:
             if entry_id == self.history_id:
                 continue
             self.history_id = entry_id
-            entry = decode_history(pairs(fields).get("e", ""))
             t = by_id.get(entry.request_id or "") if entry is not None else None
             if entry is None or t is None:
                 continue

@@ -56,7 +56,7 @@ def bearer_keys(gateway: Any, environ: dict[str, str] | None = None, source: str
     """SHA-256 digests of the accepted keys: from the variables named by ``keys_env`` and
     ``key_hashes``. A named variable that is unset or empty is a usage error naming
     ``source``, where the names came from (the TOML key, or ``--key-env``)."""
-    from flo_coord.gateway.store import key_hash
+    from flo_coord.store import key_hash
 
     environ = dict(os.environ) if environ is None else environ
     digests = {h.removeprefix("sha256:") for h in gateway.key_hashes}
@@ -87,8 +87,7 @@ def check_port(host: str, port: int) -> None:
 
 
 def cmd_serve(args: Any) -> int:
-    from flo_coord.store import validation
-    from flo_coord.store.core import default_worker_id
+    from flo_coord.store import default_worker_id, validation
 
     settings = load(args)
     gateway = gateway_settings(args, settings)
@@ -145,10 +144,12 @@ async def _serve(settings: Any, gateway: Any, worker_id: str, keys: set[str], ar
 
     from flo_coord.execution.coordinator import Coordinator
     from flo_coord.gateway import Gateway
-    from flo_coord.gateway.metrics import GatewayMetrics, ReadyManager
+    from flo_coord.gateway.metrics import GatewayMetrics
+    from flo_coord.store.facade import AsyncFailoverManager
 
     metrics = GatewayMetrics()
-    manager = ReadyManager(metrics, settings.failover, worker_id=worker_id, **settings.manager_options())
+    options = settings.manager_options()
+    manager = AsyncFailoverManager(settings.failover, worker_id=worker_id, observer=metrics, **options)
     metrics.track_active(manager)
     if not await _redis_or_signal(manager, settings.redis.url):
         await manager.aclose()

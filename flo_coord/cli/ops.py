@@ -14,7 +14,7 @@ from flo_coord.cli import render
 from flo_coord.cli.common import check_redis, client_manager, load, redis_time, run, setup_logging
 
 if TYPE_CHECKING:
-    from flo_coord.store.facade import AsyncFailoverManager
+    from flo_coord.store import AsyncFailoverManager
 
 TOP_HEADERS = ["REQUEST", "OWNER", "EPOCH", "LEASE", "BACKEND", "TOKENS", "CHARS", "TAKEOVERS", "STATE", "AGE"]
 

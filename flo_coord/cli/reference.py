@@ -2,7 +2,7 @@
 
 * every subcommand's flags come from the argparse parser (``build_parser``);
 * every ``FLO_*`` environment variable comes from the registries that read them (``settings.ENVIRONMENT``,
-  ``settings.CONFIG_ENV``, ``cli.common.CLI_ENVIRONMENT``, ``embedded.REDIS_SERVER_ENV``/``REDIS_CLI_ENV``), with
+  ``settings.CONFIG_ENV``, ``settings.CLI_ENVIRONMENT``, ``embedded.REDIS_SERVER_ENV``/``REDIS_CLI_ENV``), with
   the flags that set the same thing found in the parser's help texts;
 * the fake LLM's fault grammar comes from ``flo_coord.testing.fakellm``'s module docstring, the one place it is written.
 
@@ -42,12 +42,11 @@ ENV_MEANING = {
 def environment() -> dict[str, str]:
     """Every ``FLO_*`` variable the code reads -> where it lands (a TOML key, or what reads it)."""
     from flo_coord import settings
-    from flo_coord.cli.common import CLI_ENVIRONMENT
     from flo_coord.testing import embedded
 
     out = {settings.CONFIG_ENV: "-"}
     out.update({name: f"`[{section}] {key}`" for name, (section, key) in settings.ENVIRONMENT.items()})
-    out.update({name: "-" for name in CLI_ENVIRONMENT.values()})
+    out.update({name: "-" for name in settings.CLI_ENVIRONMENT.values()})
     out.update({embedded.REDIS_SERVER_ENV: "-", embedded.REDIS_CLI_ENV: "-"})
     # a variable read elsewhere (e.g. by a newer command) is listed once it is described in ENV_MEANING
     out.update({name: "-" for name in ENV_MEANING if name not in out})

@@ -28,8 +28,7 @@ log = logging.getLogger("flo_coord.cli")
 
 
 def cmd_worker(args: Any) -> int:
-    from flo_coord.store import validation
-    from flo_coord.store.core import default_worker_id
+    from flo_coord.store import default_worker_id, validation
 
     settings = load(args)
     worker_id = pick(args.worker_id, "worker_id", str, "a worker id", "") or default_worker_id()
@@ -72,12 +71,11 @@ def _check_functions(settings: Any) -> None:
     """Exit at start (code 2, one line) when the Functions library is missing and cannot be loaded."""
     import redis.exceptions as rex
 
-    from flo_coord.store import functions
-    from flo_coord.store.connection import connect
+    from flo_coord.store import connect, ensure_functions
 
     client = connect(settings.redis.url)
     try:
-        functions.ensure_loaded(client, settings.redis.namespace)
+        ensure_functions(client, settings.redis.namespace)
     except (rex.ConnectionError, rex.TimeoutError, OSError):
         pass  # Redis is down: the worker waits for it, and its shell loads the library on first use
     finally:
@@ -104,15 +102,16 @@ async def watch_parent(stop: Any, interval: float = 0.5) -> None:
 async def _worker(
     settings: Any, worker_id: str, concurrency: int, grace: float, metrics: Any, exit_with_parent: bool
 ) -> int:
-    from flo_coord.execution import queue
     from flo_coord.execution.coordinator import Coordinator
     from flo_coord.execution.worker import Worker
 
     manager = None
     if metrics is not None:
-        from flo_coord.metrics import ObservedManager
+        from flo_coord.store.facade import AsyncFailoverManager
 
-        manager = ObservedManager(metrics, settings.failover, worker_id=worker_id, **settings.manager_options())
+        options = settings.manager_options()
+        manager = AsyncFailoverManager(settings.failover, worker_id=worker_id, observer=metrics, **options)
+        metrics.track_active(manager)
     options = settings.coordinator_options()
     coordinator = Coordinator(**options, manager=manager, worker_id=worker_id, concurrency=concurrency)
     worker = Worker(coordinator, concurrency=concurrency, grace=grace)
@@ -126,7 +125,7 @@ async def _worker(
             await coordinator.aclose()
             return 0
         # The group exists from here on, so anything submitted now is taken (Worker.run creates it too).
-        await worker.manager.shell.run(queue.ensure_group(worker.manager.core), "queue")
+        await worker.manager.queue.ensure_group()
         log.info("ready: worker %s taking requests from namespace %s", worker_id, settings.redis.namespace)
         await worker.run()
     finally:

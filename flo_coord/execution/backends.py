@@ -31,14 +31,18 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import httpx
 import msgspec
+from msgspec import UNSET, UnsetType
 
+from flo_coord import defaults
+from flo_coord.constraints import Checked, DeploymentName, NonBlank, PositiveInt, PositiveSeconds
 from flo_coord.errors import ConfigError, FloCoordError, ValidationError
-from flo_coord.models import ChatMessage, ServingBackend, is_deployment_name
+from flo_coord.execution import wire
+from flo_coord.models import ChatMessage, ServingBackend
 
 __all__ = [
     "ANTHROPIC_VERSION",
@@ -79,7 +83,7 @@ __all__ = [
 MAX_ERROR_BODY = 64 * 1024  # bytes of an error body kept for classification and messages
 _MESSAGE_LIMIT = 300  # chars of a provider message quoted in an exception's str
 _SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key"})
-DEFAULT_MAX_CONNECTIONS = 1000  # connections per backend pool when neither spec nor Coordinator says
+DEFAULT_MAX_CONNECTIONS = defaults.BACKEND_MAX_CONNECTIONS  # per backend pool when neither spec nor Coordinator says
 
 #: How a backend continues a chat answer from a committed prefix:
 #: "prefill": the prefix as a final assistant message (llama.cpp, Ollama, Groq, Together, ...);
@@ -97,8 +101,6 @@ CONTINUATION_DEFAULTS: dict[ServingBackend, Continuation] = {
     ServingBackend.OpenAI: "none",
     ServingBackend.AzureOpenAI: "none",
 }
-_CONTINUATIONS = ("prefill", "continue_final_message", "completions", "none")
-_KINDS = ("openai", "ollama", "anthropic")
 #: The base_url of a deployment that sets none, for hosted providers with a public API
 #: (their ``api_host()``, with the path of their OpenAI-compatible or native API).
 DEFAULT_BASE_URLS: dict[ServingBackend, str] = {
@@ -112,7 +114,7 @@ DEFAULT_BASE_URLS: dict[ServingBackend, str] = {
 # ------------------------------------------------------------------------------ config
 
 
-class BackendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class BackendSpec(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
     """One deployment: a configured model endpoint. Holds the NAME of the key's env var, never the key.
 
     ``name`` is free and unique per configuration (DEPLOYMENT_NAME_PATTERN: it keys the
@@ -120,35 +122,31 @@ class BackendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ServingBackend it runs on (parsed case-insensitively), which fixes ``is_local()``, the
     privacy tier, the default continuation and the default ``base_url`` of hosted APIs;
     when left out, ``name`` must itself be a ServingBackend name (older configs).
+    ``connect_timeout`` is in seconds; ``max_connections`` an integer >= 1.
     Raises ConfigError for anything invalid.
     """
 
-    name: str
+    name: DeploymentName
     provider: str | None = None
     #: the wire protocol; None: "anthropic" for the Anthropic provider, else "openai"
     kind: Literal["openai", "ollama", "anthropic"] | None = None
     #: "" (left out): the provider's public API (DEFAULT_BASE_URLS), for the hosted providers listed there
     base_url: str = ""
-    model: str
-    api_key_env: str | None = None
+    model: NonBlank
+    api_key_env: NonBlank | None = None
     prefill: bool = True
     chat: bool = True
     completions: bool = True
-    connect_timeout: float = 5.0
+    connect_timeout: PositiveSeconds = defaults.CONNECT_TIMEOUT
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     # ask OpenAI-style servers for a final usage chunk; off for servers that reject stream_options
     stream_usage: bool = True
     #: how this backend continues a chat answer (see Continuation); None: the backend's default
     continuation: Continuation | None = None
     #: size of this backend's HTTP connection pool; None: the Coordinator's concurrency
-    max_connections: int | None = None
+    max_connections: PositiveInt | None = None
 
-    def __post_init__(self) -> None:
-        if not is_deployment_name(self.name):
-            raise ConfigError(
-                f"backend name {self.name!r} is not a valid deployment name "
-                "(letters, digits and . _ : / @ + -, at most 64 characters, no commas or spaces)"
-            )
+    def _finish(self) -> None:
         if self.provider is None:
             try:
                 self.provider = ServingBackend.parse(self.name)
@@ -165,30 +163,11 @@ class BackendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             self.base_url = DEFAULT_BASE_URLS.get(self.backend, "")
             if not self.base_url:
                 raise ConfigError(f"backend {self.name}: base_url is required for provider {self.provider}")
-        if self.kind not in _KINDS:
-            raise ConfigError(f"backend {self.name}: kind must be one of {_KINDS}, got {self.kind!r}")
         if self.kind == "anthropic" and self.continuation in ("continue_final_message", "completions"):
             raise ConfigError(f"backend {self.name}: the anthropic kind continues by prefill or not at all")
-        parts = urlsplit(self.base_url) if isinstance(self.base_url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(f"backend {self.name}: base_url must be an http(s) URL, got {self.base_url!r}")
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError(f"backend {self.name}: model must be a non-empty string")
-        if self.api_key_env is not None and (not isinstance(self.api_key_env, str) or not self.api_key_env.strip()):
-            raise ConfigError(f"backend {self.name}: api_key_env must be an environment variable name")
-        timeout = self.connect_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
-            raise ConfigError(f"backend {self.name}: connect_timeout must be a finite number > 0, got {timeout!r}")
-        if not isinstance(self.headers, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.headers.items()
-        ):
-            raise ConfigError(f"backend {self.name}: headers must map strings to strings")
-        if self.continuation is not None and self.continuation not in _CONTINUATIONS:
-            raise ConfigError(f"backend {self.name}: continuation must be one of {_CONTINUATIONS}")
-        pool = self.max_connections
-        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
-            raise ConfigError(f"backend {self.name}: max_connections must be an integer >= 1, got {pool!r}")
-        self.connect_timeout = float(timeout)
 
     @property
     def continues_chat(self) -> Continuation:
@@ -216,7 +195,7 @@ class BackendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def backend(self) -> ServingBackend:
         """The provider (a ServingBackend): is_local(), privacy tier and defaults come from it."""
-        return ServingBackend(str(self.provider))  # normalised by __post_init__
+        return ServingBackend(str(self.provider))  # normalised by _finish
 
     def __repr__(self) -> str:
         # headers may carry credentials a user put there by hand: never print their values
@@ -239,25 +218,24 @@ def _safe_url(url: str) -> str:
     return parts._replace(netloc=f"***@{host}").geturl()
 
 
-class GenerationRequest(msgspec.Struct):
-    """What to generate. ``prefix`` is text already generated that the backend must continue."""
+class GenerationRequest(msgspec.Struct, Checked):
+    """What to generate: exactly one of ``prompt`` (text completion) or ``messages`` (chat, at
+    least one); ``prefix`` is text already generated that the backend must continue;
+    ``max_tokens`` an integer >= 1 or None; ``params`` sampling parameters (temperature, top_p,
+    stop, seed, ...) the adapters add to the payload. ValidationError otherwise."""
+
+    _error: ClassVar[type[ValidationError]] = ValidationError
 
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, description="a non-empty list")] | None = None
     prefix: str = ""
-    max_tokens: int | None = None
+    max_tokens: PositiveInt | None = None
     request_id: str = ""
-    #: sampling parameters (temperature, top_p, stop, seed, ...) the adapters add to the payload
     params: dict[str, Any] | None = None
 
-    def __post_init__(self) -> None:
+    def _finish(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValidationError("GenerationRequest needs exactly one of prompt or messages")
-        if self.messages is not None and not self.messages:
-            raise ValidationError("GenerationRequest.messages must not be empty")
-        tokens = self.max_tokens
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-            raise ValidationError(f"max_tokens must be an integer >= 1, got {tokens!r}")
 
     @property
     def is_chat(self) -> bool:
@@ -593,17 +571,11 @@ class _ChunkShapeError(ValueError):
     """A decoded chunk does not have the shape the adapter expects."""
 
 
-def _usage(raw: Any) -> dict[str, int] | None:
-    if not isinstance(raw, dict):
+def _usage(raw: dict[str, Any] | UnsetType | None) -> dict[str, int] | None:
+    """The token counts of a decoded ``usage`` object (nested details and non-integers dropped)."""
+    if not raw:
         return None
-    return {k: v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)} or None
-
-
-def _optional_str(obj: dict[str, Any], key: str) -> str | None:
-    value = obj.get(key)
-    if value is not None and not isinstance(value, str):
-        raise _ChunkShapeError(f"{key} is not a string")
-    return value
+    return {k: v for k, v in raw.items() if type(v) is int} or None
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -720,7 +692,7 @@ class _HTTPBackend:
         """The completions prompt (a chat rendered as one for continuation "completions") plus the prefix."""
         if request.messages is None:
             return (request.prompt or "") + request.prefix
-        from flo_coord.store.core import render_messages  # core imports no adapter; import here keeps layers apart
+        from flo_coord.store import render_messages  # the store imports no adapter; import here keeps layers apart
 
         return render_messages(request.messages) + request.prefix
 
@@ -874,12 +846,12 @@ def _loads(text: str) -> Any:
         return text
 
 
-def _is_keepalive(obj: Any) -> bool:
-    if isinstance(obj, str):
-        return obj.strip().lower() in _KEEPALIVE
-    return isinstance(obj, dict) and any(
-        isinstance(obj.get(f), str) and obj[f].lower() in _KEEPALIVE for f in ("type", "object", "event")
-    )
+def _is_keepalive(chunk: str | wire.OpenAIChunk | wire.OllamaChunk) -> bool:
+    """A keep-alive frame: the text "ping" (or another _KEEPALIVE name), or an object whose
+    ``type``/``object``/``event`` is one."""
+    if isinstance(chunk, str):
+        return chunk.strip().lower() in _KEEPALIVE
+    return any(name is not None and name.lower() in _KEEPALIVE for name in (chunk.type, chunk.object, chunk.event))
 
 
 def _openai_url(base_url: str, path: str) -> str:
@@ -934,11 +906,13 @@ class OpenAIBackend(_HTTPBackend):
 
     def _chunk_events(self, data: str, complete: bool, ending: _Ending, key: str | None, chat: bool) -> list[Any]:
         try:
-            obj = msgspec.json.decode(data)
-            if _is_keepalive(obj) and not obj.get("choices"):
+            chunk = wire.openai_chunk(data)
+            if _is_keepalive(chunk) and (isinstance(chunk, str) or not chunk.choices):
                 return []
-            text, kind, finish, usage, model, error = _openai_chunk(obj, chat)
-        except (msgspec.DecodeError, _ChunkShapeError) as exc:
+            if isinstance(chunk, str):
+                raise _ChunkShapeError("chunk is not an object")
+            text, kind, finish, usage, model, error = _openai_chunk(chunk, chat)
+        except (msgspec.DecodeError, _ChunkShapeError) as exc:  # msgspec.ValidationError included
             if not complete:
                 return []  # a half-written final event is a cut, not garbage
             raise self._malformed(f"malformed stream chunk ({exc})", _redact(data, key), ending.received) from None
@@ -956,47 +930,38 @@ class OpenAIBackend(_HTTPBackend):
 
 
 def _openai_chunk(
-    obj: Any, chat: bool
+    chunk: wire.OpenAIChunk, chat: bool
 ) -> tuple[str | None, str | None, str | None, dict[str, int] | None, str | None, Any]:
-    """(text, progress kind, finish_reason, usage, model, error) of one chunk; _ChunkShapeError if off-shape."""
-    if not isinstance(obj, dict):
-        raise _ChunkShapeError("chunk is not an object")
-    if obj.get("error") is not None:  # OpenAI/vLLM {"error": ...} and Anthropic {"type": "error", "error": ...}
-        return None, None, None, None, None, obj["error"]
-    choices = obj.get("choices")
-    usage = _usage(obj.get("usage"))
-    if choices is None and "usage" not in obj:
-        raise _ChunkShapeError("chunk has neither choices nor usage")
-    if choices is not None and not isinstance(choices, list):
-        raise _ChunkShapeError("choices is not a list")
-    model = _optional_str(obj, "model")
-    if not choices:
-        return None, None, None, usage, model, None  # a usage-only chunk
-    choice = choices[0]
-    if not isinstance(choice, dict):
-        raise _ChunkShapeError("choice is not an object")
-    kind = None
-    if chat:
-        delta = choice.get("delta") or {}
-        if not isinstance(delta, dict):
-            raise _ChunkShapeError("delta is not an object")
-        text = _optional_str(delta, "content")
-        kind = _delta_kind(delta)
-    else:
-        text = _optional_str(choice, "text")
-    return text, kind, _optional_str(choice, "finish_reason"), usage, model, None
+    """(text, progress kind, finish_reason, usage, model, error) of one chunk; _ChunkShapeError
+    for a chunk with neither ``choices`` nor ``usage``."""
+    if chunk.error is not None:  # OpenAI/vLLM {"error": ...} and Anthropic {"type": "error", "error": ...}
+        return None, None, None, None, None, chunk.error
+    if chunk.choices is None or chunk.choices is UNSET:
+        if chunk.usage is UNSET:
+            raise _ChunkShapeError("chunk has neither choices nor usage")
+        return None, None, None, _usage(chunk.usage), chunk.model, None  # a usage-only chunk
+    usage = _usage(chunk.usage)
+    if not chunk.choices:
+        return None, None, None, usage, chunk.model, None  # a usage-only chunk
+    choice = chunk.choices[0]
+    if not chat:
+        return choice.text, None, choice.finish_reason, usage, chunk.model, None
+    delta = choice.delta or _NO_DELTA
+    return delta.content, _delta_kind(delta), choice.finish_reason, usage, chunk.model, None
 
 
-def _delta_kind(delta: dict[str, Any]) -> str | None:
+_NO_DELTA = wire.Delta()
+
+
+def _delta_kind(delta: wire.Delta) -> str | None:
     """The progress kind of a delta without text: "tool_call", "reasoning", or None.
 
     Reasoning deltas: vLLM/DeepSeek ``reasoning_content``, OpenRouter ``reasoning``, Ollama ``thinking``.
     """
-    if delta.get("tool_calls") or delta.get("function_call"):
+    if delta.tool_calls or delta.function_call:
         return "tool_call"
-    for name in ("reasoning_content", "reasoning", "thinking"):
-        if isinstance(delta.get(name), str) and delta[name]:
-            return "reasoning"
+    if delta.reasoning_content or delta.reasoning or delta.thinking:
+        return "reasoning"
     return None
 
 
@@ -1031,18 +996,20 @@ class OllamaBackend(_HTTPBackend):
         try:
             async for line, complete in _ndjson_lines(response.aiter_text()):
                 try:
-                    obj = msgspec.json.decode(line)
-                    if _is_keepalive(obj):
+                    chunk = wire.ollama_chunk(line)
+                    if _is_keepalive(chunk):
                         continue
-                    text, kind, done = _ollama_chunk(obj, chat)
-                except (msgspec.DecodeError, _ChunkShapeError) as exc:
+                    if isinstance(chunk, str):
+                        raise _ChunkShapeError("line is not an object")
+                    text, kind, done = _ollama_chunk(chunk, chat)
+                except (msgspec.DecodeError, _ChunkShapeError) as exc:  # msgspec.ValidationError included
                     if not complete:
                         break  # a half-written last line is a cut, not garbage
                     raise self._malformed(
                         f"malformed stream line ({exc})", _redact(line, key), ending.received
                     ) from None
-                if obj.get("error") is not None:
-                    raise self._in_band_error(obj["error"], ending, key)
+                if chunk.error is not None:
+                    raise self._in_band_error(chunk.error, ending, key)
                 ending.tool_calls = ending.tool_calls or kind == "tool_call"
                 if text:
                     ending.received = True
@@ -1076,35 +1043,28 @@ async def _ndjson_lines(chunks: AsyncIterator[str]) -> AsyncGenerator[tuple[str,
 
 
 def _ollama_chunk(
-    obj: Any, chat: bool
+    chunk: wire.OllamaChunk, chat: bool
 ) -> tuple[str | None, str | None, tuple[str, dict[str, int] | None, str | None] | None]:
-    """(text, progress kind, (done_reason, usage, model) on the done line); _ChunkShapeError if off-shape."""
-    if not isinstance(obj, dict):
-        raise _ChunkShapeError("line is not an object")
-    if obj.get("error") is not None:
+    """(text, progress kind, (done_reason, usage, model) on the done line); _ChunkShapeError
+    for a line without ``done`` that is not an error line."""
+    if chunk.error is not None:
         return None, None, None
-    kind = None
     if chat:
-        message = obj.get("message") or {}
-        if not isinstance(message, dict):
-            raise _ChunkShapeError("message is not an object")
-        text = _optional_str(message, "content")
-        kind = _delta_kind(message)
+        message = chunk.message or _NO_DELTA
+        text, kind = message.content, _delta_kind(message)
     else:
-        text = _optional_str(obj, "response")
-        kind = "reasoning" if isinstance(obj.get("thinking"), str) and obj["thinking"] else None
-    done = obj.get("done")
-    if not isinstance(done, bool):
-        raise _ChunkShapeError("done is missing or not a bool")
-    if not done:
+        text, kind = chunk.response, "reasoning" if chunk.thinking else None
+    if chunk.done is None:
+        raise _ChunkShapeError("done is missing")
+    if not chunk.done:
         return text, kind, None
     usage = {
-        name: obj[field]
-        for name, field in (("prompt_tokens", "prompt_eval_count"), ("completion_tokens", "eval_count"))
-        if isinstance(obj.get(field), int) and not isinstance(obj.get(field), bool)
+        name: count
+        for name, count in (("prompt_tokens", chunk.prompt_eval_count), ("completion_tokens", chunk.eval_count))
+        if count is not None
     }
-    reason = _optional_str(obj, "done_reason") or "stop"  # Ollama before 0.1.33 sends no done_reason
-    return text, kind, (reason, usage or None, _optional_str(obj, "model"))
+    reason = chunk.done_reason or "stop"  # Ollama before 0.1.33 sends no done_reason
+    return text, kind, (reason, usage or None, chunk.model)
 
 
 # ------------------------------------------------------------------------------ Anthropic
@@ -1197,15 +1157,15 @@ class AnthropicBackend(_HTTPBackend):
                     if not data or event.event.lower() in _KEEPALIVE:
                         continue
                     try:
-                        obj = msgspec.json.decode(data)
-                        item, stop = self._message_event(obj, ending)
-                    except (msgspec.DecodeError, _ChunkShapeError) as exc:
+                        message_event = wire.anthropic_event(data)
+                        item, stop = self._message_event(message_event, ending)
+                    except msgspec.DecodeError as exc:  # msgspec.ValidationError included
                         if not event.complete:
                             break  # a half-written final event is a cut, not garbage
                         detail = f"malformed stream event ({exc})"
                         raise self._malformed(detail, _redact(data, key), ending.received) from None
-                    if isinstance(obj, dict) and obj.get("type") == "error":
-                        raise self._in_band_error(obj, ending, key)
+                    if message_event.type == "error":
+                        raise self._in_band_error({"type": "error", "error": message_event.error}, ending, key)
                     if item is not None:
                         yield item
                     if stop:
@@ -1215,44 +1175,40 @@ class AnthropicBackend(_HTTPBackend):
                 raise
         yield self._end(ending)
 
-    def _message_event(self, obj: Any, ending: _Ending) -> tuple[StreamEvent | None, bool]:
+    def _message_event(self, event: wire.AnthropicEvent, ending: _Ending) -> tuple[StreamEvent | None, bool]:
         """(event to yield, True at message_stop) for one decoded Messages API event."""
-        if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
-            raise _ChunkShapeError("event is not an object with a type")
-        kind = obj["type"]
+        kind = event.type
         if kind == "message_start":
-            message: dict[str, Any] = obj["message"] if isinstance(obj.get("message"), dict) else {}
-            ending.model = _optional_str(message, "model") or ending.model
-            self._add_usage(ending, message.get("usage"))
+            if event.message is not None:
+                ending.model = event.message.model or ending.model
+                self._add_usage(ending, event.message.usage)
         elif kind == "content_block_delta":
-            delta = obj.get("delta")
-            if not isinstance(delta, dict):
-                raise _ChunkShapeError("delta is not an object")
-            if delta.get("type") == "text_delta":
-                text = _optional_str(delta, "text")
-                if text:
+            delta = event.delta
+            if delta is None:
+                raise msgspec.ValidationError("content_block_delta without a delta")
+            if delta.type == "text_delta":
+                if delta.text:
                     ending.received = True
-                    return TextChunk(text), False
-            elif delta.get("type") in ("thinking_delta", "signature_delta"):
+                    return TextChunk(delta.text), False
+            elif delta.type in ("thinking_delta", "signature_delta"):
                 return Progress("reasoning"), False
-            elif delta.get("type") == "input_json_delta":
+            elif delta.type == "input_json_delta":
                 ending.tool_calls = True
                 return Progress("tool_call"), False
         elif kind == "content_block_start":
-            block = obj.get("content_block")
-            if isinstance(block, dict) and block.get("type") == "tool_use":
+            if event.content_block is not None and event.content_block.type == "tool_use":
                 ending.tool_calls = True
                 return Progress("tool_call"), False
         elif kind == "message_delta":
-            delta = obj["delta"] if isinstance(obj.get("delta"), dict) else {}
-            ending.finish = _optional_str(delta, "stop_reason") or ending.finish
-            self._add_usage(ending, obj.get("usage"))
+            if event.delta is not None:
+                ending.finish = event.delta.stop_reason or ending.finish
+            self._add_usage(ending, event.usage)
         elif kind == "message_stop":
             return None, True
         return None, False  # ping, content_block_stop and event types added later are skipped
 
     @staticmethod
-    def _add_usage(ending: _Ending, raw: Any) -> None:
+    def _add_usage(ending: _Ending, raw: dict[str, Any] | None) -> None:
         """Fold Anthropic usage (input_tokens, output_tokens: cumulative) into prompt/completion/total."""
         usage = _usage(raw) or {}
         merged = dict(ending.usage or {})

@@ -2,44 +2,38 @@
 
 When a backend rejects an assistant prefill at run time (HTTP 400 although its
 configuration says it continues chats), every worker should stop sending it
-continuations for ``ttl`` seconds instead of each learning it with a failed call. The
-memory is one plain key per backend and capability (``<namespace>:capability:<backend>:
-<capability>``) set with ``SET ... PX``: a single command, no read-then-write, so no
-script is needed; the expiry comes from the Redis server clock. Built like breaker.py:
-operations the caller runs with its shell.
+continuations for ``ttl`` seconds instead of each learning it with a failed call. This
+module is that policy (which capability, how long); the keys are the store's
+(``flo_coord.store.capabilities``, ``manager.capabilities``: one ``SET ... PX`` key per
+backend and capability, expiring on the Redis server clock).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flo_coord.store.core import Cmd, Operation, ok
-from flo_coord.store.keys import Keys
+from flo_coord import defaults
+from flo_coord.store import CapabilityStore
 
 #: Seconds a runtime prefill rejection is remembered for all workers.
-DEFAULT_TTL = 300.0
+DEFAULT_TTL = defaults.CAPABILITY_TTL
 #: The capability a chat continuation needs.
 PREFILL = "prefill"
 
 
 class CapabilityMemory:
-    """Operations on the shared "cannot do X" memory of one namespace (run them with a shell)."""
+    """The shared "cannot do X" memory as one Coordinator uses it: ``store`` (the manager's
+    CapabilityStore), remembering for ``ttl`` seconds. Methods raise
+    CoordinatorUnavailableError when Redis does not answer within the retry deadline."""
 
-    def __init__(self, keys: Keys, ttl: float = DEFAULT_TTL) -> None:
-        self.keys = keys
+    def __init__(self, store: CapabilityStore, ttl: float = DEFAULT_TTL) -> None:
+        self.store = store
         self.ttl = ttl
 
-    def key(self, backend: str, capability: str) -> str:
-        return f"{self.keys.namespace}:capability:{backend}:{capability}"
-
-    def remember_missing(self, backend: str, capability: str = PREFILL) -> Operation[None]:
+    async def remember_missing(self, backend: str, capability: str = PREFILL, *, request_id: str | None = None) -> None:
         """Record that ``backend`` cannot do ``capability``, for ``ttl`` seconds from now."""
-        (reply,) = yield [Cmd(("SET", self.key(backend, capability), "1", "PX", max(1, int(self.ttl * 1000))))]
-        ok(reply)
+        await self.store.remember_missing(backend, capability, self.ttl, request_id=request_id)
 
-    def missing(self, pairs: Sequence[tuple[str, str]]) -> Operation[set[str]]:
+    async def missing(self, pairs: Sequence[tuple[str, str]], *, request_id: str | None = None) -> set[str]:
         """The backends of ``(backend, capability)`` pairs remembered as unable to do that capability."""
-        if not pairs:
-            return set()
-        replies = yield [Cmd(("EXISTS", self.key(name, capability))) for name, capability in pairs]
-        return {name for (name, _), reply in zip(pairs, replies, strict=True) if ok(reply)}
+        return await self.store.missing(pairs, request_id=request_id)

@@ -46,6 +46,7 @@ from typing import Any
 import msgspec
 
 from flo_coord import defaults, logs
+from flo_coord.constraints import Checked, NonNegativeInt, PositiveSeconds
 from flo_coord.errors import (
     ConfigError,
     ContentPolicyError,
@@ -80,7 +81,7 @@ from flo_coord.execution.backends import (
 from flo_coord.execution.breaker import BreakerConfig, CircuitBreaker
 from flo_coord.execution.capabilities import CapabilityMemory
 from flo_coord.execution.delivery import follow
-from flo_coord.execution.groups import InFlight, ModelGroup, Router, Tier, check_unique
+from flo_coord.execution.groups import ModelGroup, Router, Tier, check_unique
 from flo_coord.models import (
     ChatMessage,
     FailoverAttempt,
@@ -93,32 +94,25 @@ from flo_coord.models import (
 )
 from flo_coord.ownership import AsyncReaper, CancelWatcher
 from flo_coord.redact import register_backend_secrets
-from flo_coord.store.core import together
-from flo_coord.store.facade import AsyncFailoverManager
+from flo_coord.store import AsyncFailoverManager, RedisHealth
 
 log = logging.getLogger("flo_coord.executor")
 
 
-class ExecutorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """How the Coordinator treats a failing backend call (seconds)."""
+class ExecutorConfig(msgspec.Struct, Checked, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How the Coordinator treats a failing backend call (``[executor]``; README "Failover policy").
 
-    first_token_timeout: float = 30.0  #: time to first token before failing over
-    stall_timeout: float = 15.0  #: longest silence between two chunks
-    same_backend_retries: int = 1  #: retries of the same backend after a 5xx
-    rate_limit_retries: int = 2  #: waits on the same backend after a 429
-    rate_limit_max_wait: float = 30.0  #: a longer Retry-After fails over at once
-    backoff_initial: float = 0.5  #: first backoff after a 429 without Retry-After
-    backoff_max: float = 8.0
+    Seconds are 0.001 to ten years, retry counts integers >= 0 (defaults in flo_coord.defaults);
+    another value raises ConfigError naming the field.
+    """
 
-    def __post_init__(self) -> None:
-        for name in ("first_token_timeout", "stall_timeout", "rate_limit_max_wait", "backoff_initial", "backoff_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(f"executor {name} must be a number of seconds > 0, got {value!r}")
-        for name in ("same_backend_retries", "rate_limit_retries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"executor {name} must be an integer >= 0, got {value!r}")
+    first_token_timeout: PositiveSeconds = defaults.FIRST_TOKEN_TIMEOUT  #: time to first token before failing over
+    stall_timeout: PositiveSeconds = defaults.STALL_TIMEOUT  #: longest silence between two chunks
+    same_backend_retries: NonNegativeInt = defaults.SAME_BACKEND_RETRIES  #: retries of the same backend after a 5xx
+    rate_limit_retries: NonNegativeInt = defaults.RATE_LIMIT_RETRIES  #: waits on the same backend after a 429
+    rate_limit_max_wait: PositiveSeconds = defaults.RATE_LIMIT_MAX_WAIT  #: a longer Retry-After fails over at once
+    backoff_initial: PositiveSeconds = defaults.BACKOFF_INITIAL  #: first backoff after a 429 without Retry-After
+    backoff_max: PositiveSeconds = defaults.BACKOFF_MAX
 
 
 class StallTimeoutError(BackendError):
@@ -261,15 +255,16 @@ class Coordinator:
         self.backends = _backend_map(backends, concurrency)
         specs = [b.spec for b in self.backends.values()]
         self.router = Router.configured(models or (), specs, self.manager.config().fallback_order)
-        self.manager.core.deployments = frozenset(self.backends)
-        # a call stays counted for three leases without renewal: a dead worker's calls drop out
-        self.inflight = InFlight(self.manager.core.keys, 3 * self.manager.core.lease_ttl)
+        self.manager.register_deployments(self.backends)
+        # a call stays counted for three leases without renewal (store/inflight.py): a dead
+        # worker's calls drop out
+        self.inflight = self.manager.inflight
         self._inflight: dict[str, str] = {}  # member -> deployment of this worker's calls in flight
         self._renewer: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
         self.executor = executor or ExecutorConfig()
-        self.breaker = CircuitBreaker(self.manager.core.keys, self.manager.worker_id, breaker)
-        self.capabilities = CapabilityMemory(self.manager.core.keys, capability_ttl or capabilities.DEFAULT_TTL)
+        self.breaker = CircuitBreaker(self.manager.breakers, self.manager.worker_id, breaker)
+        self.capabilities = CapabilityMemory(self.manager.capabilities, capability_ttl or capabilities.DEFAULT_TTL)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._generations: dict[str, tuple[int, asyncio.Task[Any]]] = {}  # request -> (epoch, task)
         self._heartbeat: Any = None
@@ -288,13 +283,13 @@ class Coordinator:
     def redis_available(self) -> bool:
         """False while Redis does not answer (the last operation raised
         CoordinatorUnavailableError); for a readiness probe (``/readyz``) and metrics."""
-        return self.manager.shell.health.available
+        return self.manager.health.available
 
     @property
-    def health(self) -> Any:
+    def health(self) -> RedisHealth:
         """The ``retry.RedisHealth`` of this Coordinator's Redis client: ``available``,
         ``down_for()`` (seconds), ``last_success`` (monotonic seconds), ``outages``."""
-        return self.manager.shell.health
+        return self.manager.health
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -470,8 +465,7 @@ class Coordinator:
         the same group. Raises UnknownModelError when no group is called ``model``.
         """
         self.router.group(model)
-        op = self.manager.core.set_model_group(ctx.request_id, model, epoch=ctx.epoch)
-        await self.manager.shell.run(op, "model_group", ctx.request_id)
+        await self.manager.set_model_group(ctx.request_id, model, epoch=ctx.epoch)
         ctx.model_group = model
 
     async def resume(self, ctx: StreamingContext) -> None:
@@ -517,7 +511,7 @@ class Coordinator:
         request, ValidationError for a malformed id, CoordinatorUnavailableError when Redis
         does not answer. Comes from the gateway's ``DELETE /v1/requests/{id}``.
         """
-        status, detail = await self.manager.shell.run(self.manager.core.cancel(request_id), "cancel", request_id)
+        status, detail = await self.manager.cancel(request_id)
         if status == "GONE":
             raise UnknownRequestError(request_id)
         return status, detail, status == "OK" and self.cancel_local(request_id)
@@ -568,7 +562,7 @@ class Coordinator:
         """A generation whose commits could not be made stopped (its backend stream is
         closed): stop renewing its lease, so that after the outage the request is taken
         over (by any replica, this one included) from its committed prefix."""
-        self.manager.core.forget(ctx.request_id, ctx.epoch)
+        self.manager.forget(ctx.request_id, ctx.epoch)
         log.warning("request %s stopped: Redis unreachable; it is taken over after the outage", ctx.request_id)
 
     async def _resume_logged(self, ctx: StreamingContext) -> None:
@@ -687,7 +681,7 @@ class Coordinator:
             return await self._give_up(run, detail, raise_unwritten=True)
         except Exception as unwritten:  # Redis unreachable: stop renewing, so another replica takes over
             log.warning("could not end %s (%r); no longer renewing its lease", run.request_id, unwritten)
-            self.manager.core.forget(run.request_id, run.ctx.epoch)
+            self.manager.forget(run.request_id, run.ctx.epoch)
             error = GenerationError(run.request_id, f"request {run.request_id!r} failed: {detail}")
             error.attempts = list(run.attempts)
             return error
@@ -699,7 +693,7 @@ class Coordinator:
         request this worker re-claimed changes nothing); on shutdown ``aclose`` hands every
         held request back at once, within its timeout.
         """
-        held = self.manager.core.holding(run.request_id)
+        held = self.manager.holding(run.request_id)
         if held is None or held.epoch != run.ctx.epoch or self._closing:
             return
         try:
@@ -707,7 +701,7 @@ class Coordinator:
         except (Exception, asyncio.CancelledError) as exc:
             # stop renewing: another replica takes it over (and, if flagged, ends it cancelled)
             log.warning("could not end %s cleanly: %r; no longer renewing its lease", run.request_id, exc)
-            self.manager.core.forget(run.request_id, run.ctx.epoch)
+            self.manager.forget(run.request_id, run.ctx.epoch)
 
     def _order(self, run: _Run) -> list[Tier]:
         """The tiers of deployments to try, in order, each (deployment, weight) pairs.
@@ -754,8 +748,7 @@ class Coordinator:
                     return picked
                 continue
             member = f"{self.worker_id}/{run.request_id}"
-            allows = together([self.breaker.allow(n, member) for n, _ in fresh])  # one round trip
-            states = await self.manager.shell.run(allows, "breaker", run.request_id)
+            states = await self.breaker.allow_each([n for n, _ in fresh], member, request_id=run.request_id)
             decisions = [(n, w, d) for (n, w), d in zip(fresh, states, strict=True)]
             probe = [(n, w) for n, w, d in decisions if d == "PROBE"]
             closed = [(n, w) for n, w, d in decisions if d == "CLOSED"]
@@ -775,7 +768,7 @@ class Coordinator:
         """Pick among ``candidates`` by weight and in-flight calls, and count this call there."""
         member = f"{self.worker_id}/{run.request_id}"
         try:
-            name, _ = await self.manager.shell.run(self.inflight.pick(candidates, member), "inflight", run.request_id)
+            name, _ = await self.inflight.pick(candidates, member, request_id=run.request_id)
         except CoordinatorUnavailableError as exc:  # balancing is a hint: weights alone still spread the load
             log.warning("could not read in-flight counts: %s", exc)
             return random.choices([n for n, _ in candidates], [w for _, w in candidates])[0]
@@ -790,8 +783,10 @@ class Coordinator:
         OPEN is released at once (counts are hints: a moment too many changes no answer).
         """
         member = f"{self.worker_id}/{run.request_id}"
-        both = together([self.breaker.allow(name, member), self.inflight.pick([(name, weight)], member)])
-        decision, _ = await self.manager.shell.run(both, "breaker", run.request_id)
+        probe_ttl = self.breaker.config.probe_ttl
+        decision, _ = await self.inflight.pick_if_allowed(
+            name, weight, member, probe_ttl=probe_ttl, request_id=run.request_id
+        )
         self._counted(member, name)
         if decision == "OPEN":
             self._release_soon(run, name)
@@ -809,7 +804,7 @@ class Coordinator:
         if self._inflight.pop(member, None) is None:
             return
         try:
-            await self.manager.shell.run(self.inflight.release(name, member), "inflight", run.request_id)
+            await self.inflight.release(name, member, request_id=run.request_id)
         except CoordinatorUnavailableError as exc:  # its deadline passes anyway: self-healing
             log.warning("could not release the in-flight call of %s on %s: %s", run.request_id, name, exc)
 
@@ -824,7 +819,7 @@ class Coordinator:
 
     async def _release_member(self, name: str, member: str) -> None:
         with contextlib.suppress(Exception):
-            await self.manager.shell.run(self.inflight.release(name, member), "inflight")
+            await self.inflight.release(name, member)
 
     async def _renew_inflight(self) -> None:
         """Keep this worker's calls counted while they run (a third of the count's ttl apart)."""
@@ -832,7 +827,7 @@ class Coordinator:
         while self._inflight:
             await asyncio.sleep(interval)
             try:
-                await self.manager.shell.run(self.inflight.renew(dict(self._inflight)), "inflight")
+                await self.inflight.renew(dict(self._inflight))
             except CoordinatorUnavailableError as exc:
                 log.warning("could not renew in-flight counts: %s", exc)
 
@@ -845,7 +840,7 @@ class Coordinator:
             modes = {n: self.backends[n].spec.continues_chat for n in names}
             asked = [(n, modes[n]) for n in names if modes[n] not in ("none", "completions")]  # prefills are remembered
             try:
-                forgotten = await self.manager.shell.run(self.capabilities.missing(asked), "capability", run.request_id)
+                forgotten = await self.capabilities.missing(asked, request_id=run.request_id)
             except CoordinatorUnavailableError as exc:  # a shared hint only: each request still learns by itself
                 log.warning("could not read remembered capabilities: %s", exc)
                 forgotten = set()
@@ -854,8 +849,7 @@ class Coordinator:
 
     async def _breaker_decision(self, run: _Run, name: str) -> str:
         # one probe per request: a half-open backend gets one trial call, not this worker's every request
-        allow = self.breaker.allow(name, f"{self.worker_id}/{run.request_id}")
-        return await self.manager.shell.run(allow, "breaker", run.request_id)
+        return await self.breaker.allow(name, f"{self.worker_id}/{run.request_id}", request_id=run.request_id)
 
     async def _try_backend(self, run: _Run, name: str) -> AsyncGenerator[str, None]:
         """Calls to one backend (with its same-backend retries) until success or a final failure."""
@@ -962,7 +956,7 @@ class Coordinator:
 
     async def _commit(self, run: _Run, text: str) -> None:
         """Append ``text``, in pieces no larger than the append limit (a huge line is split, never refused)."""
-        for piece in _pieces(text, self.manager.core.limits.max_chunk_bytes):
+        for piece in _pieces(text, self.manager.limits.max_chunk_bytes):
             await self.manager.append_tokens(run.request_id, piece, epoch=run.ctx.epoch)
 
     async def _spend(self, run: _Run, usage: dict[str, int] | None, text: str, deltas: int) -> None:
@@ -1038,7 +1032,7 @@ class Coordinator:
             return  # refused by its own configuration: nothing new to tell other workers
         mode = self.backends[name].spec.continues_chat
         try:
-            await self.manager.shell.run(self.capabilities.remember_missing(name, mode), "capability", run.request_id)
+            await self.capabilities.remember_missing(name, mode, request_id=run.request_id)
         except CoordinatorUnavailableError as exc_redis:  # a hint for others; this request already knows
             log.warning("could not share that %s rejects prefills: %s", name, exc_redis)
 
@@ -1058,7 +1052,7 @@ class Coordinator:
 
     async def _breaker(self, name: str, success: bool) -> None:
         try:
-            await self.manager.shell.run(self.breaker.record(name, success), "breaker")
+            await self.breaker.record(name, success)
         except CoordinatorUnavailableError as exc:
             log.warning("breaker update for %s failed: %s", name, exc)
 
@@ -1133,7 +1127,7 @@ class Coordinator:
             if raise_unwritten:
                 raise
             log.warning("could not record the failure of %s; no longer renewing its lease", run.request_id)
-            self.manager.core.forget(run.request_id, run.ctx.epoch)
+            self.manager.forget(run.request_id, run.ctx.epoch)
         run.outcome = self._outcome(
             run, "Failed", error=stored, error_kind=type(error).__name__, finish_reason=finish_reason
         )

@@ -1,9 +1,10 @@
 """Resumable delivery: any replica can serve ``follow(request_id, offset)``.
 
-The committed answer is the request's text key; a follower reads it from its offset,
-then blocks on the request's notification feed (a stream in the same hash slot) until
-the next commit or the end marker. FOLLOW_READ returns the feed's last id atomically
-with the text, so a commit that lands between the read and the wait is never missed.
+The committed answer is the request's text key; a follower reads it from its offset
+(``manager.follow_read``), then blocks on the request's notification feed (a stream in
+the same hash slot; ``manager.wait_feed``, store/feed.py) until the next commit or the
+end marker. FOLLOW_READ returns the feed's last id atomically with the text, so a
+commit that lands between the read and the wait is never missed.
 Followers see only committed text: exactly what Redis acknowledged, once, in order.
 
 Cancellation: a Redis call can return normally although the task awaiting it was
@@ -21,11 +22,10 @@ from typing import TYPE_CHECKING
 from flo_coord import defaults
 from flo_coord.errors import CorruptStateError, RequestCancelledError, RequestFailedError, UnknownRequestError
 from flo_coord.store import validation
-from flo_coord.store.core import Cmd, Operation, ok
 
 if TYPE_CHECKING:
     from flo_coord.models import RequestOutcome
-    from flo_coord.store.facade import AsyncFailoverManager
+    from flo_coord.store import AsyncFailoverManager
 
 
 def cancel_point() -> None:
@@ -33,11 +33,6 @@ def cancel_point() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-def _wait_feed(feed: str, last_id: str, block_ms: int) -> Operation[None]:
-    (reply,) = yield [Cmd(("XREAD", "BLOCK", block_ms, "COUNT", 1, "STREAMS", feed, last_id))]
-    ok(reply)
 
 
 async def follow(
@@ -60,17 +55,15 @@ async def follow(
     CorruptStateError when its stored text is not UTF-8. Stops promptly when its task is
     cancelled.
     """
-    core = manager.core
-    rid = validation.request_id(request_id, core.limits)
+    rid = validation.request_id(request_id, manager.limits)
     skip = validation.offset(offset)
     wait = validation.seconds("wait", wait)
     poll = validation.positive_seconds("poll", poll)
-    feed = core.keys.request(rid).feed
     position = 0  # bytes of committed text already read (always at a chunk boundary)
     block_ms = max(1, int(poll * 1000))
     give_up_at = time.monotonic() + wait
     while True:
-        read = await manager.shell.run(core.follow_read(rid, position), "follow", rid)
+        read = await manager.follow_read(rid, position)
         cancel_point()
         if read is None:
             if time.monotonic() < give_up_at:
@@ -94,5 +87,5 @@ async def follow(
                 failed = RequestCancelledError if outcome.error_kind == "Cancelled" else RequestFailedError
                 raise failed(rid, f"request {rid!r} failed: {outcome.error}")
             return
-        await manager.shell.run(_wait_feed(feed, last_id, block_ms), "follow", rid)
+        await manager.wait_feed(rid, last_id, block_ms)
         cancel_point()

@@ -9,8 +9,8 @@ the group has any. ``privacy`` (PrivacyTier, batuta's) excludes every deployment
 provider the tier does not allow: at config load for the group's own deployments (a
 ConfigError), and at every failover for every candidate, fallback groups' included.
 
-In-flight counts live in Redis (``InFlight``): one sorted set per deployment, member
-``<worker>/<request>`` scored by a deadline on the Redis server clock. A call adds its
+In-flight counts live in Redis (the store's ``InFlightStore``, ``manager.inflight``): one
+sorted set per deployment, member ``<worker>/<request>`` scored by a deadline on the Redis server clock. A call adds its
 member when its deployment is picked (the pick itself, one script) and removes it when
 the call ends; the worker renews its members' deadlines every few seconds, so the members
 of a worker that died drop out after ``ttl`` seconds. All those sets share one hash slot,
@@ -23,82 +23,62 @@ field, ``submit --model``) asks for a model by the name its deployments serve.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Annotated
 
 import msgspec
 
+from flo_coord.constraints import Checked, GroupName, PositiveInt, Weight
 from flo_coord.errors import ConfigError, UnknownModelError
 from flo_coord.execution.backends import BackendSpec
 from flo_coord.models import PrivacyTier, ServingBackend
-from flo_coord.store.codec import text
-from flo_coord.store.core import Cmd, Eval, Operation, ok
-from flo_coord.store.keys import Keys
-from flo_coord.store.scripts import INFLIGHT_PICK, INFLIGHT_RENEW
-
-#: Longest model group name (it is stored with each request that asks for it).
-MAX_GROUP_NAME = 256
 
 #: One tier: (deployment name, weight) pairs the Coordinator picks among.
 Tier = list[tuple[str, float]]
 
 
-class GroupDeployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One deployment of a model group: its ``name``, relative ``weight`` (> 0) and ``tier``
-    (1 is tried first; a higher tier only once every deployment of the lower ones failed)."""
+class GroupDeployment(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
+    """One deployment of a model group: its ``name``, relative ``weight`` (> 0, at most 1e9) and
+    ``tier`` (an integer >= 1; 1 is tried first, a higher tier only once every deployment of the
+    lower ones failed). ConfigError when a value is invalid."""
 
     name: str
-    weight: float = 1.0
-    tier: int = 1
+    weight: Weight = 1.0
+    tier: PositiveInt = 1
 
 
-def _entry(entry: Any) -> GroupDeployment:
-    """A deployment entry as given in Python (a name, a dict, a GroupDeployment) or decoded from TOML."""
-    if isinstance(entry, GroupDeployment):
-        return entry
-    if isinstance(entry, str):
-        return GroupDeployment(name=entry)
-    try:
-        return msgspec.convert(entry, GroupDeployment)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"a model group deployment must be a name or a table with name/weight/tier: {exc}") from None
+def _entry(entry: str | GroupDeployment) -> GroupDeployment:
+    """A deployment entry (a bare name is weight 1, tier 1) as a GroupDeployment."""
+    return GroupDeployment(name=entry) if isinstance(entry, str) else entry
 
 
-class ModelGroup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class ModelGroup(msgspec.Struct, Checked, kw_only=True, forbid_unknown_fields=True):
     """A client-facing model name and the deployments that serve it (``[[models]]``).
 
-    ``deployments``: deployment names (weight 1, tier 1) or GroupDeployment tables.
+    ``name``: printable, not blank, at most 256 characters.
+    ``deployments``: at least one; deployment names (weight 1, tier 1) or GroupDeployment
+    tables (or dicts with name/weight/tier), each deployment at most once.
     ``fallbacks`` / ``context_window_fallbacks``: other model groups' names.
     ``privacy``: "Sovereign" (local providers only), "Private" (local plus AzureOpenAI,
     AwsBedrock, GoogleVertex, AwsLambda) or "Standard" (any); case-insensitive.
     Raises ConfigError when a field is invalid.
     """
 
-    name: str
-    deployments: list[str | GroupDeployment]
+    name: GroupName
+    deployments: Annotated[
+        list[str | GroupDeployment],
+        msgspec.Meta(min_length=1, description="a list of at least one deployment (a name or name/weight/tier)"),
+    ]
     fallbacks: list[str] = msgspec.field(default_factory=list)
     context_window_fallbacks: list[str] = msgspec.field(default_factory=list)
     privacy: str = "Standard"
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > MAX_GROUP_NAME:
-            raise ConfigError(f"model group name must be a non-empty string of at most {MAX_GROUP_NAME} characters")
-        if not self.name.isprintable():
-            raise ConfigError(f"model group name {self.name!r} has control characters")
-        if not self.deployments:
-            raise ConfigError(f"model group {self.name}: deployments must list at least one deployment")
-        for entry in self.entries:
-            weight = entry.weight
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
-                raise ConfigError(f"model group {self.name}: weight of {entry.name} must be a number > 0")
-            if isinstance(entry.tier, bool) or not isinstance(entry.tier, int) or entry.tier < 1:
-                raise ConfigError(f"model group {self.name}: tier of {entry.name} must be an integer >= 1")
+    def _finish(self) -> None:
         names = [e.name for e in self.entries]
         if len(set(names)) != len(names):
             raise ConfigError(f"model group {self.name}: a deployment is listed twice in {names}")
         folded = {t.value.casefold(): t for t in PrivacyTier}
-        tier = folded.get(self.privacy.casefold()) if isinstance(self.privacy, str) else None
+        tier = folded.get(self.privacy.casefold())
         if tier is None:
             raise ConfigError(f"model group {self.name}: privacy must be one of {', '.join(folded.values())}")
         self.privacy = tier
@@ -254,55 +234,3 @@ def check_unique(specs: Sequence[BackendSpec]) -> None:
                 f"({spec.backend.value} at {spec.safe_url}, model {spec.model!r}); give each deployment its own name"
             )
         first[spec.name] = index
-
-
-class InFlight:
-    """Operations on the fleet-wide in-flight counts of one namespace (run them with a shell).
-
-    ``ttl``: seconds a call stays counted without a renewal (a dead worker's calls drop out
-    after it). Keys: ``<namespace>:{<namespace>:inflight}:<deployment>``, one slot for all.
-    """
-
-    def __init__(self, keys: Keys, ttl: float) -> None:
-        self.keys = keys
-        self.ttl_ms = max(1000, int(ttl * 1000))
-
-    def key(self, deployment: str) -> str:
-        return f"{self.keys.namespace}:{{{self.keys.namespace}:inflight}}:{deployment}"
-
-    def pick(self, candidates: Sequence[tuple[str, float]], member: str) -> Operation[tuple[str, list[int]]]:
-        """Choose among ``candidates`` ((deployment, weight) pairs) and count ``member`` on it.
-
-        Returns (the chosen deployment, every candidate's in-flight count before the pick).
-        """
-        weights = [repr(float(w)) for _, w in candidates]
-        args = (member, self.ttl_ms, repr(random.random()), *weights)
-        (reply,) = yield [Eval(INFLIGHT_PICK, tuple(self.key(n) for n, _ in candidates), args)]
-        index, counts = ok(reply)
-        return candidates[int(index) - 1][0], [int(c) for c in counts]
-
-    def release(self, deployment: str, member: str) -> Operation[None]:
-        """The call of ``member`` on ``deployment`` ended (a single ZREM: no script needed)."""
-        (reply,) = yield [Cmd(("ZREM", self.key(deployment), member))]
-        ok(reply)
-
-    def renew(self, members: Mapping[str, str]) -> Operation[None]:
-        """Push the deadlines of ``members`` (member -> deployment), one script per deployment."""
-        by_deployment: dict[str, list[str]] = {}
-        for member, deployment in members.items():
-            by_deployment.setdefault(deployment, []).append(member)
-        if not by_deployment:
-            return
-        replies = yield [Eval(INFLIGHT_RENEW, (self.key(d),), (self.ttl_ms, *ms)) for d, ms in by_deployment.items()]
-        for reply in replies:
-            ok(reply)
-
-    def counts(self, deployments: Sequence[str]) -> Operation[dict[str, int]]:
-        """Calls in flight per deployment now (expired members not counted); for tools and tests."""
-        if not deployments:
-            return {}
-        (reply,) = yield [Cmd(("TIME",))]
-        seconds, micros = (int(text(v)) for v in ok(reply))
-        now = seconds * 1000 + micros // 1000
-        replies = yield [Cmd(("ZRANGEBYSCORE", self.key(d), f"({now}", "+inf")) for d in deployments]
-        return {d: len(ok(r)) for d, r in zip(deployments, replies, strict=True)}

@@ -12,7 +12,7 @@ A worker never exits because of Redis or of one request:
   capped, jittered backoff (``retry.outage_retrying``), logged once per change of state
   (``Coordinator.redis_available`` says which state it is in). An entry it could not start
   stays pending in the group and is taken again after the outage.
-- A queue entry it cannot run (a ``queue.Poison``, or input ``start_tracking`` refuses, or
+- A queue entry it cannot run (a ``Poison``, store/queue.py, or input ``start_tracking`` refuses, or
   a stored context that is corrupt) is ended as failed with a typed reason its followers
   see (``error_kind`` = the error's class name), acknowledged, and the worker goes on.
 - A late or duplicate delivery of a request that exists or has an outcome is refused by
@@ -28,10 +28,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from flo_coord.errors import CoordinatorUnavailableError, CorruptStateError, FloCoordError, PoisonRequestError
-from flo_coord.execution import queue
 from flo_coord.execution.coordinator import Coordinator
-from flo_coord.execution.queue import Entry, Poison, Submission
-from flo_coord.store.retry import outage_retrying
+from flo_coord.store import Entry, Poison, Submission, outage_retrying
 
 T = TypeVar("T")
 log = logging.getLogger("flo_coord.worker")
@@ -77,9 +75,6 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
 
-    async def _run(self, op: Any, request_id: str | None = None) -> Any:
-        return await self.manager.shell.run(op, "queue", request_id)
-
     async def _until_stopped(self, make: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
         """Run ``make()``, waiting out Redis outages, until it returns or a stop is requested.
 
@@ -110,21 +105,20 @@ class Worker:
         return False, None
 
     async def _take(self, free: int) -> list[Entry]:
-        core = self.manager.core
+        queue = self.manager.queue
         if not self._group_checked:
-            await self._run(queue.ensure_group(core))
+            await queue.ensure_group()
             self._group_checked = True
-        entries: list[Entry] = await self._run(queue.reclaim(core, int(self.manager.lease_ttl * 2000), free))
+        entries = await queue.reclaim(int(self.manager.lease_ttl * 2000), free)
         if not entries:
-            entries = await self._run(queue.take(core, free, self.block_ms))
+            entries = await queue.take(free, self.block_ms)
         return entries
 
     async def run(self) -> None:
-        core = self.manager.core
-        started, _ = await self._until_stopped(lambda: self._run(queue.ensure_group(core)))
+        started, _ = await self._until_stopped(self.manager.queue.ensure_group)
         self._group_checked = started
         await self.coordinator.start()
-        log.info("worker %s started (namespace %s)", core.worker_id, core.keys.namespace)
+        log.info("worker %s started (namespace %s)", self.manager.worker_id, self.manager.namespace)
         try:
             while not self._stop.is_set():
                 free = self.concurrency - len(self._running)
@@ -160,21 +154,19 @@ class Worker:
             await self._reject(entry_id, item, exc)
 
     async def _start(self, entry_id: str, submission: Submission) -> None:
-        core = self.manager.core
         rid = submission.request_id
         if self.before_start is not None:
             await self.before_start(entry_id, submission)
         if submission.model is not None:
             self.coordinator.router.group(submission.model)  # UnknownModelError: rejected before it starts
-        op = core.start_new(
+        ctx = await self.manager.start_new(
             rid, submission.prompt, submission.primary, messages=submission.messages, max_tokens=submission.max_tokens
         )
-        ctx = await self.manager.shell.run(op, "start_tracking", rid)
         if ctx is None:
             # Started before (a late or duplicate delivery): leases cover it. A corrupt stored
             # context raises CorruptStateError here and is ended by _reject.
             await self.manager.get_context(rid)
-            await self._run(queue.ack(core, entry_id))
+            await self.manager.queue.ack(entry_id)
             log.info("request %s already started: duplicate queue entry %s dropped", rid, entry_id)
             return
         # Run it first, then acknowledge: a failed ack is retried, and the retry finds the
@@ -185,7 +177,7 @@ class Worker:
         self._running.add(task)
         task.add_done_callback(self._done)
         log.info("request %s accepted", rid, extra={"request_id": rid, "epoch": ctx.epoch})
-        await self._run(queue.ack(core, entry_id))
+        await self.manager.queue.ack(entry_id)
 
     async def _reject(self, entry_id: str, item: Submission | Poison, exc: Exception) -> None:
         """End an entry's request as failed (when it names a valid request id) and acknowledge it."""
@@ -195,14 +187,14 @@ class Worker:
         log.warning("queue entry %s (request %r) cannot be run: %s", entry_id, rid, exc)
         if rid is not None:
             try:
-                ended = await self.manager.shell.run(self.manager.core.reject(rid, reason, kind=kind), "reject", rid)
+                ended = await self.manager.reject(rid, reason, kind=kind)
                 if not ended and isinstance(exc, CorruptStateError):
                     log.warning("request %r is corrupt but its lease is live; left to its owner", rid)
             except CoordinatorUnavailableError:
                 raise
             except FloCoordError as error:  # an invalid request id: nobody can follow it anyway
                 log.warning("request %r not ended: %s", rid, error)
-        await self._run(queue.ack(self.manager.core, entry_id))
+        await self.manager.queue.ack(entry_id)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._running.discard(task)

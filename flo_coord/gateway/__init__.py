@@ -6,6 +6,6 @@ Needs the ``gateway`` extra (starlette, uvicorn, prometheus-client).
 from __future__ import annotations
 
 from flo_coord.gateway.app import Gateway, HTTPError, failure
-from flo_coord.gateway.store import IdempotencyConflictError, Presentation
+from flo_coord.store import IdempotencyConflictError, Presentation
 
 __all__ = ["Gateway", "HTTPError", "IdempotencyConflictError", "Presentation", "failure"]

@@ -37,13 +37,12 @@ from flo_coord.errors import (
 )
 from flo_coord.execution.backends import RateLimitedError
 from flo_coord.execution.coordinator import AnswerStream, Coordinator
-from flo_coord.gateway import protocol, store
+from flo_coord.gateway import protocol
 from flo_coord.gateway.live import Live
 from flo_coord.gateway.protocol import InvalidParameterError, Parsed, Shaper
-from flo_coord.gateway.store import IdempotencyConflictError, Presentation
 from flo_coord.models import FailoverResult, count_tokens
 from flo_coord.settings import GatewaySettings
-from flo_coord.store import validation
+from flo_coord.store import IdempotencyConflictError, Presentation, validation
 
 log = logging.getLogger("flo_coord.gateway")
 #: committed text from an offset: from this replica's memory, or followed from Redis
@@ -174,7 +173,7 @@ class Gateway:
         self.router = coordinator.router  # the model groups (``[[models]]``, else one per deployment model)
         self.keys = frozenset(keys)
         self.retention = retention
-        self.limits = limits or coordinator.manager.core.limits
+        self.limits = limits or coordinator.manager.limits
         self.metrics = metrics
         self.reap_interval = reap_interval
         self.live: dict[str, Live] = {}
@@ -297,9 +296,7 @@ class Gateway:
                 return attached
         # written while the generation starts (no round trip added to the time to first token);
         # awaited before the response, so a client can resume only once it is there
-        saved = asyncio.ensure_future(
-            self.manager.shell.run(store.save_presentation(self.manager, rid, shape, self.retention), "gateway", rid)
-        )
+        saved = asyncio.ensure_future(self.manager.gateway.save_presentation(rid, shape, self.retention))
         self._start(rid, parsed)
         try:
             await saved
@@ -325,13 +322,12 @@ class Gateway:
         (from ``Last-Event-ID`` when given) instead of starting another generation."""
         if not key or len(key) > _MAX_KEY_LENGTH:
             raise InvalidParameterError(f"Idempotency-Key must be 1-{_MAX_KEY_LENGTH} characters", "Idempotency-Key")
-        claim = store.claim_idempotency(self.manager, key, protocol.body_hash(raw), rid, self.retention)
-        earlier = await self.manager.shell.run(claim, "idempotency")
+        earlier = await self.manager.gateway.claim_idempotency(key, protocol.body_hash(raw), rid, self.retention)
         if earlier is None:
             return None
         request.scope["flo_request_id"] = earlier
         offset, origin = self._offset(request, earlier)
-        stored = await self.manager.shell.run(store.load_presentation(self.manager, earlier), "gateway")
+        stored = await self.manager.gateway.load_presentation(earlier)
         return await self._respond(earlier, stored or shape, offset, parsed.stream, resumed=offset > 0, origin=origin)
 
     async def _body(self, request: Request) -> bytes:
@@ -463,8 +459,7 @@ class Gateway:
         live = self.live.get(rid)
         if live is not None:
             return live.length
-        length: int = await self.manager.shell.run(store.committed_length(self.manager, rid), "gateway", rid)
-        return length
+        return await self.manager.gateway.committed_length(rid)
 
     async def _failure(self, rid: str, exc: Exception) -> HTTPError:
         """``failure(exc)``, except that a request whose outcome says it was cancelled (kind
@@ -571,7 +566,7 @@ class Gateway:
         rid = validation.request_id(request.path_params["request_id"], self.limits)
         request.scope["flo_request_id"] = rid
         offset, origin = self._offset(request, rid)
-        shape = await self.manager.shell.run(store.load_presentation(self.manager, rid), "gateway", rid)
+        shape = await self.manager.gateway.load_presentation(rid)
         if shape is None:
             shape = await self._presentation_of_foreign(rid)
         return await self._respond(rid, shape, offset, True, resumed=offset > 0, origin=origin)
@@ -657,10 +652,10 @@ class Gateway:
     async def readyz(self, _: Request) -> Response:
         problems = []
         try:
-            await asyncio.wait_for(self.manager.redis.ping(), 2.0)
+            await asyncio.wait_for(self.manager.ping(), 2.0)
         except Exception as exc:
             problems.append(f"redis unreachable: {type(exc).__name__}")
-        beat = getattr(self.manager, "last_heartbeat", None)
+        beat = getattr(self.metrics, "last_heartbeat", None)
         stale = max(2.0, 2 * self.manager.lease_ttl)
         if beat is not None and time.monotonic() - beat > stale:
             problems.append(f"leases not renewed for {time.monotonic() - beat:.1f}s")

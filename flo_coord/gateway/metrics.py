@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flo_coord.metrics import ObservedManager, WorkerMetrics, _prometheus
+from flo_coord.metrics import WorkerMetrics, _prometheus
 
 
 class GatewayMetrics(WorkerMetrics):
-    """WorkerMetrics plus HTTP requests by route and status, and open streams."""
+    """WorkerMetrics plus HTTP requests by route and status, and open streams; and, for
+    ``/readyz``, ``last_heartbeat``: when (``time.monotonic()``) a heartbeat last returned."""
+
+    last_heartbeat: float | None = None
 
     def __init__(self, registry: Any = None) -> None:
         super().__init__(registry)
@@ -22,13 +25,6 @@ class GatewayMetrics(WorkerMetrics):
         )
         self.streams = prometheus.Gauge("flo_gateway_streams", "SSE streams open now", registry=self.registry)
 
-
-class ReadyManager(ObservedManager):
-    """An ObservedManager that remembers when its heartbeat last renewed leases (/readyz)."""
-
-    last_heartbeat: float | None = None
-
-    async def heartbeat(self) -> int:
-        renewed = await super().heartbeat()
+    def on_heartbeat(self, renewed: int) -> None:
+        super().on_heartbeat(renewed)
         self.last_heartbeat = time.monotonic()
-        return renewed

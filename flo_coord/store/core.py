@@ -102,20 +102,23 @@ Operation = Generator[list[Call], list[Any], T]
 
 
 class Single(Generator[list[Call], list[Any], T], Generic[T]):
-    """An operation of exactly one call, without a generator frame (the hot path's form).
+    """An operation of one call, without a generator frame (the hot path's form).
 
     ``start()`` builds the call when the operation starts (not when it is made: state such
     as the next append ``seq`` is read at sending time, as a generator would), and
-    ``finish(reply)`` turns its reply into the result. It is a ``Generator`` like any
-    operation, so ``together``, ``drive`` and the batcher run it unchanged; the shells
-    recognise it and send its call on their fast path (no per-call generator, batch or
-    bookkeeping objects).
+    ``finish(reply)`` turns its reply into the result; ``failed(exc)`` hears that the
+    call's outcome is unknown (a fault thrown in after it was sent, or the operation
+    abandoned: ``close()``). It is a ``Generator`` like any operation, so ``together``,
+    ``drive`` and the batcher run it unchanged; the shells send ``fast_call()`` directly
+    (no generator, batch or bookkeeping objects). A subclass whose work is sometimes more
+    than one call returns None from ``fast_call`` then, and is driven step by step.
     """
 
-    __slots__ = ("_started",)
+    __slots__ = ("_state",)
+    _NEW, _SENT, _DONE = 0, 1, 2
 
     def __init__(self) -> None:
-        self._started = False
+        self._state = Single._NEW
 
     def start(self) -> Call:
         raise NotImplementedError
@@ -123,22 +126,42 @@ class Single(Generator[list[Call], list[Any], T], Generic[T]):
     def finish(self, reply: Any) -> T:
         raise NotImplementedError
 
+    def failed(self, exc: BaseException) -> None:
+        """The sent call may or may not have run (``exc`` says why)."""
+
+    def fast_call(self) -> Call | None:
+        """Start the operation and return its one call; None: drive it step by step."""
+        self._state = Single._SENT
+        return self.start()
+
+    def resolve(self, reply: Any) -> T:
+        """The result of the reply to ``fast_call``'s call."""
+        self._state = Single._DONE
+        return self.finish(reply)
+
     def send(self, value: list[Any] | None) -> list[Call]:
-        if not self._started:
+        if self._state == Single._NEW:
             if value is not None:
                 raise TypeError("can't send non-None value to a just-started operation")
-            self._started = True
-            return [self.start()]
-        assert value is not None
-        raise StopIteration(self.finish(value[0]))
+            call = self.fast_call()
+            assert call is not None
+            return [call]
+        if self._state == Single._SENT:
+            assert value is not None
+            raise StopIteration(self.resolve(value[0]))
+        raise StopIteration
 
     def throw(  # type: ignore[override]
         self, typ: Any, val: Any = None, tb: TracebackType | None = None
     ) -> list[Call]:
-        """A failed I/O step: a one-call operation has nothing to recover, so it raises it."""
-        if isinstance(typ, BaseException):
-            raise typ
-        raise typ() if val is None else (val if isinstance(val, BaseException) else typ(val))
+        """The round trip failed (or, with GeneratorExit, the operation is abandoned): a
+        sent call's outcome is unknown (``failed``); the exception is raised again."""
+        exc = typ if isinstance(typ, BaseException) else (val if isinstance(val, BaseException) else typ())
+        if self._state == Single._SENT:
+            self._state = Single._DONE
+            self.failed(exc)
+        self._state = Single._DONE
+        raise exc
 
 
 def together(ops: list[Operation[Any]]) -> Operation[list[Any]]:
@@ -181,11 +204,21 @@ class AppendAck(msgspec.Struct, frozen=True, gc=False):
 
 @dataclass(slots=True)
 class Holding:
-    """What this worker holds of one request: its fencing epoch and next append seq."""
+    """What this worker holds of one request: its fencing epoch, next append seq, and the
+    automatic-seq append whose outcome is unknown, if any.
+
+    ``unknown`` is (epoch, seq, text, token count) of an append that Redis may or may not have applied
+    (the shell gave up on it past its deadline, or its caller abandoned it). The next
+    automatic-seq append of the request re-sends that text under that seq first
+    (``_Append``): applied once either way (``DUP`` if it had been), so later
+    text can never reuse its seq and be taken for its duplicate. ``lock`` serialises a
+    sync caller's automatic-seq appends (the asyncio batcher keeps one in flight itself).
+    """
 
     epoch: int
     next_seq: int = 1
     lock: threading.Lock = field(default_factory=threading.Lock)
+    unknown: tuple[int, int, str, int] | None = None  #: (epoch, seq, text, token count)
 
 
 def default_worker_id() -> str:
@@ -871,37 +904,96 @@ _OK = (b"OK", "OK")  # a status as bytes, or as str from a client that decodes r
 
 
 class _Append(Single[AppendAck | None]):
-    """One fenced APPEND (``append_tokens``, ``append_many``): one call, one reply.
+    """One fenced APPEND (``append_tokens``, ``append_many``).
 
     At start: the generation check (``epoch`` given), the ``seq`` (given, or the holding's
     next) and the call; at finish: the holding's next ``seq`` moves past the acknowledged
     one, and a refusal becomes LeaseLostError (None for a request nobody holds or knows).
+
+    An automatic-seq append whose outcome is unknown (a fault past the deadline thrown in,
+    or the operation abandoned) is recorded in ``Holding.unknown``; the request's next
+    automatic-seq append first re-sends it alone under its own seq (applied once either
+    way, ``DUP`` if it had been), so later text never reuses that seq and is never taken
+    for its duplicate. Such an append is two calls: it is driven step by step
+    (``fast_call`` returns None), every other append is one.
     """
 
-    __slots__ = ("chunks", "core", "epoch", "held", "number", "rid", "seq")
+    __slots__ = ("chunks", "core", "epoch", "held", "joined", "number", "numbered", "rid", "seq", "tokens")
+    _SETTLING = 3
 
     def __init__(self, core: FailoverCore, rid: str, chunks: list[str], seq: int | None, epoch: int | None) -> None:
-        self._started = False  # (Single.__init__, inlined: one of these per append)
+        self._state = Single._NEW  # (Single.__init__, inlined: one of these per append)
         self.core = core
         self.rid = rid
         self.chunks = chunks
         self.seq = seq
         self.epoch = epoch
 
+    def _unknown(self) -> tuple[int, int, str, int] | None:
+        """The holding's unknown append this one must settle first, if it numbers automatically."""
+        if self.seq is not None:
+            return None
+        held = self.core._held.get(self.rid)
+        return held.unknown if held is not None else None
+
+    def fast_call(self) -> Call | None:
+        if self._unknown() is not None:
+            return None
+        return super().fast_call()
+
+    def send(self, value: list[Any] | None) -> list[Call]:
+        if self._state == Single._NEW and value is None and self._unknown() is not None:
+            return self._settle()
+        if self._state == _Append._SETTLING:
+            assert value is not None
+            self._settled(value[0])
+            self._state = Single._SENT
+            return [self.start()]
+        return super().send(value)
+
+    def _settle(self) -> list[Call]:
+        core, rid = self.core, self.rid
+        if self.epoch is not None:
+            core._check_generation(rid, self.epoch)
+        held = core._held[rid]
+        assert held.unknown is not None
+        epoch, number, joined, tokens = held.unknown
+        if (epoch, number) != (held.epoch, held.next_seq):
+            held.unknown = None  # the request moved on (a new epoch, another seq): moot
+            self._state = Single._SENT
+            return [self.start()]
+        self._state = _Append._SETTLING
+        return [Eval(APPEND, core._append_keys(rid), (core.worker_id, epoch, number, joined, tokens))]
+
+    def _settled(self, reply: Any) -> None:
+        held = self.core._held[self.rid]
+        assert held.unknown is not None
+        number = held.unknown[1]
+        held.unknown = None  # answered: applied now or before, or refused for good (the next call says so)
+        status, reply = _status(reply, self.rid)
+        if status in ("OK", "DUP"):
+            held.next_seq = max(held.next_seq, number + 1, int(reply[1]) + 1)
+
     def start(self) -> Call:
         core, rid, chunks = self.core, self.rid, self.chunks
         self.held = held = core._held.get(rid)
+        self.numbered = held if self.seq is None else None  # automatic seqs: this worker numbers the appends
         number = self.seq
         if number is None:
             number = held.next_seq if held else 1
         self.number = number
         if len(chunks) == 1:
-            text_, tokens = chunks[0], count_tokens(chunks[0])
+            self.joined, self.tokens = chunks[0], count_tokens(chunks[0])
         else:
-            text_, tokens = "".join(chunks), sum(count_tokens(c) for c in chunks)
+            self.joined, self.tokens = "".join(chunks), sum(count_tokens(c) for c in chunks)
         # checks the generation (``epoch`` given) before anything is sent
         self.epoch = epoch = core._fence_epoch(rid, self.epoch)
-        return Eval(APPEND, core._append_keys(rid), (core.worker_id, epoch, number, text_, tokens))
+        return Eval(APPEND, core._append_keys(rid), (core.worker_id, epoch, number, self.joined, self.tokens))
+
+    def failed(self, exc: BaseException) -> None:
+        if self.numbered is not None:
+            assert self.epoch is not None
+            self.numbered.unknown = (self.epoch, self.number, self.joined, self.tokens)
 
     def finish(self, reply: Any) -> AppendAck | None:
         rid, held, number = self.rid, self.held, self.number

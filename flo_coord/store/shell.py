@@ -315,9 +315,9 @@ def _send(op: Operation[T], replies: list[Any]) -> list[Call]:
 
 
 def _finish(op: Single[T], reply: Any) -> T:
-    """``op.finish(reply)``; a reply it cannot decode is UndecodableReplyError (as in ``_send``)."""
+    """``op.resolve(reply)``; a reply it cannot decode is UndecodableReplyError (as in ``_send``)."""
     try:
-        return op.finish(reply)
+        return op.resolve(reply)
     except FloCoordError:
         raise
     except _DATA_ERRORS as exc:
@@ -470,8 +470,13 @@ class SyncShell(_ShellBase):
         (``RetryPolicy.deadline`` from now); every Redis fault raised as ``public_error`` maps it."""
         deadline_at = self.policy.deadline_at()
         try:
-            if isinstance(op, Single):  # the hot path: one call, no generator to drive
-                return _finish(op, self.execute([op.start()], deadline_at)[0])
+            if isinstance(op, Single) and (call := op.fast_call()) is not None:  # the hot path: no generator
+                try:
+                    replies = self.execute([call], deadline_at)
+                except Exception as exc:
+                    op.throw(exc)  # it hears that the outcome is unknown (an append records it); raises exc
+                    raise
+                return _finish(op, replies[0])
             return drive(op, lambda batch: self.execute(batch, deadline_at))
         except Exception as exc:
             error = self._error(exc, operation, request_id)
@@ -610,8 +615,13 @@ class AsyncShell(_ShellBase):
         (``RetryPolicy.deadline`` from now); every Redis fault raised as ``public_error`` maps it."""
         deadline_at = self.policy.deadline_at()
         try:
-            if isinstance(op, Single):  # the hot path: one call, no generator to drive
-                return _finish(op, (await self.execute([op.start()], deadline_at))[0])
+            if isinstance(op, Single) and (call := op.fast_call()) is not None:  # the hot path: no generator
+                try:
+                    replies = await self.execute([call], deadline_at)
+                except Exception as exc:
+                    op.throw(exc)  # it hears that the outcome is unknown (an append records it); raises exc
+                    raise
+                return _finish(op, replies[0])
             return await adrive(op, lambda batch: self.execute(batch, deadline_at))
         except Exception as exc:
             error = self._error(exc, operation, request_id)

@@ -1,31 +1,43 @@
-"""Input validation: every public entry point checks its input here before touching Redis."""
+"""Input validation: every public entry point checks its input here before touching Redis.
+
+The rules are the declared types of ``flo_coord.constraints`` (ids, seconds, counts), enforced
+by msgspec; the one rule Meta cannot declare, a size in UTF-8 bytes (and so text without lone
+surrogates), is ``text``. Every function returns the value (converted: an int given for
+seconds becomes a float) or raises ``flo_coord.errors.ValidationError`` (``ConfigError`` for
+``Limits``) naming the argument, showing the value and saying what is allowed.
+"""
 
 from __future__ import annotations
 
-import math
-import re
-from typing import Any
+import functools
+from typing import Annotated, Any
 
 import msgspec
 
 from flo_coord import defaults
+from flo_coord.constraints import (
+    ID_CHARACTERS,
+    NAMESPACE_CHARACTERS,
+    Checked,
+    LimitValue,
+    NonNegativeInt,
+    PageSize,
+    PositiveInt,
+    PositiveSeconds,
+    Seconds,
+    Seq,
+    check_value,
+    identifier,
+)
 from flo_coord.errors import ConfigError, ValidationError
 from flo_coord.models import ChatMessage
 
-# Request and worker ids may not hold '{' or '}' (they form the Redis Cluster hash tag)
-# nor whitespace or control characters (they appear in logs and keys).
-_ID_RE = re.compile(r"[A-Za-z0-9_.:@/+=-]+")
-_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]+")
 #: The chat roles accepted from users (the CLI's ``--message``, the gateway): OpenAI's roles
 #: that carry plain text ("tool" answers a tool call, which no entry point supports).
 CHAT_ROLES = ("system", "developer", "user", "assistant")
-#: Largest value of any limit (Redis strings top out at 512 MiB).
-_MAX_LIMIT = 512 << 20
-#: Largest duration accepted (lease, age, retention): ten years, in seconds.
-_MAX_SECONDS = 10 * 365 * 86400.0
 
 
-class Limits(msgspec.Struct, kw_only=True, frozen=True):
+class Limits(msgspec.Struct, Checked, kw_only=True, frozen=True):
     """Input limits, checked before anything touches Redis (defaults in ``flo_coord.defaults``).
 
     - request and worker ids: 1..``max_*_length`` characters of ``A-Z a-z 0-9 _ . : @ / + = -``
@@ -35,59 +47,68 @@ class Limits(msgspec.Struct, kw_only=True, frozen=True):
     - one appended chunk, and a failure reason: at most ``max_chunk_bytes`` of UTF-8
     - chat messages: at most ``max_messages``; a role at most 64 bytes
     - backend, model and error-kind labels: at most ``max_label_bytes``
-    Text must be valid Unicode (no lone surrogates).
+    Text must be valid Unicode (no lone surrogates). Every limit is an integer from 1 to
+    512 MiB; another value raises ConfigError.
     """
 
-    max_request_id_length: int = defaults.MAX_REQUEST_ID_LENGTH
-    max_worker_id_length: int = defaults.MAX_WORKER_ID_LENGTH
-    max_namespace_length: int = defaults.MAX_NAMESPACE_LENGTH
-    max_prompt_bytes: int = defaults.MAX_PROMPT_BYTES
-    max_chunk_bytes: int = defaults.MAX_CHUNK_BYTES
-    max_messages: int = defaults.MAX_MESSAGES
-    max_label_bytes: int = 256
+    max_request_id_length: LimitValue = defaults.MAX_REQUEST_ID_LENGTH
+    max_worker_id_length: LimitValue = defaults.MAX_WORKER_ID_LENGTH
+    max_namespace_length: LimitValue = defaults.MAX_NAMESPACE_LENGTH
+    max_prompt_bytes: LimitValue = defaults.MAX_PROMPT_BYTES
+    max_chunk_bytes: LimitValue = defaults.MAX_CHUNK_BYTES
+    max_messages: LimitValue = defaults.MAX_MESSAGES
+    max_label_bytes: LimitValue = defaults.MAX_LABEL_BYTES
 
-    def __post_init__(self) -> None:
-        for name in self.__struct_fields__:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_LIMIT:
-                raise ConfigError(f"Limits.{name} must be an integer between 1 and {_MAX_LIMIT}, got {value!r}")
+
+_DEFAULT_LIMITS = Limits()
 
 
 def limits(value: Any) -> Limits:
     """``value`` if it is a Limits, the defaults for None; ConfigError otherwise."""
     if value is None:
-        return Limits()
-    if not isinstance(value, Limits):
-        raise ConfigError(f"limits must be a flo_coord.Limits, got {type(value).__name__}")
-    return value
+        return _DEFAULT_LIMITS
+    return check_value("limits", value, Limits, ConfigError)  # type: ignore[no-any-return]
 
 
-def _identifier(kind: str, value: Any, max_length: int, pattern: re.Pattern[str]) -> str:
-    if not isinstance(value, str):
-        raise ValidationError(f"{kind} must be a str, got {type(value).__name__}")
-    if not value:
-        raise ValidationError(f"{kind} must not be empty")
-    if len(value) > max_length:
-        raise ValidationError(f"{kind} is {len(value)} characters long; the limit is {max_length}")
-    if not pattern.fullmatch(value):
-        raise ValidationError(f"{kind} {value!r} may only contain {pattern.pattern[1:-2]}")
-    return value
+# Ids of live requests and their epochs recur on every append: each distinct value is
+# converted once (the caches are keyed on plain values; hashing a type per call would cost more).
+@functools.lru_cache(maxsize=1 << 14, typed=True)
+def _known_id(kind: str, value: str, max_length: int, characters: str) -> str:
+    return check_value(kind, value, identifier(max_length, characters))  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=1 << 10, typed=True)
+def _known_epoch(value: int) -> int:
+    return check_value("epoch", value, PositiveInt)  # type: ignore[no-any-return]
+
+
+def _identifier(kind: str, value: Any, max_length: int, characters: str = ID_CHARACTERS) -> str:
+    try:
+        return _known_id(kind, value, max_length, characters)
+    except TypeError:  # unhashable, so certainly not a str: let the declared type say why
+        return check_value(kind, value, identifier(max_length, characters))  # type: ignore[no-any-return]
 
 
 def request_id(value: Any, limits: Limits) -> str:
-    return _identifier("request id", value, limits.max_request_id_length, _ID_RE)
+    """A request id (str, 1..``limits.max_request_id_length`` of ID_CHARACTERS); ValidationError otherwise."""
+    return _identifier("request id", value, limits.max_request_id_length)
 
 
 def worker_id(value: Any, limits: Limits) -> str:
-    return _identifier("worker id", value, limits.max_worker_id_length, _ID_RE)
+    """A worker id (str, 1..``limits.max_worker_id_length`` of ID_CHARACTERS); ValidationError otherwise."""
+    return _identifier("worker id", value, limits.max_worker_id_length)
 
 
 def namespace(value: Any, limits: Limits | None = None) -> str:
+    """A namespace (str, 1..``max_namespace_length`` of NAMESPACE_CHARACTERS); ValidationError otherwise."""
     max_length = limits.max_namespace_length if limits is not None else defaults.MAX_NAMESPACE_LENGTH
-    return _identifier("namespace", value, max_length, _NAMESPACE_RE)
+    return _identifier("namespace", value, max_length, NAMESPACE_CHARACTERS)
 
 
 def text(kind: str, value: Any, max_bytes: int) -> str:
+    """``value`` if it is a str of at most ``max_bytes`` UTF-8 bytes without lone surrogates
+    (what Redis can store); ValidationError naming ``kind`` otherwise. The one rule Meta cannot
+    declare (its ``max_length`` counts characters), so it stays code."""
     if not isinstance(value, str):
         raise ValidationError(f"{kind} must be a str, got {type(value).__name__}")
     if len(value) > max_bytes:  # every character is at least one byte: no need to encode
@@ -102,78 +123,72 @@ def text(kind: str, value: Any, max_bytes: int) -> str:
 
 
 def prompt(value: Any, limits: Limits) -> str:
+    """A prompt: text of at most ``limits.max_prompt_bytes`` UTF-8 bytes; ValidationError otherwise."""
     return text("prompt", value, limits.max_prompt_bytes)
 
 
 def chunk(value: Any, limits: Limits) -> str:
+    """One appended chunk: text of at most ``limits.max_chunk_bytes`` UTF-8 bytes; ValidationError otherwise."""
     return text("tokens", value, limits.max_chunk_bytes)
 
 
 def label(kind: str, value: Any, limits: Limits) -> str:
-    """A short free-form name (backend, model, error kind)."""
+    """A short free-form name (backend, model, error kind): at most ``limits.max_label_bytes`` UTF-8 bytes."""
     return text(kind, value, limits.max_label_bytes)
 
 
+@functools.lru_cache(maxsize=16)
+def _message_list(max_messages: int) -> Any:
+    return Annotated[
+        list[ChatMessage],
+        msgspec.Meta(
+            min_length=1,
+            max_length=max_messages,
+            description=f"a list of 1 to {max_messages} {{'role', 'content'}} items",
+        ),
+    ]
+
+
 def messages(value: Any, limits: Limits) -> list[ChatMessage]:
-    if not isinstance(value, list | tuple) or not value:
-        raise ValidationError("messages must be a non-empty list of {'role', 'content'} items")
-    if len(value) > limits.max_messages:
-        raise ValidationError(f"{len(value)} messages; the limit is {limits.max_messages}")
-    out = []
+    """Chat messages: a list (or tuple) of ChatMessage or ``{"role", "content"}`` dicts, 1 to
+    ``limits.max_messages`` of them, each role at most 64 UTF-8 bytes, the contents together at
+    most ``limits.max_prompt_bytes``. Returns ChatMessages; ValidationError otherwise."""
+    items: list[ChatMessage] = check_value("messages", value, _message_list(limits.max_messages))
     budget = limits.max_prompt_bytes
-    for item in value:
-        if isinstance(item, ChatMessage):
-            role, content = item.role, item.content
-        elif isinstance(item, dict) and "role" in item and "content" in item:
-            role, content = item["role"], item["content"]
-        else:
-            raise ValidationError(f"each message needs 'role' and 'content', got a {type(item).__name__}")
-        role = text("message role", role, 64)
-        content = text("message content", content, budget)
-        budget -= len(content.encode("utf-8"))
-        out.append(ChatMessage(role, content))
-    return out
+    for item in items:
+        text("message role", item.role, defaults.MAX_ROLE_BYTES)
+        budget -= len(text("message content", item.content, budget).encode("utf-8"))
+    return items
 
 
 def positive_seconds(kind: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValidationError(f"{kind} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or not 0.001 <= value <= _MAX_SECONDS:
-        raise ValidationError(f"{kind} must be between 0.001 and {_MAX_SECONDS:.0f} seconds, got {value!r}")
-    return float(value)
+    """Seconds from 0.001 to ten years, as a float (PositiveSeconds); ValidationError otherwise."""
+    return check_value(kind, value, PositiveSeconds)  # type: ignore[no-any-return]
 
 
 def seconds(kind: str, value: Any) -> float:
-    """A finite number of seconds >= 0 (0 allowed: "do not wait"); never inf or nan."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValidationError(f"{kind} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or not 0 <= value <= _MAX_SECONDS:
-        raise ValidationError(f"{kind} must be between 0 and {_MAX_SECONDS:.0f} seconds, got {value!r}")
-    return float(value)
+    """Seconds from 0 ("do not wait") to ten years, as a float (Seconds); never inf or nan."""
+    return check_value(kind, value, Seconds)  # type: ignore[no-any-return]
 
 
 def seq(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**53:
-        raise ValidationError(f"seq must be an integer between 1 and 2**53, got {value!r}")
-    return value
+    """None, or an append sequence number from 1 to 2**53 - 1 (Seq); ValidationError otherwise."""
+    return None if value is None else check_value("seq", value, Seq)  # type: ignore[no-any-return]
 
 
 def limit(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 100_000:
-        raise ValidationError(f"limit must be an integer between 1 and 100000, got {value!r}")
-    return value
+    """How many entries to list: 1 to 100000 (PageSize); ValidationError otherwise."""
+    return check_value("limit", value, PageSize)  # type: ignore[no-any-return]
 
 
 def offset(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError(f"offset must be an integer >= 0, got {value!r}")
-    return value
+    """Where a listing starts: an integer >= 0; ValidationError otherwise."""
+    return check_value("offset", value, NonNegativeInt)  # type: ignore[no-any-return]
 
 
 def epoch(value: Any) -> int:
-    """A generation token's epoch: an int >= 1 (fencing epochs start at 1)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError(f"epoch must be an integer >= 1, got {value!r}")
-    return value
+    """A generation token's epoch: an integer >= 1 (fencing epochs start at 1)."""
+    try:
+        return _known_epoch(value)
+    except TypeError:  # unhashable, so certainly not an int: let the declared type say why
+        return check_value("epoch", value, PositiveInt)  # type: ignore[no-any-return]

@@ -734,11 +734,12 @@ def preload_scripts(server: RedisServer | FakeRedisTCPServer) -> None:
     fakeredis' TCP server drops a connection after any error reply, so a "function not found" reply could never be
     followed by the FUNCTION LOAD that answers it: the fake gets the library before any client connects.
     """
-    from flo_coord.store import functions, scripts
+    from flo_coord.store import install_functions, script_registry
+
     client = server.client()
     try:
-        functions.install(client)
-        for script in scripts.registry():
+        install_functions(client)
+        for script in script_registry():
             client.script_load(script.source)
     finally:
         client.close()

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flo_coord.models import ChatMessage
-from flo_coord.store.core import render_messages as core_render_messages
+from flo_coord.store import render_messages as core_render_messages
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -10,11 +10,16 @@ An entry a worker cannot run (not JSON, not UTF-8, fields of the wrong type) is 
 as a ``Poison``: the worker ends its request as failed when the entry names a valid
 request id (followers see why), acknowledges it, and goes on. ``submit`` refuses at the
 door everything a worker would refuse (the same validation as ``start_tracking``).
+
+Redis: one stream, ``Keys.queue``, and its consumer group ``GROUP``; each call is one
+plain command (XADD, XGROUP CREATE, XREADGROUP, XAUTOCLAIM, XACK), so no script. The
+module-level functions are the sans-I/O operations; ``QueueStore`` (``manager.queue``)
+runs them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -23,6 +28,9 @@ from flo_coord.models import ChatMessage
 from flo_coord.store import validation
 from flo_coord.store.codec import text
 from flo_coord.store.core import Cmd, FailoverCore, Operation, ok
+
+if TYPE_CHECKING:
+    from flo_coord.store.shell import AsyncShell
 
 GROUP = "workers"
 
@@ -81,6 +89,7 @@ def _submit(core: FailoverCore, submission: Submission) -> Operation[str]:
 
 
 def ensure_group(core: FailoverCore) -> Operation[None]:
+    """Create the consumer group (and the stream) unless it exists."""
     (reply,) = yield [Cmd(("XGROUP", "CREATE", core.keys.queue, GROUP, "0", "MKSTREAM"))]
     if isinstance(reply, BaseException) and "BUSYGROUP" not in str(reply):
         raise reply
@@ -147,5 +156,38 @@ def reclaim(core: FailoverCore, idle_ms: int, count: int) -> Operation[list[Entr
 
 
 def ack(core: FailoverCore, entry_id: str) -> Operation[None]:
+    """Acknowledge ``entry_id``: it leaves the group's pending list."""
     (reply,) = yield [Cmd(("XACK", core.keys.queue, GROUP, entry_id))]
     ok(reply)
+
+
+class QueueStore:
+    """The intake queue of one namespace (``manager.queue``). Every method raises
+    CoordinatorUnavailableError when Redis does not answer within the retry deadline."""
+
+    def __init__(self, core: FailoverCore, shell: AsyncShell) -> None:
+        self._core, self._shell = core, shell
+
+    async def submit(self, submission: Submission) -> str:
+        """Queue ``submission`` for any worker; returns its stream entry id. Raises
+        ValidationError, before any I/O, for what a worker's ``start_tracking`` would refuse."""
+        op = submit(self._core, submission)
+        return await self._shell.run(op, "submit", submission.request_id)  # type: ignore[no-any-return]
+
+    async def ensure_group(self) -> None:
+        """Create the workers' consumer group (and the stream) unless it exists."""
+        await self._shell.run(ensure_group(self._core), "queue")
+
+    async def take(self, count: int, block_ms: int) -> list[Entry]:
+        """Up to ``count`` new entries for this worker, blocking up to ``block_ms`` ms:
+        (entry id, Submission or Poison) pairs."""
+        return await self._shell.run(take(self._core, count, block_ms), "queue")  # type: ignore[no-any-return]
+
+    async def reclaim(self, idle_ms: int, count: int) -> list[Entry]:
+        """Up to ``count`` entries another worker took but left unacknowledged for ``idle_ms`` ms."""
+        return await self._shell.run(reclaim(self._core, idle_ms, count), "queue")  # type: ignore[no-any-return]
+
+    async def ack(self, entry_id: str, request_id: str | None = None) -> None:
+        """Acknowledge ``entry_id`` (its request is tracked, or ended); ``request_id`` is
+        named by an error."""
+        await self._shell.run(ack(self._core, entry_id), "queue", request_id)
