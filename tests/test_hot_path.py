@@ -26,13 +26,12 @@ def test_sync_managers_sharing_a_small_pool_never_exhaust_it(redis_server: Redis
             ack = manager.append_tokens(f"r{i}", "tok ")
             assert ack is not None and ack.applied
     assert managers[0].get_context("r5") is not None  # the pool still lends for plain reads
-    admin = redis.Redis(host=redis_server.host, port=redis_server.port)
-    before = len(admin.client_list())
+    kept = [manager.shell._hot.conn for manager in managers]
+    assert all(conn is not None and conn.is_connected for conn in kept)
     for manager in managers:
         manager.shell.close()  # what FailoverManager.close does before closing the shared client
-    assert len(admin.client_list()) == before - len(managers)
+    assert not any(conn.is_connected for conn in kept)  # each manager's own connection is closed
     shared.close()
-    admin.close()
 
 
 async def test_async_managers_sharing_a_small_pool_never_exhaust_it(redis_server: RedisServer) -> None:
