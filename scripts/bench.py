@@ -12,12 +12,16 @@ JSON. ``--quick`` runs a smaller version of every section in well under a minute
 Sections (``--sections`` picks some):
 
 single    one stream, interleaved: fenced append through the batcher (``append_tokens``) and
-          direct (``append_direct``) vs a raw ``HSET`` on the same asyncio client; sync too.
+          direct (``append_direct``) vs a raw ``HSET`` on the same asyncio client; sync too
+          (``FailoverManager.append_tokens`` vs ``HSET`` on its client). Caller-supplied
+          clients, ``seq`` omitted; targets on the p50 and mean ratios.
 fleet     N streams offering tokens at a fixed rate (open loop, jittered start) through the
           batcher; the same load through the naive path (one awaited script call per token);
-          the naive path's saturation; an executor-style closed loop; a sweep of offered load.
-ceiling   the APPEND script driven by ``redis-benchmark`` (pipelined EVALSHA on prepared
-          contexts), as the server's own limit.
+          the naive path's saturation; an executor-style closed loop; a sweep of offered load;
+          and M streams (default 500) each awaiting its own appends back to back in one
+          asyncio process, through ``append_tokens`` and through the naive path.
+ceiling   the APPEND script driven by ``redis-benchmark`` (pipelined FCALL on prepared
+          contexts), as the server's own limit; the M awaited streams' appends/s against it.
 takeover  SIGKILL of worker processes -> first token committed by the replica that took over.
 memory    MEMORY USAGE of one request (empty, 1,000 tokens, followed, finished).
 scaling   stats() and orphans() at 1k / 10k / 100k active requests.
@@ -33,6 +37,7 @@ import array
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -270,7 +275,7 @@ def bench_single(env: Env) -> dict[str, Any]:
     for ns in (a.pop("ns"), s.pop("ns")):
         cleanup(env.client, ns)
     out: dict[str, Any] = {"samples": samples, "async": a, "sync": s, "unit": "us"}
-    for p in ("p50", "p99"):
+    for p in ("p50", "p99", "mean"):
         a[f"ratio_batched_{p}"] = a["batched"][p] / a["hset"][p]
         a[f"ratio_direct_{p}"] = a["direct"][p] / a["hset"][p]
         s[f"ratio_{p}"] = s["fenced"][p] / s["hset"][p]
@@ -481,6 +486,13 @@ def bench_fleet(env: Env) -> dict[str, Any]:
         r["committed_tokens_per_s"] for r in out["naive_saturation"].values()
     )
     out["closed_loop_batched"] = run(closed_loop(env.url, n, rate, d, path="batched"))
+    m = args.awaited_streams
+    awaited = out["awaited"] = {"streams": m}
+    awaited["batched"] = run(closed_loop(env.url, m, None, d, path="batched"))
+    awaited["naive"] = run(closed_loop(env.url, m, None, d, path="direct"))
+    awaited["ratio_vs_naive"] = (
+        awaited["batched"]["committed_tokens_per_s"] / awaited["naive"]["committed_tokens_per_s"]
+    )
     sweep = []
     for load in args.sweep:
         same = math.isclose(load, n * rate)
@@ -590,8 +602,12 @@ def bench_ceiling(env: Env, contexts: tuple[str, str, int] | None) -> dict[str, 
             )
         if "append_rps" not in out:  # no binary: the server's own accounting of script time
             out["append_rps"] = math.nan
-        stats = commandstats(client).get("fcall", {})
-        out["server_exec_ceiling_rps"] = 1e6 / float(stats["usec_per_call"]) if stats.get("usec_per_call") else math.nan
+        # the script time of the redis-benchmark run alone (the server's lifetime average would
+        # also count the batcher's APPEND_MANY calls, hundreds of appends each)
+        us = out.get("server_us_per_call")
+        if not us:
+            us = float(commandstats(client).get("fcall", {}).get("usec_per_call") or 0)
+        out["server_exec_ceiling_rps"] = 1e6 / us if us else math.nan
         if math.isnan(out["append_rps"]):
             out["append_rps"] = out["server_exec_ceiling_rps"]
             out["append_rps_source"] = "commandstats"
@@ -1037,15 +1053,26 @@ def figures(results: dict[str, Any]) -> list[Figure]:
             add(f"single.async.hset.{p}", f"async HSET round trip {p}", a["hset"][p], "us")
             add(f"single.async.batched.{p}", f"async fenced append_tokens (batcher) {p}", a["batched"][p], "us")
             add(f"single.async.direct.{p}", f"async fenced append_direct {p}", a["direct"][p], "us")
-        for p in ("p50", "p99"):
-            at_most(
-                f"single.async.ratio_batched.{p}", f"append_tokens / HSET at {p}", a[f"ratio_batched_{p}"], "x", 1.3
-            )
-            at_most(f"single.async.ratio_direct.{p}", f"append_direct / HSET at {p}", a[f"ratio_direct_{p}"], "x", 1.3)
-        for p in ("p50", "p99"):
+        add("single.async.hset.mean", "async HSET round trip mean", a["hset"]["mean"], "us")
+        add("single.async.batched.mean", "async fenced append_tokens (batcher) mean", a["batched"]["mean"], "us")
+        add("single.async.direct.mean", "async fenced append_direct mean", a["direct"]["mean"], "us")
+        # the targets: p50 and mean (issue 12); p99 is reported, a tail of scheduling noise on a shared machine
+        for p in ("p50", "mean", "p99"):
+            ratio, direct = a[f"ratio_batched_{p}"], a[f"ratio_direct_{p}"]
+            if p == "p99":
+                add(f"single.async.ratio_batched.{p}", f"append_tokens / HSET at {p}", ratio, "x")
+                add(f"single.async.ratio_direct.{p}", f"append_direct / HSET at {p}", direct, "x")
+            else:
+                at_most(f"single.async.ratio_batched.{p}", f"append_tokens / HSET at {p}", ratio, "x", 1.3)
+                at_most(f"single.async.ratio_direct.{p}", f"append_direct / HSET at {p}", direct, "x", 1.3)
+        for p in ("p50", "p99", "mean"):
             add(f"single.sync.hset.{p}", f"sync HSET round trip {p}", y["hset"][p], "us")
             add(f"single.sync.fenced.{p}", f"sync fenced append (FailoverManager) {p}", y["fenced"][p], "us")
-            at_most(f"single.sync.ratio.{p}", f"sync fenced / HSET at {p}", y[f"ratio_{p}"], "x", 1.3)
+        for p in ("p50", "mean", "p99"):
+            if p == "p99":
+                add(f"single.sync.ratio.{p}", f"sync fenced / HSET at {p}", y[f"ratio_{p}"], "x")
+            else:
+                at_most(f"single.sync.ratio.{p}", f"sync fenced / HSET at {p}", y[f"ratio_{p}"], "x", 1.3)
     f = results.get("fleet")
     if f:
         b, nv, cl = f["batched"], f["naive"], f["closed_loop_batched"]
@@ -1055,7 +1082,8 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         add("fleet.batched.committed", f"fleet committed tok/s ({fleet})", committed, "tok/s",
             f">= 98% of {offered:.0f}", committed >= 0.98 * offered)  # fmt: skip
         add("fleet.batched.p50", "fleet commit latency p50 (offer -> ack)", b["latency_p50_ms"], "ms")
-        add("fleet.batched.p99", "fleet commit latency p99 (offer -> ack)", b["latency_p99_ms"], "ms")
+        at_most("fleet.batched.p99", "fleet commit latency p99 (offer -> ack)", b["latency_p99_ms"], "ms", 20)
+        at_most("fleet.batched.unacknowledged", "fleet tokens never acknowledged", b["unacknowledged_at_end"], "", 0)
         add("fleet.batched.tokens_per_append", "fleet tokens coalesced per append", b["tokens_per_append"], "tok")
         add("fleet.batched.server_us", "server time per APPEND script call", b["server_us_per_script_call"], "us")
         add("fleet.naive.committed", "naive path, same load: committed tok/s", nv["committed_tokens_per_s"], "tok/s")
@@ -1070,8 +1098,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         )
         add("fleet.naive.saturation", "naive path saturation tok/s", f["naive_saturation_best_tokens_per_s"], "tok/s")
         add("fleet.ratio_vs_naive_same_load", "batched / naive, same load", f["ratio_vs_naive_same_load"], "x")
-        r = f["ratio_vs_naive_saturation"]
-        add("fleet.ratio_vs_naive_saturation", "batched / naive at its saturation", r, "x", ">= 5", r >= 5)
+        add("fleet.ratio_vs_naive_saturation", "batched / naive at its saturation", f["ratio_vs_naive_saturation"], "x")
         add(
             "fleet.closed_loop.committed",
             "executor-style closed loop: committed",
@@ -1080,6 +1107,16 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         )
         add("fleet.closed_loop.p50", "executor-style closed loop: latency p50", cl["latency_p50_ms"], "ms")
         add("fleet.closed_loop.p99", "executor-style closed loop: latency p99", cl["latency_p99_ms"], "ms")
+        aw = f["awaited"]
+        m = aw["streams"]
+        add("fleet.awaited.batched", f"{m} awaiting streams, append_tokens: appends/s",
+            aw["batched"]["committed_tokens_per_s"], "/s")  # fmt: skip
+        add("fleet.awaited.naive", f"{m} awaiting streams, naive path: appends/s",
+            aw["naive"]["committed_tokens_per_s"], "/s")  # fmt: skip
+        r = aw["ratio_vs_naive"]
+        add("fleet.awaited.ratio_vs_naive", f"{m} awaiting streams: append_tokens / naive", r, "x", ">= 5", r >= 5)
+        add("fleet.awaited.p50", f"{m} awaiting streams, append_tokens: latency p50", aw["batched"]["latency_p50_ms"],
+            "ms")  # fmt: skip
         for rep in f["sweep"]:
             load = round(rep["offered_tokens_per_s"])
             add(f"sweep.{load}.committed", f"sweep {load} tok/s: committed", rep["committed_tokens_per_s"], "tok/s")
@@ -1104,6 +1141,9 @@ def figures(results: dict[str, Any]) -> list[Figure]:
             )
             peak = f["peak_committed_tokens_per_s"] / ceiling
             add("ceiling.peak_tokens_fraction", "peak committed tok/s / ceiling calls/s", peak, "")
+            share = f["awaited"]["batched"]["committed_tokens_per_s"] / ceiling
+            label = f"{f['awaited']['streams']} awaiting streams' appends/s / ceiling"
+            add("ceiling.awaited_fraction", label, share, "", ">= 0.4", share >= 0.4)
     t = results.get("takeover")
     if t:
         add("takeover.p50", f"takeover kill -> first token p50 (lease {t['lease_ttl_s']:g}s)", t["p50_s"], "s")
@@ -1246,6 +1286,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=50.0, help="tokens/s offered per stream (default 50)")
     p.add_argument("--duration", type=float, help="seconds per fleet run (default 10; quick 2)")
     p.add_argument(
+        "--awaited-streams",
+        type=int,
+        default=500,
+        help="streams awaiting their own appends, back to back (default 500)",
+    )
+    p.add_argument(
         "--sweep", type=_ints, help="offered loads for the plot, tokens/s (default 10k,15k,20k,25k,35k,50k,75k,100k)"
     )
     p.add_argument("--kills", type=int, help="worker processes to SIGKILL (default 30; quick 5)")
@@ -1262,6 +1308,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--gateway-samples", type=int, help="TTFT streams per path (default 200; quick 50)")
     p.add_argument("--gateway-streams", type=int, help="concurrent streaming clients (default 200; quick 50)")
+    p.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() the objects that exist after start-up, as a long-running service may (fewer, shorter "
+        "full collections); off by default",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
@@ -1306,6 +1358,9 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM unwinds like Ctrl-C, so the throwaway redis-server and workers are stopped.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
     with redis_target(args) as (url, server):
         client = redis.Redis.from_url(url)
         env = Env(args, url, client, server, random.Random(args.seed))
@@ -1315,6 +1370,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": shlex.join(["python", "scripts/bench.py", *(sys.argv[1:] if argv is None else argv)]),
                 "redis": "embedded redis-server" if server else "external (--redis-url)",
                 "quick": args.quick,
+                "gc_freeze": args.gc_freeze,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
             }
         )

@@ -80,6 +80,7 @@ class AppendBatcher:
         self._pending: dict[_Key, _Pending] = {}  # every generation with text waiting or in flight
         self._ready: dict[_Key, _Pending] = {}  # with text waiting and no append in flight (FIFO)
         self._pipelines = 0  # commit tasks started and not finished
+        self._flying = 0  # requests whose append is in flight
         self._scheduled = False  # a commit task has been created and has not taken its batch yet
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 
@@ -128,6 +129,7 @@ class AppendBatcher:
             entry = self._pending[key] = _Pending()
         entry.in_flight = True  # later text of this request waits for this one
         self._pipelines += 1  # and other requests' appends go through a commit task meanwhile
+        self._flying += 1
         job = _Job(key, entry, [chunk], [])
         op = job.op(self._core)
         result: Any = None
@@ -140,6 +142,7 @@ class AppendBatcher:
             raise
         finally:
             self._pipelines -= 1
+            self._flying -= 1
             self._settle([job], [result])
             self._kick()
 
@@ -150,7 +153,7 @@ class AppendBatcher:
         entry.chunks.append(chunk)
         if not entry.in_flight:
             self._ready[key] = entry
-            if not self._scheduled and self._pipelines < self._max_in_flight:
+            if self._may_start():
                 self._start(loop)
         return entry
 
@@ -170,11 +173,14 @@ class AppendBatcher:
 
     def _take(self) -> list[_Job]:
         ready = self._ready
-        if len(ready) <= self._max_batch:
+        limit = self._max_batch
+        if self._pipelines == 1 and self._max_in_flight > 1 and len(ready) > 1:
+            limit = min(limit, (len(ready) + 1) // 2)  # alone: half now, the rest in a second pipeline (_kick)
+        if len(ready) <= limit:
             taken = list(ready.items())
             ready.clear()
         else:
-            taken = list(itertools.islice(ready.items(), self._max_batch))
+            taken = list(itertools.islice(ready.items(), limit))
             for rid, _ in taken:
                 del ready[rid]
         jobs: list[_Job] = []
@@ -191,6 +197,8 @@ class AppendBatcher:
     async def _commit(self) -> None:
         self._scheduled = False
         jobs = self._take()
+        self._flying += len(jobs)
+        self._kick()  # what _take left (it takes half when alone) goes in a second pipeline
         ops = [job.op(self._core) for job in jobs]
         results: list[Any] = []
         try:
@@ -208,12 +216,24 @@ class AppendBatcher:
             raise
         finally:
             self._pipelines -= 1
+            self._flying -= len(jobs)
             self._settle(jobs, results)
             self._kick()
 
+    def _may_start(self) -> bool:
+        """A commit may start: a pipeline is free and, while another is in flight, at least
+        half as many requests are ready as it carries. Why: pipelines of similar sizes keep
+        the client (settling one) and Redis (running the other) busy at once; without the
+        balance, N streams awaiting their appends settle into one pipeline of N - 1 and one
+        of 1, each side idle while the other works (500 streams: about 48k appends/s
+        against 62k balanced, docs/BENCHMARKS.md)."""
+        if self._scheduled or self._pipelines >= self._max_in_flight:
+            return False
+        return self._pipelines == 0 or 2 * len(self._ready) >= self._flying
+
     def _kick(self) -> None:
         """Start a commit task for text that waited while the pipelines were busy."""
-        if self._ready and not self._scheduled and self._pipelines < self._max_in_flight:
+        if self._ready and self._may_start():
             loop = asyncio.get_running_loop()
             if not loop.is_closed():
                 self._start(loop)

@@ -16,7 +16,9 @@ import threading
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from itertools import chain
+from types import TracebackType
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import msgspec
 
@@ -77,17 +79,17 @@ log = logging.getLogger("flo_coord.core")
 # ------------------------------------------------------------------------ calls
 
 
-@dataclass(frozen=True, slots=True)
-class Eval:
-    """Run a registered script by SHA (the shell loads it on NOSCRIPT)."""
+# Named tuples, not frozen dataclasses: as immutable, and made several times faster (one
+# per call on the hot path).
+class Eval(NamedTuple):
+    """Run a registered script (FCALL, or EVALSHA; the shell loads it when Redis lacks it)."""
 
     script: Script
     keys: tuple[str, ...]
     args: tuple[Any, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Cmd:
+class Cmd(NamedTuple):
     """A plain Redis command."""
 
     args: tuple[Any, ...]
@@ -97,6 +99,69 @@ Call = Eval | Cmd
 #: An operation yields batches of calls and gets back one reply per call; a reply that
 #: is an error arrives as the exception instance (check it with ``ok``).
 Operation = Generator[list[Call], list[Any], T]
+
+
+class Single(Generator[list[Call], list[Any], T], Generic[T]):
+    """An operation of one call, without a generator frame (the hot path's form).
+
+    ``start()`` builds the call when the operation starts (not when it is made: state such
+    as the next append ``seq`` is read at sending time, as a generator would), and
+    ``finish(reply)`` turns its reply into the result; ``failed(exc)`` hears that the
+    call's outcome is unknown (a fault thrown in after it was sent, or the operation
+    abandoned: ``close()``). It is a ``Generator`` like any operation, so ``together``,
+    ``drive`` and the batcher run it unchanged; the shells send ``fast_call()`` directly
+    (no generator, batch or bookkeeping objects). A subclass whose work is sometimes more
+    than one call returns None from ``fast_call`` then, and is driven step by step.
+    """
+
+    __slots__ = ("_state",)
+    _NEW, _SENT, _DONE = 0, 1, 2
+
+    def __init__(self) -> None:
+        self._state = Single._NEW
+
+    def start(self) -> Call:
+        raise NotImplementedError
+
+    def finish(self, reply: Any) -> T:
+        raise NotImplementedError
+
+    def failed(self, exc: BaseException) -> None:
+        """The sent call may or may not have run (``exc`` says why)."""
+
+    def fast_call(self) -> Call | None:
+        """Start the operation and return its one call; None: drive it step by step."""
+        self._state = Single._SENT
+        return self.start()
+
+    def resolve(self, reply: Any) -> T:
+        """The result of the reply to ``fast_call``'s call."""
+        self._state = Single._DONE
+        return self.finish(reply)
+
+    def send(self, value: list[Any] | None) -> list[Call]:
+        if self._state == Single._NEW:
+            if value is not None:
+                raise TypeError("can't send non-None value to a just-started operation")
+            call = self.fast_call()
+            assert call is not None
+            return [call]
+        if self._state == Single._SENT:
+            assert value is not None
+            raise StopIteration(self.resolve(value[0]))
+        raise StopIteration
+
+    def throw(  # type: ignore[override]
+        self, typ: Any, val: Any = None, tb: TracebackType | None = None
+    ) -> list[Call]:
+        """The round trip failed (or, with GeneratorExit, the operation is abandoned): a
+        sent call's outcome is unknown (``failed``); the exception is raised again."""
+        exc = typ if isinstance(typ, BaseException) else (val if isinstance(val, BaseException) else typ())
+        if self._state == Single._SENT:
+            self._state = Single._DONE
+            self.failed(exc)
+        self._state = Single._DONE
+        raise exc
 
 
 def together(ops: list[Operation[Any]]) -> Operation[list[Any]]:
@@ -124,8 +189,12 @@ def together(ops: list[Operation[Any]]) -> Operation[list[Any]]:
     return results
 
 
-class AppendAck(msgspec.Struct, frozen=True):
-    """Redis acknowledged an append: the text up to ``length`` bytes is committed."""
+class AppendAck(msgspec.Struct, frozen=True, gc=False):
+    """Redis acknowledged an append: the text up to ``length`` bytes is committed.
+
+    (``gc=False``: only numbers inside, so the cyclic garbage collector need not track one
+    per append; fewer tracked objects, shorter full collections in a busy process.)
+    """
 
     applied: bool  #: False when ``seq`` was already applied (a retried append)
     seq: int
@@ -141,7 +210,7 @@ class Holding:
     ``unknown`` is (epoch, seq, text, token count) of an append that Redis may or may not have applied
     (the shell gave up on it past its deadline, or its caller abandoned it). The next
     automatic-seq append of the request re-sends that text under that seq first
-    (``FailoverCore._append``): applied once either way (``DUP`` if it had been), so later
+    (``_Append``): applied once either way (``DUP`` if it had been), so later
     text can never reuse its seq and be taken for its duplicate. ``lock`` serialises a
     sync caller's automatic-seq appends (the asyncio batcher keeps one in flight itself).
     """
@@ -210,6 +279,7 @@ class FailoverCore:
         self.deployments: frozenset[str] = frozenset()
         self._held: dict[str, Holding] = {}
         self._held_lock = threading.Lock()
+        self._keys_cache: dict[str, tuple[str, str, str, str]] = {}
 
     # ------------------------------------------------------------ ownership table
 
@@ -249,6 +319,15 @@ class FailoverCore:
         rid = validation.request_id(request_id, self.limits)
         return rid, self.keys.request(rid)
 
+    def _append_keys(self, rid: str) -> tuple[str, str, str, str]:
+        """A request's keys as APPEND takes them, built once per request (not per token)."""
+        keys = self._keys_cache.get(rid)
+        if keys is None:
+            if len(self._keys_cache) >= _KEYS_CACHED:
+                self._keys_cache.clear()  # bounded: ids of long-finished requests go
+            keys = self._keys_cache[rid] = astuple(self.keys.request(rid))
+        return keys
+
     def _fenced(
         self, script: Script, rk: RequestKeys, rid: str, *args: Any, epoch: int | None = None
     ) -> tuple[Eval, int]:
@@ -257,12 +336,16 @@ class FailoverCore:
         ``epoch`` is the generation token of the caller (the epoch its generation started
         or claimed the request under); without it, the epoch this worker holds now.
         """
+        epoch = self._fence_epoch(rid, epoch)
+        return Eval(script, astuple(rk), (self.worker_id, epoch, *args)), epoch
+
+    def _fence_epoch(self, rid: str, epoch: int | None) -> int:
+        """The epoch a write of ``rid`` is fenced on (see ``_fenced``)."""
         if epoch is None:
             held = self._held.get(rid)
-            epoch = held.epoch if held else 0  # epoch 0 never matches: a non-holder is fenced out
-        else:
-            self._check_generation(rid, epoch)
-        return Eval(script, astuple(rk), (self.worker_id, epoch, *args)), epoch
+            return held.epoch if held else 0  # epoch 0 never matches: a non-holder is fenced out
+        self._check_generation(rid, epoch)
+        return epoch
 
     def _check_generation(self, rid: str, epoch: int) -> None:
         """Refuse, before any I/O, a write of a generation this worker no longer holds.
@@ -415,9 +498,9 @@ class FailoverCore:
         self, request_id: Any, tokens: Any, *, seq: Any = None, epoch: int | None = None
     ) -> Operation[AppendAck | None]:
         """Commit ``tokens``; ``epoch`` is the caller's generation token (see ``_fenced``)."""
-        rid, rk = self._rid(request_id)
+        rid = validation.request_id(request_id, self.limits)
         chunk = validation.chunk(tokens, self.limits)
-        return self._append(rid, rk, [chunk], validation.seq(seq), epoch)
+        return _Append(self, rid, [chunk], validation.seq(seq), epoch)
 
     def check_offer(self, request_id: Any, tokens: Any) -> Holding | None:
         """Validate an append without building it (the hot path's check); the holding, if any.
@@ -431,57 +514,12 @@ class FailoverCore:
         return held
 
     def append_many(self, request_id: str, chunks: list[str], epoch: int | None = None) -> Operation[AppendAck | None]:
-        """Commit several already-validated chunks as one append (the batcher's path)."""
-        rid, rk = self._rid(request_id)
-        return self._append(rid, rk, chunks, None, epoch)
+        """Commit several chunks as one append (the batcher's path).
 
-    def _append(
-        self, rid: str, rk: RequestKeys, chunks: list[str], seq: int | None, epoch: int | None = None
-    ) -> Operation[AppendAck | None]:
-        if epoch is not None:
-            self._check_generation(rid, epoch)
-        held = self._held.get(rid)
-        numbered = held if seq is None else None  # automatic seqs: this worker numbers the appends
-        if numbered is not None and numbered.unknown is not None:
-            yield from self._settle_unknown(rid, rk, numbered, numbered.unknown)
-        number = seq if seq is not None else (held.next_seq if held else 1)
-        tokens = sum(count_tokens(c) for c in chunks)
-        joined = "".join(chunks)
-        call, epoch = self._fenced(APPEND, rk, rid, number, joined, tokens, epoch=epoch)
-        try:
-            (reply,) = yield [call]
-        except BaseException:  # a fault past the deadline thrown in, or abandoned (GeneratorExit)
-            if numbered is not None:
-                numbered.unknown = (epoch, number, joined, tokens)
-            raise
-        status, reply = _status(reply, rid)
-        if status in ("OK", "DUP"):
-            if held is not None:
-                held.next_seq = max(held.next_seq, number + 1, int(reply[1]) + 1)
-            return AppendAck(applied=status == "OK", seq=number, length=int(reply[2]), token_count=int(reply[3]))
-        if status == "GONE" and held is None:
-            return None  # the original: appending to an unknown request is a no-op
-        raise self._lost(rid, epoch, reply)
-
-    def _settle_unknown(
-        self, rid: str, rk: RequestKeys, held: Holding, unknown: tuple[int, int, str, int]
-    ) -> Operation[None]:
-        """Re-send the append whose outcome is unknown, alone, under its own seq (see ``Holding``).
-
-        Raises what the re-send raises (its outcome is still unknown then, and the caller's
-        text is not sent). A record that no longer matches (a new epoch, the seq moved on)
-        is moot and dropped.
+        ``request_id`` and ``chunks`` were validated at the public edge
+        (``check_offer``): they are not checked again here.
         """
-        epoch, number, joined, tokens = unknown
-        if (epoch, number) != (held.epoch, held.next_seq):
-            held.unknown = None
-            return
-        call, _ = self._fenced(APPEND, rk, rid, number, joined, tokens, epoch=epoch)
-        (reply,) = yield [call]
-        held.unknown = None  # answered: applied now or before, or refused for good (the next call says so)
-        status, reply = _status(reply, rid)
-        if status in ("OK", "DUP"):
-            held.next_seq = max(held.next_seq, number + 1, int(reply[1]) + 1)
+        return _Append(self, request_id, chunks, None, epoch)
 
     def update_state(self, request_id: Any, state: StreamState, *, epoch: int | None = None) -> Operation[None]:
         rid, rk = self._rid(request_id)
@@ -862,6 +900,118 @@ class FailoverCore:
         return text(reply[1]), chunk, decode_outcome(rid, reply[3])
 
 
+_OK = (b"OK", "OK")  # a status as bytes, or as str from a client that decodes replies
+
+
+class _Append(Single[AppendAck | None]):
+    """One fenced APPEND (``append_tokens``, ``append_many``).
+
+    At start: the generation check (``epoch`` given), the ``seq`` (given, or the holding's
+    next) and the call; at finish: the holding's next ``seq`` moves past the acknowledged
+    one, and a refusal becomes LeaseLostError (None for a request nobody holds or knows).
+
+    An automatic-seq append whose outcome is unknown (a fault past the deadline thrown in,
+    or the operation abandoned) is recorded in ``Holding.unknown``; the request's next
+    automatic-seq append first re-sends it alone under its own seq (applied once either
+    way, ``DUP`` if it had been), so later text never reuses that seq and is never taken
+    for its duplicate. Such an append is two calls: it is driven step by step
+    (``fast_call`` returns None), every other append is one.
+    """
+
+    __slots__ = ("chunks", "core", "epoch", "held", "joined", "number", "numbered", "rid", "seq", "tokens")
+    _SETTLING = 3
+
+    def __init__(self, core: FailoverCore, rid: str, chunks: list[str], seq: int | None, epoch: int | None) -> None:
+        self._state = Single._NEW  # (Single.__init__, inlined: one of these per append)
+        self.core = core
+        self.rid = rid
+        self.chunks = chunks
+        self.seq = seq
+        self.epoch = epoch
+
+    def _unknown(self) -> tuple[int, int, str, int] | None:
+        """The holding's unknown append this one must settle first, if it numbers automatically."""
+        if self.seq is not None:
+            return None
+        held = self.core._held.get(self.rid)
+        return held.unknown if held is not None else None
+
+    def fast_call(self) -> Call | None:
+        if self._unknown() is not None:
+            return None
+        return super().fast_call()
+
+    def send(self, value: list[Any] | None) -> list[Call]:
+        if self._state == Single._NEW and value is None and self._unknown() is not None:
+            return self._settle()
+        if self._state == _Append._SETTLING:
+            assert value is not None
+            self._settled(value[0])
+            self._state = Single._SENT
+            return [self.start()]
+        return super().send(value)
+
+    def _settle(self) -> list[Call]:
+        core, rid = self.core, self.rid
+        if self.epoch is not None:
+            core._check_generation(rid, self.epoch)
+        held = core._held[rid]
+        assert held.unknown is not None
+        epoch, number, joined, tokens = held.unknown
+        if (epoch, number) != (held.epoch, held.next_seq):
+            held.unknown = None  # the request moved on (a new epoch, another seq): moot
+            self._state = Single._SENT
+            return [self.start()]
+        self._state = _Append._SETTLING
+        return [Eval(APPEND, core._append_keys(rid), (core.worker_id, epoch, number, joined, tokens))]
+
+    def _settled(self, reply: Any) -> None:
+        held = self.core._held[self.rid]
+        assert held.unknown is not None
+        number = held.unknown[1]
+        held.unknown = None  # answered: applied now or before, or refused for good (the next call says so)
+        status, reply = _status(reply, self.rid)
+        if status in ("OK", "DUP"):
+            held.next_seq = max(held.next_seq, number + 1, int(reply[1]) + 1)
+
+    def start(self) -> Call:
+        core, rid, chunks = self.core, self.rid, self.chunks
+        self.held = held = core._held.get(rid)
+        self.numbered = held if self.seq is None else None  # automatic seqs: this worker numbers the appends
+        number = self.seq
+        if number is None:
+            number = held.next_seq if held else 1
+        self.number = number
+        if len(chunks) == 1:
+            self.joined, self.tokens = chunks[0], count_tokens(chunks[0])
+        else:
+            self.joined, self.tokens = "".join(chunks), sum(count_tokens(c) for c in chunks)
+        # checks the generation (``epoch`` given) before anything is sent
+        self.epoch = epoch = core._fence_epoch(rid, self.epoch)
+        return Eval(APPEND, core._append_keys(rid), (core.worker_id, epoch, number, self.joined, self.tokens))
+
+    def failed(self, exc: BaseException) -> None:
+        if self.numbered is not None:
+            assert self.epoch is not None
+            self.numbered.unknown = (self.epoch, self.number, self.joined, self.tokens)
+
+    def finish(self, reply: Any) -> AppendAck | None:
+        rid, held, number = self.rid, self.held, self.number
+        if type(reply) is list and len(reply) == 4 and reply[0] in _OK:  # applied: the common reply, read directly
+            if held is not None:
+                held.next_seq = max(held.next_seq, number + 1, int(reply[1]) + 1)
+            return AppendAck(applied=True, seq=number, length=int(reply[2]), token_count=int(reply[3]))
+        status, reply = _status(reply, rid)
+        if status == "OK" or status == "DUP":
+            if held is not None:
+                held.next_seq = max(held.next_seq, number + 1, int(reply[1]) + 1)
+            return AppendAck(applied=status == "OK", seq=number, length=int(reply[2]), token_count=int(reply[3]))
+        if status == "GONE" and held is None:
+            return None  # the original: appending to an unknown request is a no-op
+        assert self.epoch is not None
+        raise self.core._lost(rid, self.epoch, reply)
+
+
 def _ending_fields(finish_reason: str | None, usage: dict[str, int] | None, limits: Any) -> tuple[str, ...]:
     """The outcome's finish_reason and usage (JSON) as FINISH's extra field/value pairs."""
     out: tuple[str, ...] = ()
@@ -894,6 +1044,9 @@ def render_messages(messages: list[ChatMessage]) -> str:
     return "".join(f"{m.role}: {m.content}\n" for m in messages)
 
 
+#: Requests whose APPEND keys a core keeps built (``_append_keys``); past it, it starts again.
+_KEYS_CACHED = 4096
+
 #: Appends folded into one APPEND_MANY call at most (bounds the time Redis spends in one script).
 MAX_MERGED_APPENDS = 256
 
@@ -909,9 +1062,9 @@ def merge_appends(batch: list[Call]) -> tuple[list[Call], Callable[[list[Any]], 
     groups = [appends[g : g + MAX_MERGED_APPENDS] for g in range(0, len(appends), MAX_MERGED_APPENDS)]
     merged: list[Call] = []
     for group in groups:
-        calls = [batch[i] for i in group]
-        keys = tuple(key for call in calls for key in call.keys)  # type: ignore[union-attr]
-        args = tuple(arg for call in calls for arg in call.args)  # type: ignore[union-attr]
+        calls: list[Eval] = [batch[i] for i in group]  # type: ignore[misc]  # APPEND calls only
+        keys = tuple(chain.from_iterable([call.keys for call in calls]))
+        args = tuple(chain.from_iterable([call.args for call in calls]))
         merged.append(Eval(APPEND_MANY, keys, (len(calls), *args)))
 
     def unmerge(replies: list[Any]) -> list[Any]:

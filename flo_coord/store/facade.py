@@ -489,7 +489,9 @@ class AsyncFailoverManager(AsyncStoreOperations):
         return HeartbeatTask(self, interval).start()
 
     async def aclose(self) -> None:
-        """Close the Redis client (its connections)."""
+        """Close the Redis client (its connections) and the connection the shell keeps for
+        the hot path."""
+        await self.shell.aclose()
         await self.redis.aclose()
 
     async def __aenter__(self) -> Self:

@@ -438,7 +438,9 @@ class FailoverManager:
         return HeartbeatThread(self, interval).start()
 
     def close(self) -> None:
-        """Close the Redis client (its connections)."""
+        """Close the Redis client (its connections) and the connection the shell keeps for
+        the hot path."""
+        self.shell.close()
         self.redis.close()
 
     def __enter__(self) -> Self:

@@ -32,7 +32,7 @@ from typing import Any
 import redis.exceptions as rex
 
 from flo_coord.errors import ConfigError
-from flo_coord.store.scripts import Script, registry
+from flo_coord.store.scripts import Script, registry, registry_version
 
 log = logging.getLogger("flo_coord.functions")
 
@@ -53,13 +53,15 @@ def _build(scripts: tuple[Script, ...]) -> tuple[str, str, dict[str, str]]:
 
 
 _current: list[tuple[str, str, dict[str, str]]] = []
+_built_for: list[tuple[int, int]] = [(-1, -1)]
 
 
 def _library() -> tuple[str, str, dict[str, str]]:
-    """The library of the registry, rebuilt only when a script was added since."""
-    scripts = registry()
-    if not _current or len(_current[0][2]) != len(scripts):
-        _current[:] = [_build(scripts)]
+    """The library of the registry, rebuilt only when the registry changed since."""
+    version = registry_version()
+    if not _current or _built_for[0] != version:
+        _current[:] = [_build(registry())]
+        _built_for[0] = version
     return _current[0]
 
 
@@ -120,19 +122,35 @@ class Scripting:
 
     def __init__(self) -> None:
         self.functions = True
+        # (command, function name or sha) per script: built once, not per call (the hot
+        # path's arguments); valid for one registry version and one mode
+        self._prefixes: dict[Script, tuple[str, str]] = {}
+        self._prefixes_for = registry_version()
 
     @property
     def command(self) -> str:
         return "FCALL" if self.functions else "EVALSHA"
 
+    def prefix(self, script: Script) -> tuple[str, str]:
+        """``(command, target)`` that run ``script``: ``("FCALL", name)`` or ``("EVALSHA", sha)``."""
+        version = registry_version()
+        if version != self._prefixes_for:  # a script was added or removed: the names changed
+            self._prefixes.clear()
+            self._prefixes_for = version
+        prefix = self._prefixes.get(script)
+        if prefix is None:
+            prefix = self._prefixes[script] = (self.command, function_name(script) if self.functions else script.sha)
+        return prefix
+
     def args(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> tuple[Any, ...]:
-        target = function_name(script) if self.functions else script.sha
-        return (self.command, target, len(keys), *keys, *args)
+        """The whole command: ``FCALL name numkeys keys... args...`` (or ``EVALSHA sha ...``)."""
+        return (*self.prefix(script), len(keys), *keys, *args)
 
     def _fall_back(self, exc: BaseException) -> bool:
         if self.functions and _unsupported(exc):
             log.warning("this Redis has no Functions (%s): running the scripts with EVALSHA instead", exc)
             self.functions = False
+            self._prefixes.clear()
             return True
         return False
 

@@ -29,14 +29,25 @@ class Script:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
         _REGISTERED[self.name] = self
+        _created[0] += 1
 
 
 _REGISTERED: dict[str, Script] = {}
+_created = [0]
 
 
 def registry() -> tuple[Script, ...]:
     """Every script defined so far, in definition order (flo_coord.store.functions loads them all)."""
     return tuple(_REGISTERED.values())
+
+
+def registry_version() -> tuple[int, int]:
+    """Changes whenever ``registry()`` may have: (scripts made so far, scripts registered now).
+
+    A cheap check for the callers that cache what they derive from the registry (the
+    library's function names); the second number catches a script taken out again.
+    """
+    return _created[0], len(_REGISTERED)
 
 
 _PRELUDE = r"""
@@ -162,17 +173,22 @@ return {'OK', epoch}
 _APPEND_ONE = r"""
 -- Append committed text, fenced by (owner, epoch); a seq not above the last applied one
 -- is acknowledged without being applied again (retry after a lost reply).
+-- One HMGET reads every field it needs and one EXISTS serves both the feed's type check and
+-- its notification: each redis.call is server time on every token.
 local function append_one(ctx, result, text, feed, owner, epoch, seq, chunk, increment)
-  local f = redis.call('HMGET', ctx, 'owner', 'epoch', 'last_seq', 'state')
+  local f = redis.call('HMGET', ctx, 'owner', 'epoch', 'last_seq', 'state', 'token_count')
   if not f[2] then return refusal(ctx, result) end
   if f[1] ~= owner or num(f[2], 'epoch') ~= tonumber(epoch) then return {'LOST', f[1] or '', f[2], 0} end
   seq = tonumber(seq)
   local last = num(f[3], 'last_seq')
-  expect_type(feed, 'stream')
-  if seq <= last then
-    return {'DUP', last, redis.call('STRLEN', text), num(redis.call('HGET', ctx, 'token_count'), 'token_count')}
+  local followed = redis.call('EXISTS', feed) == 1
+  if followed and redis.call('TYPE', feed)['ok'] ~= 'stream' then
+    error('FLOCORRUPT key ' .. feed .. ' is not a stream')
   end
-  num(redis.call('HGET', ctx, 'token_count'), 'token_count')  -- so HINCRBY cannot fail after APPEND
+  local tokens = num(f[5], 'token_count')  -- checked first, so HINCRBY cannot fail after APPEND
+  if seq <= last then
+    return {'DUP', last, redis.call('STRLEN', text), tokens}
+  end
   local len = redis.call('APPEND', text, chunk)
   local count = redis.call('HINCRBY', ctx, 'token_count', increment)
   if f[4] == 'Pending' then
@@ -180,7 +196,7 @@ local function append_one(ctx, result, text, feed, owner, epoch, seq, chunk, inc
   else
     redis.call('HSET', ctx, 'last_seq', seq)
   end
-  if redis.call('EXISTS', feed) == 1 then
+  if followed then
     redis.call('XADD', feed, 'MAXLEN', '~', 32, '*', 'n', len)
   end
   return {'OK', seq, len, count}
