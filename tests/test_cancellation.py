@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import pytest
+import redis.asyncio as aredis
 
 from flo_coord import AsyncFailoverManager, FailoverConfig, RetryPolicy, ServingBackend
 from flo_coord.execution.backends import BackendSpec
@@ -104,3 +105,37 @@ async def test_a_corrupt_breaker_hash_is_reset_and_the_request_served(
             assert await raw.type(key) in (b"none", b"hash", "none", "hash")
         finally:
             await coordinator.aclose()
+
+
+@pytest.mark.parametrize("call", ["get_context", "history"])  # a script (kept connection); a plain command (pool)
+async def test_a_cancellation_landing_while_redis_answers_is_never_lost(redis_server: Any, call: str) -> None:
+    """A store call cancelled at any loop turn of its round trip raises CancelledError.
+
+    redis.asyncio sends through ``asyncio.wait_for`` (a socket timeout is set); on Python
+    3.11 ``wait_for`` returns the reply of a send that finished although its caller was
+    cancelled meanwhile, and the cancellation is lost. A gateway draining on SIGTERM then
+    saw its generations run to the end instead of handing them back. Sweep the turn at
+    which the cancel lands: no call may return normally once cancelled.
+    """
+    client = aredis.Redis(host=redis_server.host, port=redis_server.port, socket_timeout=5.0)
+    manager = AsyncFailoverManager(redis=client, namespace=f"cx{uuid.uuid4().hex[:8]}")
+    absorbed: list[int] = []
+    try:
+        operation = manager.get_context if call == "get_context" else manager.history
+        args = ("r1",) if call == "get_context" else (5,)
+        await operation(*args)  # connected, scripts loaded: the turns below are one round trip's
+        for turns in range(16):
+            task = asyncio.ensure_future(operation(*args))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            if task.done():
+                break
+            task.cancel()
+            try:
+                await task
+                absorbed.append(turns)
+            except asyncio.CancelledError:
+                pass
+    finally:
+        await manager.aclose()
+    assert absorbed == [], f"cancellations lost at loop turns {absorbed}"

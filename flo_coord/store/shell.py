@@ -499,6 +499,19 @@ class AsyncShell(_ShellBase):
             await self._hot.aclose()
 
     async def _send(self, calls: list[Call]) -> list[Any]:
+        task = asyncio.current_task()
+        asked = task.cancelling() if task is not None else 0
+        replies = await self._exchange(calls)
+        # redis.asyncio sends through asyncio.wait_for, which on Python 3.11 returns the result
+        # of a send that finished although the caller was cancelled meanwhile: the cancellation
+        # is lost and only task.cancelling() remembers it. Re-raise it, or the caller goes on as
+        # if never cancelled (a gateway draining on SIGTERM saw its generations run to the end).
+        # The reply is dropped: to the operation it is an outcome it never saw (an unknown one).
+        if task is not None and task.cancelling() > asked:
+            raise asyncio.CancelledError
+        return replies
+
+    async def _exchange(self, calls: list[Call]) -> list[Any]:
         if self._hot is not None and all(type(call) is Eval for call in calls):
             return await self._hot.exchange([self._args(call) for call in calls])
         if len(calls) == 1:  # skip the pipeline object
