@@ -54,6 +54,21 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1, description="an integer >= 1")]
 LimitValue = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT, description=f"an integer from 1 to {MAX_LIMIT}")]
 #: A client-chosen append sequence number: exact in a Lua number (a double), so below 2**53.
 Seq = Annotated[int, msgspec.Meta(ge=1, lt=2**53, description="an integer from 1 to 2**53 - 1")]
+#: Token counts of one answer (OpenAI's ``usage``: prompt_tokens, completion_tokens, ...):
+#: at most ``USAGE_FIELDS`` names of 1 to 64 characters, each count from 0 to 2**53 - 1.
+USAGE_FIELDS = 32
+TokenCount = Annotated[int, msgspec.Meta(ge=0, lt=2**53, description="an integer from 0 to 2**53 - 1")]
+UsageName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, description="a name of 1 to 64 characters")]
+Usage = Annotated[
+    dict[UsageName, TokenCount],
+    msgspec.Meta(
+        max_length=USAGE_FIELDS,
+        description=(
+            f"a dict of at most {USAGE_FIELDS} token counts "
+            "(a name of 1 to 64 characters -> an integer from 0 to 2**53 - 1)"
+        ),
+    ),
+]
 #: How many entries one listing returns.
 PageSize = Annotated[int, msgspec.Meta(ge=1, le=100_000, description="an integer from 1 to 100000")]
 #: A TCP port (0: any free port).
@@ -140,7 +155,8 @@ def check_value(kind: str, value: Any, tp: Any, error: type[ValidationError] = V
         wanted = describe(tp)
         if wanted is None:  # a type without a description (a Struct): say what it is in our words
             raise error(explain(exc, tp, value, kind)) from None
-        where = f" ({detail})" if " - at `$" in detail else ""  # which item broke it
+        # which item broke it (a dict's value has no name in msgspec's path: say nothing then)
+        where = f" ({detail})" if " - at `$" in detail and not detail.endswith("$[...]`") else ""
         raise error(f"{kind} {shown(value)} is not {wanted}{where}") from None
     except UnicodeEncodeError:  # msgspec matches patterns on UTF-8: a lone surrogate cannot be
         raise error(f"{kind} is not valid Unicode text (lone surrogate)") from None

@@ -775,6 +775,12 @@ TRIAL_CASES: list[tuple[str, Callable[[], Any], type[FloCoordError], str]] = [
     ("fallback_order twice", lambda: FailoverConfig(fallback_order=["Vllm", "Vllm"]), ConfigError, "Vllm more than"),
     ("limits str", lambda: FailoverManager(redis=Untouchable(), limits="x"), ConfigError, "limits 'x' is not a Limits"),
     ("limits unknown", lambda: FailoverManager(redis=Untouchable(), limits={"bogus": 1}), ConfigError, "field 'bogus'"),
+    # token counts (a str raised AttributeError; a bad count was dropped or stored as given)
+    ("usage str", lambda: _untouchable().set_usage("r1", "x"), ValidationError, "usage 'x' is not a dict"),
+    ("usage count str", lambda: _untouchable().set_usage("r1", {"tokens": "x"}), ValidationError, "dict of at"),
+    ("usage negative", lambda: _untouchable().complete("r1", usage={"completion_tokens": -7}), ValidationError, "-7"),
+    ("usage huge", lambda: _untouchable().fail("r1", "x", usage={"t": 2**80}), ValidationError, "2**53 - 1"),
+    ("usage bool", lambda: _untouchable().set_usage("r1", {"t": True}), ValidationError, "usage {'t': True}"),
 ]  # fmt: skip
 
 

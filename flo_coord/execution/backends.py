@@ -39,7 +39,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from flo_coord import defaults
-from flo_coord.constraints import Checked, DeploymentName, NonBlank, PositiveInt, PositiveSeconds
+from flo_coord.constraints import USAGE_FIELDS, Checked, DeploymentName, NonBlank, PositiveInt, PositiveSeconds
 from flo_coord.errors import ConfigError, FloCoordError, ValidationError
 from flo_coord.execution import wire
 from flo_coord.models import ChatMessage, ServingBackend
@@ -572,10 +572,13 @@ class _ChunkShapeError(ValueError):
 
 
 def _usage(raw: dict[str, Any] | UnsetType | None) -> dict[str, int] | None:
-    """The token counts of a decoded ``usage`` object (nested details and non-integers dropped)."""
+    """The token counts of a decoded ``usage`` object: what ``constraints.Usage`` admits
+    (nested details, non-integers, negative or huge counts and long names dropped; at most
+    ``USAGE_FIELDS``), so a provider's odd usage never fails the answer it came with."""
     if not raw:
         return None
-    return {k: v for k, v in raw.items() if type(v) is int} or None
+    counts = {k: v for k, v in raw.items() if type(v) is int and 0 <= v < 2**53 and 0 < len(k) <= 64}
+    return dict(list(counts.items())[:USAGE_FIELDS]) or None
 
 
 def _root_cause(exc: BaseException) -> str:

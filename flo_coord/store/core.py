@@ -1017,9 +1017,9 @@ def _ending_fields(finish_reason: str | None, usage: dict[str, int] | None, limi
     out: tuple[str, ...] = ()
     if finish_reason:
         out += ("finish_reason", validation.label("finish_reason", finish_reason, limits))
-    if usage:
-        clean = {str(k)[:64]: int(v) for k, v in list(usage.items())[:32] if isinstance(v, int)}
-        out += ("usage", json_encoder.encode(clean).decode())
+    counts = validation.usage(usage)
+    if counts:
+        out += ("usage", json_encoder.encode(counts).decode())
     return out
 
 

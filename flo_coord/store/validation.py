@@ -26,6 +26,7 @@ from flo_coord.constraints import (
     PositiveSeconds,
     Seconds,
     Seq,
+    Usage,
     check_value,
     identifier,
     shown,
@@ -194,6 +195,12 @@ def seconds(kind: str, value: Any) -> float:
 def seq(value: Any) -> int | None:
     """None, or an append sequence number from 1 to 2**53 - 1 (Seq); ValidationError otherwise."""
     return None if value is None else check_value("seq", value, Seq)  # type: ignore[no-any-return]
+
+
+def usage(value: Any) -> dict[str, int] | None:
+    """None, or token counts (Usage: at most 32 names of 1 to 64 characters, each an integer
+    from 0 to 2**53 - 1) as ``{"prompt_tokens": 12, ...}``; ValidationError otherwise."""
+    return None if value is None else check_value("usage", value, Usage)  # type: ignore[no-any-return]
 
 
 def limit(value: Any) -> int:
