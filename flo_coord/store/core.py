@@ -315,7 +315,7 @@ class FailoverCore:
     def _ms(self, seconds: float) -> int:
         return max(1, int(seconds * 1000))
 
-    def _rid(self, request_id: Any) -> tuple[str, RequestKeys]:
+    def _rid(self, request_id: str) -> tuple[str, RequestKeys]:
         rid = validation.request_id(request_id, self.limits)
         return rid, self.keys.request(rid)
 
@@ -368,7 +368,7 @@ class FailoverCore:
 
     def start_tracking(
         self,
-        request_id: Any,
+        request_id: str,
         prompt: Any,
         backend: ServingBackend | str | None = None,
         *,
@@ -388,7 +388,7 @@ class FailoverCore:
 
     def start_new(
         self,
-        request_id: Any,
+        request_id: str,
         prompt: Any,
         backend: ServingBackend | str | None = None,
         *,
@@ -401,7 +401,7 @@ class FailoverCore:
         return self._start(*self._start_args(request_id, prompt, backend, messages, max_tokens), START_NEW)
 
     def _start_args(
-        self, request_id: Any, prompt: Any, backend: Any, messages: Any, max_tokens: Any
+        self, request_id: str, prompt: Any, backend: Any, messages: Any, max_tokens: Any
     ) -> tuple[str, RequestKeys, str, str, list[ChatMessage] | None, int | None]:
         rid, rk = self._rid(request_id)
         msgs = validation.messages(messages, self.limits) if messages is not None else None
@@ -415,7 +415,7 @@ class FailoverCore:
             raise ValidationError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         return rid, rk, prompt, primary, msgs, max_tokens
 
-    def reject(self, request_id: Any, reason: Any, *, kind: str) -> Operation[bool]:
+    def reject(self, request_id: str, reason: Any, *, kind: str) -> Operation[bool]:
         """End a request nobody runs and nobody can run (a poison queue entry, a corrupt
         stored context) as Failed with ``reason``/``kind``, so followers see why.
 
@@ -495,14 +495,14 @@ class FailoverCore:
         )
 
     def append_tokens(
-        self, request_id: Any, tokens: Any, *, seq: Any = None, epoch: int | None = None
+        self, request_id: str, tokens: Any, *, seq: Any = None, epoch: int | None = None
     ) -> Operation[AppendAck | None]:
         """Commit ``tokens``; ``epoch`` is the caller's generation token (see ``_fenced``)."""
         rid = validation.request_id(request_id, self.limits)
         chunk = validation.chunk(tokens, self.limits)
         return _Append(self, rid, [chunk], validation.seq(seq), epoch)
 
-    def check_offer(self, request_id: Any, tokens: Any) -> Holding | None:
+    def check_offer(self, request_id: str, tokens: Any) -> Holding | None:
         """Validate an append without building it (the hot path's check); the holding, if any.
 
         A held request id was validated when it was taken, so only the text is checked.
@@ -521,30 +521,30 @@ class FailoverCore:
         """
         return _Append(self, request_id, chunks, None, epoch)
 
-    def update_state(self, request_id: Any, state: StreamState, *, epoch: int | None = None) -> Operation[None]:
+    def update_state(self, request_id: str, state: StreamState, *, epoch: int | None = None) -> Operation[None]:
         rid, rk = self._rid(request_id)
         if not isinstance(state, StreamState):
             raise ValidationError(f"state must be a StreamState, got {type(state).__name__}")
         return self._update(rid, rk, "state", state.name, "state_reason", state.message or "", epoch=epoch)
 
     def mark_backend_failed(
-        self, request_id: Any, backend: ServingBackend | str, *, epoch: int | None = None
+        self, request_id: str, backend: ServingBackend | str, *, epoch: int | None = None
     ) -> Operation[None]:
         rid, rk = self._rid(request_id)
         return self._update(rid, rk, "+failed", self._backend_name(backend), epoch=epoch)
 
-    def set_usage(self, request_id: Any, usage: dict[str, int], *, epoch: int | None = None) -> Operation[None]:
+    def set_usage(self, request_id: str, usage: dict[str, int], *, epoch: int | None = None) -> Operation[None]:
         """Store the usage summed over the request's attempts so far (fenced), for a takeover to continue."""
         rid, rk = self._rid(request_id)
         return self._update(rid, rk, *_ending_fields(None, usage, self.limits), epoch=epoch)
 
     def set_current_backend(
-        self, request_id: Any, backend: ServingBackend | str, *, epoch: int | None = None
+        self, request_id: str, backend: ServingBackend | str, *, epoch: int | None = None
     ) -> Operation[None]:
         rid, rk = self._rid(request_id)
         return self._update(rid, rk, "current_backend", self._backend_name(backend), epoch=epoch)
 
-    def set_model_group(self, request_id: Any, model_group: str, *, epoch: int | None = None) -> Operation[None]:
+    def set_model_group(self, request_id: str, model_group: str, *, epoch: int | None = None) -> Operation[None]:
         """Store the model group a request runs against (fenced), for a takeover to use the same."""
         rid, rk = self._rid(request_id)
         value = validation.label("model_group", model_group, self.limits)
@@ -559,7 +559,7 @@ class FailoverCore:
 
     def complete(
         self,
-        request_id: Any,
+        request_id: str,
         *,
         backend: str | None = None,
         model: str | None = None,
@@ -575,7 +575,7 @@ class FailoverCore:
 
     def fail(
         self,
-        request_id: Any,
+        request_id: str,
         reason: Any,
         *,
         kind: str = "GenerationError",
@@ -609,7 +609,7 @@ class FailoverCore:
             return False
         raise self._lost(rid, epoch, reply)
 
-    def release(self, request_id: Any, *, epoch: int | None = None) -> Operation[None]:
+    def release(self, request_id: str, *, epoch: int | None = None) -> Operation[None]:
         """Hand a request back: its lease ends now, so another worker claims it at once."""
         rid, rk = self._rid(request_id)
         if epoch is not None:
@@ -631,7 +631,7 @@ class FailoverCore:
 
     # -------------------------------------------------------------- cancellation
 
-    def cancel(self, request_id: Any) -> Operation[tuple[str, str | None]]:
+    def cancel(self, request_id: str) -> Operation[tuple[str, str | None]]:
         """Flag a request for cancellation (the CANCEL script; any replica may).
 
         Returns ("OK", owner) for a live request (its owner ends it within about a second),
@@ -652,7 +652,7 @@ class FailoverCore:
 
     # ------------------------------------------------------------------- reading
 
-    def get_context(self, request_id: Any) -> Operation[StreamingContext | None]:
+    def get_context(self, request_id: str) -> Operation[StreamingContext | None]:
         rid, rk = self._rid(request_id)
         return self._read(rid, rk)
 
@@ -663,12 +663,12 @@ class FailoverCore:
             return None
         return decode_context(rid, reply[2], reply[3])
 
-    def outcome(self, request_id: Any) -> Operation[RequestOutcome | None]:
+    def outcome(self, request_id: str) -> Operation[RequestOutcome | None]:
         rid, rk = self._rid(request_id)
         (reply,) = yield [Cmd(("HGETALL", rk.result))]
         return decode_outcome(rid, ok(reply, rid))
 
-    def should_failover(self, request_id: Any) -> Operation[bool]:
+    def should_failover(self, request_id: str) -> Operation[bool]:
         ctx = yield from self.get_context(request_id)
         return ctx is not None and ctx.worth_recovering(self.config.min_tokens_for_recovery)
 
@@ -682,12 +682,12 @@ class FailoverCore:
         failed = set(ctx.failed_backends)
         return next((b for b in self.config.fallback_order if b.value not in failed), None)
 
-    def next_backend_for(self, request_id: Any) -> Operation[ServingBackend | None]:
+    def next_backend_for(self, request_id: str) -> Operation[ServingBackend | None]:
         """The first backend in the fallback order that has not failed for this request."""
         ctx = yield from self.get_context(request_id)
         return None if ctx is None else self.next_backend_for_context(ctx)
 
-    def prepare_failover(self, request_id: Any) -> Operation[FailoverRequest | None]:
+    def prepare_failover(self, request_id: str) -> Operation[FailoverRequest | None]:
         ctx = yield from self.get_context(request_id)
         if ctx is None:
             return None
@@ -822,7 +822,7 @@ class FailoverCore:
                 ok(r)
         return orphans
 
-    def claim(self, request_id: Any) -> Operation[StreamingContext | None]:
+    def claim(self, request_id: str) -> Operation[StreamingContext | None]:
         rid, rk = self._rid(request_id)
         return self._claim(rid, rk, uuid.uuid4().hex)
 
