@@ -258,7 +258,7 @@ class AsyncShell(_ShellBase):
 class _AsyncHot(_HotConnection):
     async def exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` at once and read their replies (error replies as exceptions)."""
-        if not self.lock.acquire(blocking=False):  # another task or thread is using it: borrow one
+        if not self.lock.acquire(False):  # without blocking: another task or thread is using it, borrow one
             conn = await self.pool.get_connection(*self.name_args)
             try:
                 return await self._exchange(conn, commands)

@@ -145,7 +145,7 @@ class SyncShell(_ShellBase):
 class _SyncHot(_HotConnection):
     def exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` at once and read their replies (error replies as exceptions)."""
-        if not self.lock.acquire(blocking=False):  # another task or thread is using it: borrow one
+        if not self.lock.acquire(False):  # without blocking: another task or thread is using it, borrow one
             conn = self.pool.get_connection(*self.name_args)
             try:
                 return self._exchange(conn, commands)
