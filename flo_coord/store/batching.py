@@ -30,7 +30,9 @@ import itertools
 from typing import Any
 
 from flo_coord.store.core import AppendAck, FailoverCore, Operation
-from flo_coord.store.shell import AsyncShell, SyncShell, request_error
+from flo_coord.store.shell import request_error
+from flo_coord.store.shell_async import AsyncShell
+from flo_coord.store.shell_sync import SyncShell
 
 _Waiter = asyncio.Future  # resolves to AppendAck | None, or raises
 

@@ -25,7 +25,7 @@ from flo_coord.store.scripts import BREAKER_ALLOW, BREAKER_RECORD
 
 if TYPE_CHECKING:
     from flo_coord.store.core import FailoverCore
-    from flo_coord.store.shell import AsyncShell
+    from flo_coord.store.shell_async import AsyncShell
 
 #: CLOSED (use the backend), PROBE (use it: the caller is the half-open probe), OPEN (skip it).
 Decision = Literal["CLOSED", "PROBE", "OPEN"]

@@ -14,7 +14,7 @@ from flo_coord.store.core import Cmd, Operation, ok
 
 if TYPE_CHECKING:
     from flo_coord.store.core import FailoverCore
-    from flo_coord.store.shell import AsyncShell
+    from flo_coord.store.shell_async import AsyncShell
 
 
 class CapabilityStore:

@@ -55,7 +55,7 @@ from flo_coord.store.facade_sync import FailoverManager  # unasync: async-only
 from flo_coord.store.heartbeat import HeartbeatTask
 from flo_coord.store.observer import StoreObserver
 from flo_coord.store.retry import RetryPolicy
-from flo_coord.store.shell import AsyncShell
+from flo_coord.store.shell_async import AsyncShell
 from flo_coord.store.surface import AsyncStoreOperations  # unasync: async-only
 from flo_coord.store.validation import Limits
 

@@ -31,7 +31,7 @@ from flo_coord.store.core import AppendAck, FailoverCore, Operation
 from flo_coord.store.heartbeat import HeartbeatThread
 from flo_coord.store.observer import StoreObserver
 from flo_coord.store.retry import RetryPolicy
-from flo_coord.store.shell import SyncShell
+from flo_coord.store.shell_sync import SyncShell
 from flo_coord.store.validation import Limits
 
 T = TypeVar("T")

@@ -29,7 +29,7 @@ from flo_coord.store.core import Cmd, Eval, FailoverCore, Operation, ok
 from flo_coord.store.scripts import IDEMPOTENCY_CLAIM
 
 if TYPE_CHECKING:
-    from flo_coord.store.shell import AsyncShell
+    from flo_coord.store.shell_async import AsyncShell
 
 log = logging.getLogger("flo_coord.gateway")
 

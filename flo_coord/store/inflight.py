@@ -21,7 +21,7 @@ from flo_coord.store.scripts import INFLIGHT_PICK, INFLIGHT_RENEW
 
 if TYPE_CHECKING:
     from flo_coord.store.core import FailoverCore
-    from flo_coord.store.shell import AsyncShell
+    from flo_coord.store.shell_async import AsyncShell
 
 #: A call stays counted this many leases without a renewal (a dead worker's calls drop out after it).
 TTL_LEASES = 3

@@ -30,7 +30,7 @@ from flo_coord.store.codec import text
 from flo_coord.store.core import Cmd, FailoverCore, Operation, ok
 
 if TYPE_CHECKING:
-    from flo_coord.store.shell import AsyncShell
+    from flo_coord.store.shell_async import AsyncShell
 
 GROUP = "workers"
 

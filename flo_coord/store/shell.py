@@ -1,6 +1,9 @@
-"""Thin I/O shells that execute the core's batches on a sync or asyncio redis client.
+"""What the I/O shells that execute the core's batches on a redis client share.
 
-Both shells share everything but the ``await``: batch bookkeeping, NOSCRIPT reload, the
+The shells: ``AsyncShell`` (``flo_coord.store.shell_async``), written once, and its
+blocking twin ``SyncShell`` (``flo_coord.store.shell_sync``), generated from it by
+``scripts/unasync.py``; that module's docstring names the three places they differ.
+Everything without an ``await`` is here: batch bookkeeping, NOSCRIPT reload, the
 transient-fault classification, durability and the retry policy. A batch is one pipeline
 (``transaction=False``), so one round trip on a single Redis; on a Cluster the client
 splits it by node. Scripts run as Redis Functions (``FCALL``, flo_coord.store.functions), or
@@ -37,11 +40,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis.exceptions as rex
-from tenacity import AsyncRetrying, Retrying
 
 from flo_coord.errors import (
     ConfigError,
@@ -52,7 +53,7 @@ from flo_coord.errors import (
 )
 from flo_coord.store import functions
 from flo_coord.store.connection import MIN_PLAIN_SOCKET_TIMEOUT, rebuilt_for_deadline
-from flo_coord.store.core import Call, Cmd, Eval, Operation, Single, merge_appends
+from flo_coord.store.core import Call, Cmd, Eval, Operation, Single
 from flo_coord.store.retry import (
     RedisHealth,
     RetryPolicy,
@@ -85,6 +86,8 @@ _MAX_RELOADS = 4
 _MIN_ATTEMPT = 0.5
 DEADLINE_MARGIN = _MIN_ATTEMPT
 _PENDING: Any = object()
+#: How far past its deadline a sync attempt started by a retry may end (scheduling noise).
+_SYNC_SLACK = 0.1
 
 
 def _command(call: Call) -> str:
@@ -253,6 +256,18 @@ class _ShellBase:
         extra = _blocking_seconds(run.batch) + (self.wait_timeout_ms / 1000 if run.wait else 0.0)
         return remaining + extra
 
+    def _last_start(self, deadline_at: float) -> float:
+        """The last moment (monotonic) a retry of an operation due at ``deadline_at`` may start.
+
+        An asyncio attempt is cut at the deadline: up to it. A sync attempt cannot be cut:
+        none that could end (one socket timeout, plus scheduling noise) past the deadline.
+        """
+        if self.asynchronous:
+            return deadline_at
+        kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", None)
+        timeout = kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
+        return deadline_at - (float(timeout) if isinstance(timeout, int | float) else 0.0) + _SYNC_SLACK
+
     def _args(self, call: Call) -> tuple[Any, ...]:
         if isinstance(call, Eval):
             keys = call.keys
@@ -305,7 +320,8 @@ class UndecodableReplyError(Exception):
     """An operation could not decode a reply: foreign or corrupt data (``public_error`` types it)."""
 
 
-def _send(op: Operation[T], replies: list[Any]) -> list[Call]:
+def _advance(op: Operation[T], replies: list[Any]) -> list[Call]:
+    """``op.send(replies)``: its next batch; a reply it cannot decode is UndecodableReplyError."""
     try:
         return op.send(replies)
     except FloCoordError:
@@ -315,7 +331,7 @@ def _send(op: Operation[T], replies: list[Any]) -> list[Call]:
 
 
 def _finish(op: Single[T], reply: Any) -> T:
-    """``op.resolve(reply)``; a reply it cannot decode is UndecodableReplyError (as in ``_send``)."""
+    """``op.resolve(reply)``; a reply it cannot decode is UndecodableReplyError (as in ``_advance``)."""
     try:
         return op.resolve(reply)
     except FloCoordError:
@@ -365,300 +381,6 @@ def _warn_without_timeout(client: Any) -> None:
             "the Redis client has no socket_timeout: a frozen server can hang a call past the retry "
             "deadline; build it with socket_timeout=... (flo_coord.store.connection.connect does)"
         )
-
-
-#: How far past its deadline a sync attempt started by a retry may end (scheduling noise).
-_SYNC_SLACK = 0.1
-
-
-class SyncShell(_ShellBase):
-    asynchronous = False
-
-    def __init__(self, client: Any, policy: RetryPolicy | None = None, **options: Any) -> None:
-        super().__init__(client, policy, **options)
-        self._hot = _SyncHot(self.client) if _HotConnection.usable(self.client, False) else None
-
-    def close(self) -> None:
-        """Close the connection kept for the hot path (the manager's ``close`` calls it)."""
-        if self._hot is not None:
-            self._hot.close()
-
-    def _socket_timeout(self) -> float:
-        kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", None)
-        timeout = kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
-        return float(timeout) if isinstance(timeout, int | float) else 0.0
-
-    def _send(self, calls: list[Call]) -> list[Any]:
-        if self._hot is not None and all(type(call) is Eval for call in calls):
-            return self._hot.exchange([self._args(call) for call in calls])
-        if len(calls) == 1:  # skip the pipeline object
-            try:
-                return [self.client.execute_command(*self._args(calls[0]))]
-            except rex.ResponseError as exc:
-                return [exc]
-        pipe = self.client.pipeline(transaction=False)
-        for call in calls:
-            pipe.execute_command(*self._args(call))
-        return list(pipe.execute(raise_on_error=False))
-
-    def _attempt(self, run: _Run) -> list[Any]:
-        for _ in range(_MAX_RELOADS):
-            indexes, calls = run.next_pipeline()
-            if not calls:
-                break
-            try:
-                replies = self._send(calls)
-            except Exception as exc:
-                run.failed(indexes, exc)
-                raise
-            missing = run.absorb(indexes, replies)
-            if not missing:
-                break
-            self.scripting.load(self.client, missing)
-        fault = run.fault()
-        if fault is not None:
-            raise fault
-        return run.replies
-
-    def _resume(self, run: _Run, replies: list[Any] | None, failure: Exception | None) -> list[Any]:
-        """The rest of a hot-path first attempt that got a fault or an error reply."""
-        if failure is not None or replies is None:
-            run.failed(list(range(len(run.batch))), failure or rex.ConnectionError("no reply"))
-            raise failure or rex.ConnectionError("no reply")
-        judged = self._judge(run, replies)
-        if isinstance(judged, list):
-            return judged
-        self.scripting.load(self.client, judged)
-        return self._attempt(run)
-
-    def execute(self, batch: list[Call], deadline_at: float | None = None) -> list[Any]:
-        """Execute one batch, retrying transient faults until ``deadline_at`` (monotonic)."""
-        deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
-        run = self._new_run(batch) if not self._fast(batch) else None
-        try:  # the first attempt outside tenacity: the common case pays no retry machinery
-            if run is None:  # the hot path: the calls as they are, no bookkeeping
-                replies: list[Any] | None = None
-                failure: Exception | None = None
-                try:
-                    replies = self._send(batch)
-                except Exception as exc:
-                    failure = exc
-                if replies is not None and not any(isinstance(r, BaseException) for r in replies):
-                    self.health.success()
-                    return replies
-                run = self._new_run(batch)
-                replies = self._resume(run, replies, failure)
-            else:
-                replies = self._attempt(run)
-            self.health.success()
-            return replies
-        except Exception as exc:
-            assert run is not None
-            # A sync attempt cannot be cut: retry none that could end (one socket timeout) past the deadline.
-            last_start = deadline_at - self._socket_timeout() + _SYNC_SLACK
-            if not run.may_retry(exc) or time.monotonic() >= last_start:
-                raise
-        for attempt in Retrying(**self.policy.tenacity_kwargs(last_start, run.may_retry)):
-            with attempt:
-                replies = self._attempt(run)
-                self.health.success()
-                return replies
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:
-        """Run ``op`` to its end: its batches executed with retries under one deadline
-        (``RetryPolicy.deadline`` from now); every Redis fault raised as ``public_error`` maps it."""
-        deadline_at = self.policy.deadline_at()
-        try:
-            if isinstance(op, Single) and (call := op.fast_call()) is not None:  # the hot path: no generator
-                try:
-                    replies = self.execute([call], deadline_at)
-                except Exception as exc:
-                    op.throw(exc)  # it hears that the outcome is unknown (an append records it); raises exc
-                    raise
-                return _finish(op, replies[0])
-            return drive(op, lambda batch: self.execute(batch, deadline_at))
-        except Exception as exc:
-            error = self._error(exc, operation, request_id)
-            if error is exc:
-                raise
-            raise error from exc
-
-
-class AsyncShell(_ShellBase):
-    asynchronous = True
-
-    def __init__(self, client: Any, policy: RetryPolicy | None = None, **options: Any) -> None:
-        super().__init__(client, policy, **options)
-        self._hot = _AsyncHot(self.client) if _HotConnection.usable(self.client, True) else None
-        self._cutter = _Cutter()
-
-    async def aclose(self) -> None:
-        """Close the connection kept for the hot path (the manager's ``aclose`` calls it)."""
-        if self._hot is not None:
-            await self._hot.aclose()
-
-    async def _send(self, calls: list[Call]) -> list[Any]:
-        task = asyncio.current_task()
-        asked = task.cancelling() if task is not None else 0
-        replies = await self._exchange(calls)
-        # redis.asyncio sends through asyncio.wait_for, which on Python 3.11 returns the result
-        # of a send that finished although the caller was cancelled meanwhile: the cancellation
-        # is lost and only task.cancelling() remembers it. Re-raise it, or the caller goes on as
-        # if never cancelled (a gateway draining on SIGTERM saw its generations run to the end).
-        # The reply is dropped: to the operation it is an outcome it never saw (an unknown one).
-        if task is not None and task.cancelling() > asked:
-            raise asyncio.CancelledError
-        return replies
-
-    async def _exchange(self, calls: list[Call]) -> list[Any]:
-        if self._hot is not None and all(type(call) is Eval for call in calls):
-            return await self._hot.exchange([self._args(call) for call in calls])
-        if len(calls) == 1:  # skip the pipeline object
-            try:
-                return [await self.client.execute_command(*self._args(calls[0]))]
-            except rex.ResponseError as exc:
-                return [exc]
-        pipe = self.client.pipeline(transaction=False)
-        for call in calls:
-            pipe.execute_command(*self._args(call))
-        return list(await pipe.execute(raise_on_error=False))
-
-    async def _attempt(self, run: _Run) -> list[Any]:
-        for _ in range(_MAX_RELOADS):
-            indexes, calls = run.next_pipeline()
-            if not calls:
-                break
-            try:
-                replies = await self._send(calls)
-            except Exception as exc:
-                run.failed(indexes, exc)
-                raise
-            missing = run.absorb(indexes, replies)
-            if not missing:
-                break
-            await self.scripting.aload(self.client, missing)
-        fault = run.fault()
-        if fault is not None:
-            raise fault
-        return run.replies
-
-    async def _bounded_attempt(self, run: _Run, deadline_at: float) -> list[Any]:
-        try:
-            async with asyncio.timeout(self._attempt_budget(run, deadline_at)):
-                return await self._attempt(run)
-        except TimeoutError as exc:
-            # Cut at the deadline: the calls in flight may or may not have run.
-            indexes = [i for i, r in enumerate(run.replies) if r is _PENDING]
-            run.failed(indexes, exc)
-            raise rex.TimeoutError("no reply before the retry deadline") from exc
-
-    async def _send_fast(self, batch: list[Call], deadline_at: float) -> list[Any]:
-        """The hot path's attempt: script calls (never blocking), cut at the deadline like
-        any attempt; error replies are returned, not raised."""
-        now = time.monotonic()
-        budget = max(deadline_at - now, min(_MIN_ATTEMPT, self.policy.deadline))
-        if budget < _Cutter.MIN_BUDGET:  # a short budget keeps asyncio.timeout's precision
-            try:
-                async with asyncio.timeout(budget):
-                    return await self._send(batch)
-            except TimeoutError as exc:
-                raise rex.TimeoutError("no reply before the retry deadline") from exc
-        cutter, task = self._cutter, asyncio.current_task()
-        assert task is not None
-        cancelling = task.cancelling()
-        cutter.watch(task, now + budget)
-        try:
-            return await self._send(batch)
-        except asyncio.CancelledError as exc:
-            # ours (the attempt outlived its budget) and no other cancellation pending: a timeout
-            if cutter.was_cut(task) and task.uncancel() <= cancelling:
-                raise rex.TimeoutError("no reply before the retry deadline") from exc
-            raise
-        finally:
-            cutter.forget(task)
-
-    async def _resume(
-        self, run: _Run, replies: list[Any] | None, failure: Exception | None, deadline_at: float
-    ) -> list[Any]:
-        """The rest of a hot-path first attempt that got a fault or an error reply."""
-        if failure is not None or replies is None:
-            run.failed(list(range(len(run.batch))), failure or rex.ConnectionError("no reply"))
-            raise failure or rex.ConnectionError("no reply")
-        judged = self._judge(run, replies)
-        if isinstance(judged, list):
-            return judged
-        await self.scripting.aload(self.client, judged)
-        return await self._bounded_attempt(run, deadline_at)
-
-    async def execute(self, batch: list[Call], deadline_at: float | None = None) -> list[Any]:
-        """Execute one batch, retrying transient faults until ``deadline_at`` (monotonic)."""
-        deadline_at = self.policy.deadline_at() if deadline_at is None else deadline_at
-        run = self._new_run(batch) if not self._fast(batch) else None
-        try:  # the first attempt outside tenacity: the common case pays no retry machinery
-            if run is None:  # the hot path: the calls as they are, no bookkeeping
-                replies: list[Any] | None = None
-                failure: Exception | None = None
-                try:
-                    replies = await self._send_fast(batch, deadline_at)
-                except Exception as exc:
-                    failure = exc
-                if replies is not None and not any(isinstance(r, BaseException) for r in replies):
-                    self.health.success()
-                    return replies
-                run = self._new_run(batch)
-                replies = await self._resume(run, replies, failure, deadline_at)
-            else:
-                replies = await self._bounded_attempt(run, deadline_at)
-            self.health.success()
-            return replies
-        except Exception as exc:
-            assert run is not None
-            if not run.may_retry(exc) or time.monotonic() >= deadline_at:
-                raise
-        async for attempt in AsyncRetrying(**self.policy.tenacity_kwargs(deadline_at, run.may_retry)):
-            with attempt:
-                replies = await self._bounded_attempt(run, deadline_at)
-                self.health.success()
-                return replies
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def run(self, op: Operation[T], operation: str, request_id: str | None = None) -> T:
-        """Run ``op`` to its end: its batches executed with retries under one deadline
-        (``RetryPolicy.deadline`` from now); every Redis fault raised as ``public_error`` maps it."""
-        deadline_at = self.policy.deadline_at()
-        try:
-            if isinstance(op, Single) and (call := op.fast_call()) is not None:  # the hot path: no generator
-                try:
-                    replies = await self.execute([call], deadline_at)
-                except Exception as exc:
-                    op.throw(exc)  # it hears that the outcome is unknown (an append records it); raises exc
-                    raise
-                return _finish(op, replies[0])
-            return await adrive(op, lambda batch: self.execute(batch, deadline_at))
-        except Exception as exc:
-            error = self._error(exc, operation, request_id)
-            if error is exc:
-                raise
-            raise error from exc
-
-    async def run_batch(
-        self, batch: list[Call], operation: str = "append_tokens", request_id: str | None = None
-    ) -> list[Any]:
-        """Execute one batch with retries (for callers that multiplex operations).
-
-        On one Redis (not a Cluster), the batch's appends go as one APPEND_MANY call.
-        """
-        try:
-            if self._merge_appends:
-                merged, unmerge = merge_appends(batch)
-                return unmerge(await self.execute(merged))
-            return await self.execute(batch)
-        except Exception as exc:
-            error = self._error(exc, operation, request_id)
-            if error is exc:
-                raise
-            raise error from exc
 
 
 class _Cutter:
@@ -731,6 +453,9 @@ class _HotConnection:
     def __init__(self, client: Any) -> None:
         self.pool = client.connection_pool
         self.conn: Any = None
+        #: held while the kept connection is in use; only ever taken without blocking, but
+        #: by the sync side's ``close`` (which waits for the thread using it)
+        self.lock = threading.Lock()
         self.forks = _forks[0]
         # redis-py < 5.3 requires a command name here; later versions warn when one is given
         params = inspect.signature(self.pool.get_connection).parameters
@@ -787,113 +512,3 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
-
-
-class _SyncHot(_HotConnection):
-    def __init__(self, client: Any) -> None:
-        super().__init__(client)
-        self.lock = threading.Lock()
-
-    def exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` at once and read their replies (error replies as exceptions)."""
-        if not self.lock.acquire(blocking=False):  # another thread is using it: borrow one
-            conn = self.pool.get_connection(*self.name_args)
-            try:
-                return self._exchange(conn, commands)
-            finally:
-                self.pool.release(conn)
-        try:
-            return self._exchange(self._kept(), commands)
-        finally:
-            self.lock.release()
-
-    def _exchange(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-        if not getattr(conn, "is_connected", False):
-            conn.connect()  # as the pool does: a Sentinel-managed connection finds the primary here
-        conn.send_packed_command(self._pack(conn, commands))
-        if len(commands) == 1:
-            try:
-                return [conn.read_response()]
-            except rex.ResponseError as exc:
-                return [exc]
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except rex.ResponseError as exc:
-                replies.append(exc)
-        return replies
-
-    def close(self) -> None:
-        with self.lock:
-            conn, self.conn = (self.conn if self.forks == _forks[0] else None), None
-            if conn is not None:
-                conn.disconnect()
-
-
-class _AsyncHot(_HotConnection):
-    def __init__(self, client: Any) -> None:
-        super().__init__(client)
-        self.busy = False
-
-    async def exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` at once and read their replies (error replies as exceptions)."""
-        if self.busy:  # another task is using it: borrow one
-            conn = await self.pool.get_connection(*self.name_args)
-            try:
-                return await self._exchange(conn, commands)
-            finally:
-                await self.pool.release(conn)
-        self.busy = True
-        try:
-            return await self._exchange(self._kept(), commands)
-        finally:
-            self.busy = False
-
-    async def _exchange(self, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-        if not getattr(conn, "is_connected", False):
-            # as the pool does: a Sentinel-managed connection finds the primary here (its
-            # send_packed_command would reconnect to the address it had)
-            await conn.connect()
-        await conn.send_packed_command(self._pack(conn, commands))
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except rex.ResponseError as exc:
-                replies.append(exc)
-        return replies
-
-    async def aclose(self) -> None:
-        conn, self.conn = (self.conn if self.forks == _forks[0] else None), None
-        if conn is not None:
-            await conn.disconnect()
-
-
-def drive(op: Operation[T], execute: Callable[[list[Call]], list[Any]]) -> T:
-    """Run an operation to its end; I/O errors are thrown into it so it may handle them."""
-    try:
-        batch = next(op)
-        while True:
-            try:
-                replies = execute(batch)
-            except Exception as exc:
-                batch = op.throw(exc)
-            else:
-                batch = _send(op, replies)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-
-
-async def adrive(op: Operation[T], execute: Callable[[list[Call]], Any]) -> T:
-    try:
-        batch = next(op)
-        while True:
-            try:
-                replies = await execute(batch)
-            except Exception as exc:
-                batch = op.throw(exc)
-            else:
-                batch = _send(op, replies)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]

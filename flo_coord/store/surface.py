@@ -37,7 +37,7 @@ from flo_coord.store.retry import RedisHealth
 from flo_coord.store.shell import public_error
 
 if TYPE_CHECKING:
-    from flo_coord.store.shell import AsyncShell
+    from flo_coord.store.shell_async import AsyncShell
 
 
 class AsyncStoreOperations:
