@@ -5,12 +5,13 @@ managers share, and it is closed by the managers' ``close``/``aclose``.
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import redis
 import redis.asyncio as aredis
 
-from flo_coord import AsyncFailoverManager, FailoverManager
+from flo_coord import AsyncFailoverManager, FailoverManager, LeaseLostError
 from flo_coord.testing.embedded import RedisServer
 
 
@@ -46,3 +47,46 @@ async def test_async_managers_sharing_a_small_pool_never_exhaust_it(redis_server
     for manager in managers:
         await manager.shell.aclose()
     await shared.aclose()
+
+
+def test_a_forked_child_holds_none_of_its_parents_requests(redis_server: RedisServer) -> None:
+    """A child forked while the parent streams must not write under the parent's owner,
+    epoch and seqs: its append would take the seq the parent uses next, and the parent's
+    text would be acknowledged as a duplicate and dropped (found by a new user's trial).
+    The child gets LeaseLostError on the parent's request, works on its own requests under
+    a worker id of its own, and the parent's answer stays exact."""
+    manager = FailoverManager(redis=redis_server.client(), namespace=f"fork{uuid.uuid4().hex[:8]}")
+    manager.start_tracking("f1", "p")
+    manager.append_tokens("f1", "parent1;")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        outcome = "appended"
+        try:
+            manager.append_tokens("f1", "child1;")
+        except LeaseLostError:
+            outcome = "lease lost"
+        except BaseException as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        try:
+            manager.start_tracking("c1", "p")
+            manager.append_tokens("c1", "own;")
+            ctx = manager.get_context("c1")
+            own = f"{ctx.generated_prefix if ctx else None}|{manager.worker_id}"
+        except BaseException as exc:
+            own = f"{type(exc).__name__}: {exc}"
+        os.write(write, f"{outcome}\n{own}".encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        outcome, own = pipe.read().split("\n")
+    parent_id = manager.worker_id
+    ack = manager.append_tokens("f1", "parent2;")
+    ctx = manager.get_context("f1")
+    manager.close()
+    assert outcome == "lease lost"
+    text, child_id = own.split("|")
+    assert text == "own;" and child_id != parent_id
+    assert ack is not None and ack.applied
+    assert ctx is not None and ctx.generated_prefix == "parent1;parent2;"

@@ -14,6 +14,7 @@ import re
 import socket
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from itertools import chain
@@ -221,6 +222,18 @@ class Holding:
     unknown: tuple[int, int, str, int] | None = None  #: (epoch, seq, text, token count)
 
 
+#: Every live core of this process, so a forked child can reset them (``_after_fork``).
+_cores: weakref.WeakSet[FailoverCore] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for core in list(_cores):
+        core._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -280,6 +293,21 @@ class FailoverCore:
         self._held: dict[str, Holding] = {}
         self._held_lock = threading.Lock()
         self._keys_cache: dict[str, tuple[str, str, str, str]] = {}
+        self._named_by_us = worker_id is None
+        _cores.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the requests are the parent's, and so is a default worker id.
+
+        A child that kept them would write under the parent's owner, epoch and seqs: its
+        append would take a seq the parent is about to use, and the parent's text would be
+        acknowledged as a duplicate and dropped. So the child holds nothing (its writes to
+        the parent's requests raise LeaseLostError) and, unless the caller named the worker,
+        is a worker of its own (a fresh default id, with its own pid)."""
+        self._held = {}
+        self._held_lock = threading.Lock()  # another thread may have held it at the fork
+        if self._named_by_us:
+            self.worker_id = validation.worker_id(default_worker_id(), self.limits)
 
     # ------------------------------------------------------------ ownership table
 
