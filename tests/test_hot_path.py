@@ -90,3 +90,17 @@ def test_a_forked_child_holds_none_of_its_parents_requests(redis_server: RedisSe
     assert text == "own;" and child_id != parent_id
     assert ack is not None and ack.applied
     assert ctx is not None and ctx.generated_prefix == "parent1;parent2;"
+
+
+def test_a_client_on_a_blocking_pool_is_accepted_with_its_retries_off(redis_server: RedisServer) -> None:
+    """redis-py 8.1's BlockingConnectionPool cannot take ``set_retry`` (AttributeError); the
+    manager still switches its retries off (one retry layer: ours) and works on it."""
+    pool = redis.BlockingConnectionPool(host=redis_server.host, port=redis_server.port, max_connections=2, timeout=5)
+    client = redis.Redis(connection_pool=pool, socket_timeout=5)
+    manager = FailoverManager(redis=client, namespace=f"bp{uuid.uuid4().hex[:8]}")
+    manager.start_tracking("r1", "p")
+    manager.append_tokens("r1", "a")
+    ctx = manager.get_context("r1")
+    manager.close()
+    assert ctx is not None and ctx.generated_prefix == "a"
+    assert pool.connection_kwargs["retry"]._retries == 0

@@ -126,7 +126,16 @@ def disable_client_retries(client: Any) -> None:
     if set_retry is None:
         return
     asynchronous = is_async_client(client)
-    set_retry(no_client_retries(asynchronous))
+    retry = no_client_retries(asynchronous)
+    try:
+        set_retry(retry)
+    except AttributeError:
+        # redis-py 8.1's BlockingConnectionPool inherits a set_retry that walks lists it does
+        # not have: set what that method would, on the connections this pool does have.
+        pool = client.connection_pool
+        pool.connection_kwargs["retry"] = retry
+        for conn in getattr(pool, "_connections", None) or []:
+            conn.retry = retry
     # A Sentinel-managed client also asks the Sentinels for the primary on every connect.
     manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
     for sentinel in getattr(manager, "sentinels", None) or []:
