@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -781,6 +782,10 @@ TRIAL_CASES: list[tuple[str, Callable[[], Any], type[FloCoordError], str]] = [
     ("usage negative", lambda: _untouchable().complete("r1", usage={"completion_tokens": -7}), ValidationError, "-7"),
     ("usage huge", lambda: _untouchable().fail("r1", "x", usage={"t": 2**80}), ValidationError, "2**53 - 1"),
     ("usage bool", lambda: _untouchable().set_usage("r1", {"t": True}), ValidationError, "usage {'t': True}"),
+    # params JSON cannot hold were changed quietly (NaN -> null, a set -> a list, 1 -> "1")
+    ("params nan", lambda: _untouchable().start_tracking("r1", "p", params={"t": math.nan}), ValidationError, "nan"),
+    ("params set", lambda: _untouchable().start_tracking("r1", "p", params={"s": {1}}), ValidationError, "JSON values"),
+    ("params int key", lambda: _untouchable().start_tracking("r1", "p", params={1: "x"}), ValidationError, "str keys"),
 ]  # fmt: skip
 
 

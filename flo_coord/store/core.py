@@ -1064,6 +1064,14 @@ def _encode_params(params: dict[str, Any] | None, limits: validation.Limits) -> 
         raise ValidationError(f"params must hold only JSON values: {exc}") from None
     if len(data) > limits.max_chunk_bytes:
         raise ValidationError(f"params are {len(data)} bytes as JSON; the limit is {limits.max_chunk_bytes}")
+    # What JSON cannot hold, msgspec changes quietly (NaN -> null, a set -> a list, 1 -> "1" as
+    # a key): a backend would get another value than the caller gave. Refuse what does not
+    # come back equal.
+    if data and msgspec.json.decode(data) != params:
+        raise ValidationError(
+            f"params must hold only JSON values (str keys; finite numbers, str, bool, None, lists, dicts): "
+            f"{redact_secrets(repr(params))[:200]} does not survive JSON unchanged"
+        )
     return data
 
 
