@@ -74,7 +74,9 @@ def main() -> None:
         print(json.dumps(table, indent=2))
         return
     print(f"{'layer':<12}{'files':>7}{'lines':>8}{'code':>8}")
-    for name, row in table.items():
+    layers = sorted(name for name in table if name not in ("library", "total"))
+    for name in [*layers, "library", "total"]:
+        row = table[name]
         print(f"{name:<12}{row['files']:>7}{row['lines']:>8}{row['code']:>8}")
 
 
