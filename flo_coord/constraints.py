@@ -57,8 +57,12 @@ Seq = Annotated[int, msgspec.Meta(ge=1, lt=2**53, description="an integer from 1
 #: Token counts of one answer (OpenAI's ``usage``: prompt_tokens, completion_tokens, ...):
 #: at most ``USAGE_FIELDS`` names of 1 to 64 characters, each count from 0 to 2**53 - 1.
 USAGE_FIELDS = 32
-TokenCount = Annotated[int, msgspec.Meta(ge=0, lt=2**53, description="an integer from 0 to 2**53 - 1")]
-UsageName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, description="a name of 1 to 64 characters")]
+USAGE_NAME_LENGTH = 64
+TOKEN_COUNT_LIMIT = 2**53  # exclusive: JSON readers without big integers keep every count exact
+TokenCount = Annotated[int, msgspec.Meta(ge=0, lt=TOKEN_COUNT_LIMIT, description="an integer from 0 to 2**53 - 1")]
+UsageName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=USAGE_NAME_LENGTH, description="a name of 1 to 64 characters")
+]
 Usage = Annotated[
     dict[UsageName, TokenCount],
     msgspec.Meta(

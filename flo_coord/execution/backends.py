@@ -39,7 +39,16 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from flo_coord import defaults
-from flo_coord.constraints import USAGE_FIELDS, Checked, DeploymentName, NonBlank, PositiveInt, PositiveSeconds
+from flo_coord.constraints import (
+    TOKEN_COUNT_LIMIT,
+    USAGE_FIELDS,
+    USAGE_NAME_LENGTH,
+    Checked,
+    DeploymentName,
+    NonBlank,
+    PositiveInt,
+    PositiveSeconds,
+)
 from flo_coord.errors import ConfigError, FloCoordError, ValidationError
 from flo_coord.execution import wire
 from flo_coord.models import ChatMessage, ServingBackend
@@ -577,7 +586,11 @@ def _usage(raw: dict[str, Any] | UnsetType | None) -> dict[str, int] | None:
     ``USAGE_FIELDS``), so a provider's odd usage never fails the answer it came with."""
     if not raw:
         return None
-    counts = {k: v for k, v in raw.items() if type(v) is int and 0 <= v < 2**53 and 0 < len(k) <= 64}
+    counts = {
+        name: count
+        for name, count in raw.items()
+        if type(count) is int and 0 <= count < TOKEN_COUNT_LIMIT and 0 < len(name) <= USAGE_NAME_LENGTH
+    }
     return dict(list(counts.items())[:USAGE_FIELDS]) or None
 
 
