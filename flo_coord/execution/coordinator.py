@@ -1000,9 +1000,9 @@ class Coordinator:
             await self._record(run, name, result, started, produced, exc.usage)
             raise
         finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-            await events.aclose()  # type: ignore[attr-defined]
+            # Shielded: a second cancellation arriving meanwhile (a cancel request and the
+            # watcher, or a shutdown) must not leave the backend's stream open and generating.
+            await asyncio.shield(_close_backend_stream(reader, events))
 
     async def _commit(self, run: _Run, text: str) -> None:
         """Append ``text``, in pieces no larger than the append limit (a huge line is split, never refused)."""
@@ -1204,6 +1204,13 @@ async def _bounded(awaitable: Any, timeout: float) -> None:
         log.warning("a shutdown step did not finish within %.1fs; going on", timeout)
     except Exception as exc:
         log.warning("a shutdown step failed: %r", exc)
+
+
+async def _close_backend_stream(reader: asyncio.Task[Any], events: Any) -> None:
+    """Stop the task reading a backend's stream, then close the stream (the HTTP response)."""
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    await events.aclose()
 
 
 def _pieces(text: str, limit: int) -> list[str]:
